@@ -1,0 +1,26 @@
+"""Shared fixtures: every codec test runs on every backend built here."""
+
+import os
+
+import pytest
+
+from vhubd import codec
+
+BACKENDS = codec.backends()
+
+
+def pytest_report_header(config):
+    return f"vhubd codec: default backend {codec.BACKEND} ({codec.REASON}); built: {sorted(BACKENDS)}"
+
+
+def pytest_sessionstart(session):
+    if os.environ.get("VHUBD_REQUIRE_C") == "1" and "c" not in BACKENDS:
+        raise pytest.UsageError("VHUBD_REQUIRE_C=1 but the C codec is not built")
+
+
+@pytest.fixture(params=["c", "python"])
+def codec_impl(request):
+    impl = BACKENDS.get(request.param)
+    if impl is None:
+        pytest.skip("C codec not built on this host")
+    return impl

@@ -1,0 +1,106 @@
+"""C BLIN codec (csrc/blin.c through cffi): the twin of _codec_py.
+
+Importing this module raises ImportError when the extension was not built.
+"""
+
+from __future__ import annotations
+
+from ._blin import ffi, lib  # type: ignore[import-not-found]
+from .errors import error_for_status
+from .frames import HEADER_SIZE, KNOWN_TYPES, MAX_U32, MAX_U64, SHORT_BUFFER
+
+NAME = "c"
+_from_buffer = ffi.from_buffer
+_buffer = ffi.buffer
+
+
+def _writable(buf):
+    try:
+        return _from_buffer(buf, require_writable=True)
+    except BufferError:
+        raise TypeError("buffer is not writable") from None
+
+
+def check_header(buf, offset: int = 0, avail: int | None = None, max_payload: int = MAX_U32) -> int:
+    n = len(buf)
+    if avail is None:
+        avail = n - offset
+    if offset < 0 or avail < 0 or offset + avail > n:
+        raise ValueError("bad offset/avail for buffer")
+    return lib.blin_check_header(_from_buffer(buf) + offset, avail, max_payload)
+
+
+class Scanner:
+    """Batch header scanner; see _codec_py.Scanner for the contract."""
+
+    __slots__ = ("capacity", "_out", "_res", "_view")
+
+    def __init__(self, capacity: int = 4096):
+        if capacity < 1:
+            raise ValueError("capacity must be >= 1")
+        self.capacity = capacity
+        self._out = ffi.new("blin_header_t[]", capacity)
+        self._res = ffi.new("blin_scan_t *")
+        self._view = memoryview(_buffer(self._out)).cast("Q")
+
+    def scan(self, buf, start: int = 0, end: int | None = None, max_payload: int = MAX_U32):
+        n = len(buf)
+        if end is None:
+            end = n
+        if not 0 <= start <= end <= n:
+            raise ValueError("bad start/end for buffer")
+        if not 0 <= max_payload <= MAX_U32:
+            raise ValueError("max_payload out of range")
+        res = self._res
+        lib.blin_scan(_from_buffer(buf), start, end, max_payload, self._out, self.capacity, res)
+        return res.count, res.consumed, res.pending, res.status, res.error_offset, res.type_mask
+
+    def headers(self) -> list[int]:
+        return self._view[: self._res.count * 5].tolist()
+
+
+def parse_header(buf, offset: int = 0, max_payload: int = MAX_U32):
+    if offset < 0:
+        raise ValueError("buffer too short for a BLIN header")
+    out = ffi.new("blin_header_t *")
+    status = lib.blin_parse_header(_from_buffer(buf), len(buf), offset, max_payload, out)
+    if status == SHORT_BUFFER:
+        raise ValueError("buffer too short for a BLIN header")
+    if status:
+        raise error_for_status(status, offset)
+    return out.msg_type, out.flags, out.length, out.request_id
+
+
+def _check_fields(msg_type: int, flags: int, length: int, request_id: int) -> None:
+    if not 0 <= flags <= 0xFFFF or not 0 <= length <= MAX_U32 or not 0 <= request_id <= MAX_U64:
+        raise ValueError("header field out of range")
+    if msg_type not in KNOWN_TYPES:
+        raise ValueError(f"unknown message type {msg_type!r}")
+
+
+def pack_header(msg_type: int, request_id: int, length: int, flags: int = 0) -> bytes:
+    _check_fields(msg_type, flags, length, request_id)
+    out = bytearray(HEADER_SIZE)
+    lib.blin_pack_header(_from_buffer(out), HEADER_SIZE, 0, msg_type, flags, length, request_id)
+    return bytes(out)
+
+
+def pack_header_into(buf, offset: int, msg_type: int, request_id: int, length: int, flags: int = 0) -> None:
+    _check_fields(msg_type, flags, length, request_id)
+    if offset < 0 or lib.blin_pack_header(
+        _writable(buf), len(buf), offset, msg_type, flags, length, request_id
+    ):
+        raise ValueError("buffer too short for a BLIN header")
+
+
+_old = ffi.new("uint64_t *")
+
+
+def rewrite_request_id(buf, offset: int, new_id: int) -> int:
+    if not 0 <= new_id <= MAX_U64:
+        raise ValueError("request_id out of range")
+    if offset < 0 or lib.blin_rewrite_request_id(
+        _writable(buf), len(buf), offset, new_id, _old
+    ):
+        raise ValueError("buffer too short for a BLIN header")
+    return _old[0]

@@ -1,0 +1,141 @@
+"""Pure-Python BLIN codec: the twin of csrc/blin.c, same functions, same results."""
+
+from __future__ import annotations
+
+from .errors import error_for_status
+from .frames import (
+    BAD_MAGIC, BAD_VERSION, FRAME_TOO_LARGE, HEADER, HEADER_SIZE, KNOWN_TYPES, MAGIC,
+    MAGIC_BYTES, MAX_U32, MAX_U64, OK, PENDING_HEADER, PENDING_MORE, PENDING_NONE,
+    PENDING_PAYLOAD, TYPE_BIT, UNKNOWN_TYPE, VERSION,
+)
+
+NAME = "python"
+_unpack_from = HEADER.unpack_from
+_pack_into = HEADER.pack_into
+_u64 = __import__("struct").Struct("<Q")
+
+
+def check_header(buf, offset: int = 0, avail: int | None = None, max_payload: int = MAX_U32) -> int:
+    """Status of the (possibly partial) header at ``buf[offset:]``."""
+    n = len(buf)
+    if avail is None:
+        avail = n - offset
+    if offset < 0 or avail < 0 or offset + avail > n:
+        raise ValueError("bad offset/avail for buffer")
+    m = avail if avail < 4 else 4
+    if bytes(buf[offset:offset + m]) != MAGIC_BYTES[:m]:
+        return BAD_MAGIC
+    if avail > 4 and buf[offset + 4] != VERSION:
+        return BAD_VERSION
+    if avail > 5 and buf[offset + 5] not in KNOWN_TYPES:
+        return UNKNOWN_TYPE
+    if avail >= 12 and int.from_bytes(buf[offset + 8:offset + 12], "little") > max_payload:
+        return FRAME_TOO_LARGE
+    return OK
+
+
+class Scanner:
+    """Batch header scanner. ``scan`` returns (count, consumed, pending, status,
+    error_offset, type_mask); ``headers()`` the flat list [offset, type, flags, length,
+    request_id] * count of the last scan."""
+
+    __slots__ = ("capacity", "_flat")
+
+    def __init__(self, capacity: int = 4096):
+        if capacity < 1:
+            raise ValueError("capacity must be >= 1")
+        self.capacity = capacity
+        self._flat: list[int] = []
+
+    def scan(self, buf, start: int = 0, end: int | None = None, max_payload: int = MAX_U32):
+        if end is None:
+            end = len(buf)
+        if not 0 <= start <= end <= len(buf):
+            raise ValueError("bad start/end for buffer")
+        if not 0 <= max_payload <= MAX_U32:
+            raise ValueError("max_payload out of range")
+        flat: list[int] = []
+        append = flat.extend
+        pos = start
+        count = 0
+        cap = self.capacity
+        pending = PENDING_NONE
+        status = OK
+        mask = 0
+        while pos < end:
+            avail = end - pos
+            if count == cap:
+                pending = PENDING_MORE
+                break
+            if avail < HEADER_SIZE:
+                status = check_header(buf, pos, avail, max_payload)
+                if status == OK:
+                    pending = PENDING_HEADER
+                break
+            magic, version, mtype, flags, length, rid = _unpack_from(buf, pos)
+            if magic != MAGIC:
+                status = BAD_MAGIC
+                break
+            if version != VERSION:
+                status = BAD_VERSION
+                break
+            if mtype not in KNOWN_TYPES:
+                status = UNKNOWN_TYPE
+                break
+            if length > max_payload:
+                status = FRAME_TOO_LARGE
+                break
+            if avail - HEADER_SIZE < length:
+                pending = PENDING_PAYLOAD
+                break
+            append((pos, mtype, flags, length, rid))
+            mask |= TYPE_BIT[mtype]
+            count += 1
+            pos += HEADER_SIZE + length
+        self._flat = flat
+        return count, pos, pending, status, (pos if status else 0), mask
+
+    def headers(self) -> list[int]:
+        return self._flat
+
+
+def parse_header(buf, offset: int = 0, max_payload: int = MAX_U32):
+    """(msg_type, flags, length, request_id) of the header at ``buf[offset:]``;
+    raises the ProtocolError of the first violation, ValueError if short."""
+    if offset < 0 or len(buf) - offset < HEADER_SIZE:
+        raise ValueError("buffer too short for a BLIN header")
+    status = check_header(buf, offset, HEADER_SIZE, max_payload)
+    if status:
+        raise error_for_status(status, offset)
+    _, _, mtype, flags, length, rid = _unpack_from(buf, offset)
+    return mtype, flags, length, rid
+
+
+def _check_fields(msg_type: int, flags: int, length: int, request_id: int) -> None:
+    if not 0 <= flags <= 0xFFFF or not 0 <= length <= MAX_U32 or not 0 <= request_id <= MAX_U64:
+        raise ValueError("header field out of range")
+    if msg_type not in KNOWN_TYPES:
+        raise ValueError(f"unknown message type {msg_type!r}")
+
+
+def pack_header(msg_type: int, request_id: int, length: int, flags: int = 0) -> bytes:
+    _check_fields(msg_type, flags, length, request_id)
+    return HEADER.pack(MAGIC, VERSION, msg_type, flags, length, request_id)
+
+
+def pack_header_into(buf, offset: int, msg_type: int, request_id: int, length: int, flags: int = 0) -> None:
+    _check_fields(msg_type, flags, length, request_id)
+    if offset < 0 or len(buf) - offset < HEADER_SIZE:
+        raise ValueError("buffer too short for a BLIN header")
+    _pack_into(buf, offset, MAGIC, VERSION, msg_type, flags, length, request_id)
+
+
+def rewrite_request_id(buf, offset: int, new_id: int) -> int:
+    """Replace the request_id of the header at ``buf[offset:]`` in place; return the old one."""
+    if not 0 <= new_id <= MAX_U64:
+        raise ValueError("request_id out of range")
+    if offset < 0 or len(buf) - offset < HEADER_SIZE:
+        raise ValueError("buffer too short for a BLIN header")
+    old = _u64.unpack_from(buf, offset + 12)[0]
+    _u64.pack_into(buf, offset + 12, new_id)
+    return old

@@ -1,0 +1,1 @@
+"""Session backends (boxlite, local, external) behind one small interface."""

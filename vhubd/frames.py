@@ -1,0 +1,55 @@
+"""BLIN v1 wire constants and the frame header layout (DESIGN §2).
+
+Owns every number of the wire format; nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+
+MAGIC = 0x424C494E
+MAGIC_BYTES = b"NILB"  # MAGIC written little-endian
+VERSION = 1
+HEADER = struct.Struct("<IBBHIQ")
+HEADER_SIZE = HEADER.size  # 20
+DEFAULT_MAX_PAYLOAD = 16 * 1024 * 1024
+MAX_U32 = 0xFFFFFFFF
+MAX_U64 = 0xFFFFFFFFFFFFFFFF
+READY_PAYLOAD = b"blink-vhub-ready"
+PONG_PAYLOAD = b"pong"
+
+
+class MsgType(enum.IntEnum):
+    HANDSHAKE = 0x01
+    HEARTBEAT = 0x02
+    ERROR = 0x03
+    RPC_REQUEST = 0x10
+    RPC_RESPONSE = 0x11
+    RPC_ERROR = 0x12
+    STREAM_DATA = 0x20
+    TTY_RESIZE = 0x21
+    STDOUT = 0x30
+    STDERR = 0x31
+
+
+KNOWN_TYPES = frozenset(int(t) for t in MsgType)
+STREAM_TYPES = frozenset({MsgType.STDOUT, MsgType.STDERR, MsgType.STREAM_DATA})
+
+# Bit of each type in a scan's type_mask (csrc/blin.h blin_type_bit).
+TYPE_BIT = {int(t): 1 << i for i, t in enumerate(MsgType)}
+STREAM_MASK = TYPE_BIT[MsgType.STDOUT] | TYPE_BIT[MsgType.STDERR] | TYPE_BIT[MsgType.STREAM_DATA]
+
+# Codec status codes, shared by both backends and csrc/blin.h.
+OK = 0
+BAD_MAGIC = 1
+BAD_VERSION = 2
+UNKNOWN_TYPE = 3
+FRAME_TOO_LARGE = 4
+SHORT_BUFFER = 5
+
+# What follows the last complete frame of a scan.
+PENDING_NONE = 0
+PENDING_HEADER = 1
+PENDING_PAYLOAD = 2
+PENDING_MORE = 3
