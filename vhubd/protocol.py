@@ -305,6 +305,7 @@ class Connection:
         self._held = False  # server side: peer handshake seen, not yet answered
         self.frames_received = 0
         self.bytes_received = 0
+        self.pongs_received = 0
 
     # -- sending --
     def send(self, msg_type: int, request_id: int, payload=b"", flags: int = 0) -> None:
@@ -457,6 +458,7 @@ class Connection:
             self.frames_received += 1
             if mtype == HB:
                 if bytes(data[HEADER_SIZE:]) == PONG_PAYLOAD:
+                    self.pongs_received += 1
                     events.append(Pong(rid))
                 else:
                     if self.answer_pings:

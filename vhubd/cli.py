@@ -1,0 +1,393 @@
+"""The ``blink`` command: ``serve`` (the daemon) and the client commands.
+
+Tables for people, ``--json`` for programs; errors are one line on stderr
+with a non-zero exit (1 for a failed operation, 2 for bad usage, 69 when the
+daemon cannot be reached).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+
+from . import __version__, frames
+from .errors import ConnectionClosed, RemoteError
+
+EXIT_FAIL = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 69
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(EXIT_USAGE)
+
+
+def _size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().rstrip("ib")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+
+
+def _positive(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0: {text!r}")
+    return v
+
+
+def _mode(text: str) -> int:
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an octal mode: {text!r}") from None
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="blink", description="V-Hub: host-side BLIN channel for sandboxed agents")
+    p.add_argument("--version", action="version", version=f"vhubd {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+
+    s = sub.add_parser("serve", help="run the daemon")
+    s.add_argument("--socket", default="/tmp/blink-vhub.sock",
+                   help="guest-facing Unix socket (where the VMM maps guest vsock port 10000)")
+    s.add_argument("--control", default=None, help="control socket for host clients")
+    s.add_argument("--tcp", metavar="HOST:PORT", help="guest-facing loopback TCP listener (token required)")
+    s.add_argument("--vsock-port", type=int, metavar="N", help="AF_VSOCK guest listener port")
+    s.add_argument("--socket-mode", type=_mode, help="mode of the guest socket (octal)")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--anonymous-session", default="default", metavar="NAME",
+                   help="session for agents that send an empty handshake (default: default)")
+    g.add_argument("--no-anonymous", action="store_true", help="refuse agents without a session")
+    s.add_argument("--max-payload", type=_size, default=frames.DEFAULT_MAX_PAYLOAD)
+    s.add_argument("--handshake-timeout", type=_positive, default=10.0)
+    s.add_argument("--stall-timeout", type=_positive, default=10.0)
+    s.add_argument("--heartbeat", type=float, default=10.0, help="heartbeat interval in seconds (0: off)")
+    s.add_argument("--rpc-timeout", type=_positive, default=30.0)
+    s.add_argument("--max-connections", type=int, default=10000)
+    s.add_argument("--scrollback", type=_size, default=1 << 20)
+    s.add_argument("--lossy-limit", type=_size, default=4 << 20)
+    s.add_argument("--multiple-agents", action="store_true", help="allow several agents per session")
+    s.add_argument("--once", action="store_true", help="Blink one-shot mode: one agent, first RPC, exit")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    def client(name: str, help: str, session: bool = True) -> Parser:
+        c = sub.add_parser(name, help=help)
+        c.add_argument("--control", default=None, help="daemon control socket (env BLINK_CONTROL)")
+        c.add_argument("--json", action="store_true", help="machine-readable output")
+        c.add_argument("--timeout", type=_positive, default=None)
+        if session:
+            c.add_argument("name", metavar="NAME")
+        return c
+
+    client("sessions", "list sessions", session=False)
+    client("info", "show one session (or the daemon without NAME)", session=False).add_argument(
+        "name", nargs="?", metavar="NAME")
+    client("stats", "daemon counters", session=False)
+    client("register", "pre-register an external session and print its token")
+    t = client("tail", "print a session's output")
+    t.add_argument("-f", "--follow", action="store_true")
+    t.add_argument("--no-replay", action="store_true")
+    c = client("call", "call a method on a session's agent (or a vhub.* daemon call)")
+    c.add_argument("method")
+    c.add_argument("params", nargs="?", default=None, help="JSON params")
+    r = client("run", "run a command in a session and relay its output")
+    r.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD")
+    r.add_argument("--cwd")
+    r.add_argument("-e", "--env", action="append", default=[], metavar="K=V")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    if args.command == "serve":
+        return cmd_serve(args)
+    try:
+        return asyncio.run(CLIENT_COMMANDS[args.command](args))
+    except ConnectionClosed as exc:
+        sys.stderr.write(f"blink: {exc.message}\n")
+        return EXIT_UNREACHABLE if exc.code == "unreachable" else EXIT_FAIL
+    except RemoteError as exc:
+        sys.stderr.write(f"blink: {exc.code}: {exc.message}\n")
+        return EXIT_FAIL
+    except (asyncio.TimeoutError, TimeoutError):
+        sys.stderr.write("blink: timed out\n")
+        return EXIT_FAIL
+    except KeyboardInterrupt:
+        return 130
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
+                        format="%(asctime)s vhubd %(levelname)s %(message)s")
+
+
+def cmd_serve(args) -> int:
+    from .daemon import DaemonConfig, serve
+    from .server import ListenError, parse_tcp, vsock_address
+
+    setup_logging(args.log_level)
+    try:
+        if args.tcp:
+            parse_tcp(args.tcp)
+        if args.vsock_port is not None:
+            vsock_address(args.vsock_port)
+    except ValueError as exc:
+        sys.stderr.write(f"blink serve: error: {exc}\n")
+        return EXIT_USAGE
+    if args.max_payload > frames.MAX_U32 or args.max_payload < 0:
+        sys.stderr.write("blink serve: error: --max-payload must fit in 32 bits\n")
+        return EXIT_USAGE
+    cfg = DaemonConfig(
+        socket=args.socket, control=args.control, tcp=args.tcp, vsock_port=args.vsock_port,
+        socket_mode=args.socket_mode, anonymous_session=None if args.no_anonymous else args.anonymous_session,
+        max_payload=args.max_payload, handshake_timeout=args.handshake_timeout,
+        stall_timeout=args.stall_timeout, heartbeat_interval=args.heartbeat, dead_after=3 * args.heartbeat,
+        rpc_timeout=args.rpc_timeout, max_connections=args.max_connections, scrollback=args.scrollback,
+        lossy_limit=args.lossy_limit, allow_multiple_agents=args.multiple_agents, once=args.once,
+    )
+    try:
+        return serve(cfg)
+    except ListenError as exc:
+        sys.stderr.write(f"blink serve: error: {exc}\n")
+        return EXIT_FAIL
+    except Exception as exc:
+        from .daemon import OnceError
+
+        if isinstance(exc, (OnceError, OSError)):
+            sys.stderr.write(f"blink serve: error: {exc}\n")
+            return EXIT_FAIL
+        raise
+
+
+# --- client commands ----------------------------------------------------------------
+
+async def _connect(args, **kw):
+    from .client import Client
+
+    return await Client.connect(args.control, **kw)
+
+
+def _print_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _table(rows: list[list[str]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        sys.stdout.write("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n")
+
+
+async def cmd_sessions(args) -> int:
+    async with await _connect(args) as c:
+        sessions = await c.sessions()
+    if args.json:
+        _print_json(sessions)
+        return 0
+    rows = [["NAME", "STATE", "BACKEND", "AGENT", "CLIENTS", "REASON"]]
+    for s in sessions:
+        rows.append([s["name"], s["state"], s["backend"], "yes" if s["agent_connected"] else "no",
+                     str(s["clients"]), s.get("reason", "")])
+    _table(rows)
+    return 0
+
+
+async def cmd_info(args) -> int:
+    async with await _connect(args) as c:
+        info = await c.info(args.name)
+    if args.json or not args.name:
+        _print_json(info)
+        return 0
+    for k in ("name", "state", "reason", "backend", "agent_connected", "clients", "scrollback_bytes"):
+        sys.stdout.write(f"{k + ':':18} {info.get(k)}\n")
+    if info.get("agent"):
+        sys.stdout.write(f"{'agent:':18} {json.dumps(info['agent'])}\n")
+    if info.get("last_result") is not None:
+        sys.stdout.write(f"{'last_result:':18} {json.dumps(info['last_result'])}\n")
+    if info.get("warning"):
+        sys.stdout.write(f"{'warning:':18} {info['warning']}\n")
+    return 0
+
+
+async def cmd_stats(args) -> int:
+    async with await _connect(args) as c:
+        stats = await c.stats()
+    if args.json:
+        _print_json(stats)
+        return 0
+    for k, v in sorted(stats.items()):
+        if isinstance(v, dict):
+            for k2, v2 in sorted(v.items()):
+                sys.stdout.write(f"{k}.{k2}: {v2}\n")
+        else:
+            sys.stdout.write(f"{k}: {v}\n")
+    return 0
+
+
+async def cmd_register(args) -> int:
+    async with await _connect(args) as c:
+        res = await c.register(args.name)
+    if args.json:
+        _print_json(res)
+    else:
+        sys.stdout.write(f"{res['token']}\n")
+    return 0
+
+
+async def cmd_call(args) -> int:
+    try:
+        params = json.loads(args.params) if args.params is not None else {}
+    except json.JSONDecodeError as exc:
+        sys.stderr.write(f"blink call: error: params are not JSON: {exc}\n")
+        return EXIT_USAGE
+    async with await _connect(args, session=args.name) as c:
+        result = await c.call(args.method, params, timeout=args.timeout or 60.0)
+    _print_json(result)
+    return 0
+
+
+async def cmd_tail(args) -> int:
+    out, err = sys.stdout.buffer, sys.stderr.buffer
+    async with await _connect(args, session=args.name, subscribe=["stdout", "stderr"],
+                              replay=not args.no_replay) as c:
+        if not args.follow:
+            # the daemon writes the replay before it answers this ping
+            ping = asyncio.ensure_future(c.call("vhub.ping"))
+            while True:
+                get = asyncio.ensure_future(c.next())
+                done, _ = await asyncio.wait({get, ping}, return_when=asyncio.FIRST_COMPLETED)
+                if get in done:
+                    item = get.result()
+                    if item is None:
+                        break
+                    (err if item.kind == "stderr" else out).write(item.data)
+                    continue
+                get.cancel()
+                while not c._queue.empty():
+                    item = c._queue.get_nowait()
+                    if hasattr(item, "kind"):
+                        (err if item.kind == "stderr" else out).write(item.data)
+                break
+            out.flush()
+            err.flush()
+            return 0
+        async for item in c:
+            if hasattr(item, "kind"):
+                (err if item.kind == "stderr" else out).write(item.data)
+                (err if item.kind == "stderr" else out).flush()
+    return 0
+
+
+async def cmd_run(args) -> int:
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv:
+        sys.stderr.write("blink run: error: no command given (blink run NAME -- CMD ARGS...)\n")
+        return EXIT_USAGE
+    env = {}
+    for kv in args.env:
+        k, sep, v = kv.partition("=")
+        if not sep:
+            sys.stderr.write(f"blink run: error: --env wants K=V, got {kv!r}\n")
+            return EXIT_USAGE
+        env[k] = v
+    params: dict = {"argv": argv}
+    if env:
+        params["env"] = env
+    if args.cwd:
+        params["cwd"] = args.cwd
+    out, err = sys.stdout.buffer, sys.stderr.buffer
+    c = await _connect(args, session=args.name, subscribe=["stdout", "stderr", "events"], boot=True,
+                       timeout=args.timeout or 10.0)
+    try:
+        call = asyncio.ensure_future(c.call("agent.run", params, timeout=args.timeout or 60.0))
+        eid = None
+        early: list = []
+        loop = asyncio.get_running_loop()
+        interrupted = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, interrupted.set)
+        while True:
+            get = asyncio.ensure_future(c.next())
+            waits = {get} | ({call} if eid is None else set())
+            intr = asyncio.ensure_future(interrupted.wait())
+            done, _ = await asyncio.wait(waits | {intr}, return_when=asyncio.FIRST_COMPLETED)
+            if intr in done and eid is not None:
+                get.cancel()
+                try:
+                    await c.call("agent.kill", {"execution_id": eid, "signal": 2}, timeout=5)
+                except (RemoteError, ConnectionClosed, asyncio.TimeoutError):
+                    pass
+                interrupted.clear()
+                continue
+            intr.cancel()
+            if call in done and eid is None:
+                eid = call.result()["execution_id"]  # raises RemoteError on failure
+                for item in early:
+                    code = _emit(item, eid, out, err)
+                    if code is not None:
+                        return code
+                early = []
+            if get not in done:
+                get.cancel()
+                continue
+            item = get.result()
+            if item is None:
+                reason = c.closed_reason.message if c.closed_reason else "connection closed"
+                sys.stderr.write(f"blink run: lost the daemon before the command finished: {reason}\n")
+                return EXIT_FAIL
+            if eid is None:
+                early.append(item)
+                continue
+            code = _emit(item, eid, out, err)
+            if code is not None:
+                return code
+    finally:
+        await c.close()
+
+
+def _emit(item, eid: int, out, err) -> int | None:
+    if hasattr(item, "kind"):
+        if item.request_id == eid:
+            stream = err if item.kind == "stderr" else out
+            stream.write(item.data)
+            stream.flush()
+        return None
+    ev = item.data
+    if ev.get("type") == "execution_result" and ev.get("execution_id") == eid:
+        code = ev.get("exit_code")
+        if not isinstance(code, int):
+            return EXIT_FAIL
+        return code if code >= 0 else 128 + (-code)
+    if ev.get("type") == "state" and ev.get("state") in ("agent_lost", "stopped", "failed"):
+        sys.stderr.write(f"blink run: session {ev.get('session')} is {ev.get('state')}: {ev.get('reason', '')}\n")
+        return EXIT_FAIL
+    return None
+
+
+CLIENT_COMMANDS = {
+    "sessions": cmd_sessions, "info": cmd_info, "stats": cmd_stats, "register": cmd_register,
+    "call": cmd_call, "tail": cmd_tail, "run": cmd_run,
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

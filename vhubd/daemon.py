@@ -1,0 +1,201 @@
+"""Daemon lifecycle: configuration, listeners, signals, graceful shutdown,
+and Blink's one-shot ``--once`` mode."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import signal
+import sys
+
+import uvloop
+
+from . import frames
+from .protocol import Connection, Frame, Handshake, RemoteErrorEvent, Side, StreamRun, Violation, encode_frame
+from .relay import Config as RelayConfig
+from .relay import Relay
+from .server import ListenerSpec, Server, bind_tcp, bind_unix, bind_vsock, parse_tcp
+
+log = logging.getLogger("vhubd")
+
+DEFAULT_SOCKET = "/tmp/blink-vhub.sock"
+
+
+def default_control_path() -> str:
+    """The control socket every client command uses unless told otherwise."""
+    env = os.environ.get("BLINK_CONTROL")
+    if env:
+        return env
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return os.path.join(runtime, "blink", "control.sock")
+    if os.geteuid() == 0:
+        return "/run/blink/control.sock"
+    return f"/tmp/blink-{os.geteuid()}/control.sock"
+
+
+@dataclasses.dataclass
+class DaemonConfig:
+    socket: str | None = DEFAULT_SOCKET
+    control: str | None = None
+    tcp: str | None = None
+    vsock_port: int | None = None
+    socket_mode: int | None = None
+    control_mode: int = 0o660
+    anonymous_session: str | None = "default"
+    max_payload: int = frames.DEFAULT_MAX_PAYLOAD
+    handshake_timeout: float = 10.0
+    stall_timeout: float = 10.0
+    heartbeat_interval: float = 10.0
+    dead_after: float = 30.0
+    rpc_timeout: float = 30.0
+    max_connections: int = 10000
+    scrollback: int = 1 << 20
+    lossy_limit: int = 4 << 20
+    high_water: int = 1 << 20
+    cut_through: int = 256 * 1024
+    initial_buffer: int = 2048
+    tick: float = 1.0
+    close_grace: float = 5.0
+    drain_timeout: float = 5.0
+    allow_multiple_agents: bool = False
+    backend: str = "external"
+    once: bool = False
+
+    def relay_config(self) -> RelayConfig:
+        return RelayConfig(max_payload=self.max_payload, anonymous_session=self.anonymous_session,
+                           rpc_timeout=self.rpc_timeout, scrollback=self.scrollback,
+                           lossy_limit=self.lossy_limit, high_water=self.high_water,
+                           allow_multiple_agents=self.allow_multiple_agents, default_backend=self.backend)
+
+
+def make_listeners(cfg: DaemonConfig) -> list[ListenerSpec]:
+    specs = []
+    try:
+        if cfg.socket:
+            specs.append(ListenerSpec("vhub", "guest", bind_unix(cfg.socket, cfg.socket_mode),
+                                      owned_path=cfg.socket))
+        if cfg.tcp:
+            host, port = parse_tcp(cfg.tcp)
+            specs.append(ListenerSpec("tcp", "guest", bind_tcp(host, port), token_required=True))
+        if cfg.vsock_port is not None:
+            specs.append(ListenerSpec("vsock", "guest", bind_vsock(cfg.vsock_port)))
+        control = cfg.control or default_control_path()
+        specs.append(ListenerSpec("control", "client", bind_unix(control, cfg.control_mode), owned_path=control))
+    except Exception:
+        for s in specs:
+            s.sock.close()
+        raise
+    return specs
+
+
+async def run_daemon(cfg: DaemonConfig, ready: asyncio.Event | None = None) -> int:
+    loop = asyncio.get_running_loop()
+    relay = Relay(cfg.relay_config(), loop.call_later)
+    server = Server(cfg, relay, loop)
+    specs = make_listeners(cfg)
+    await server.start(specs)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    names = ", ".join(f"{s.name}={s.owned_path or s.sock.getsockname()}" for s in specs)
+    log.info("vhubd ready pid=%d listeners: %s; backend=%s codec=%s", os.getpid(), names, cfg.backend,
+             _codec_name())
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+    log.info("shutting down: draining %d connections", len(server.peers))
+    await server.shutdown(cfg.drain_timeout)
+    log.info("stopped")
+    return 0
+
+
+def _codec_name() -> str:
+    from . import codec
+
+    return codec.BACKEND
+
+
+# --- Blink one-shot mode ----------------------------------------------------------
+
+class OnceError(Exception):
+    pass
+
+
+async def run_once(cfg: DaemonConfig) -> int:
+    """Blink's ``blink-cli serve``: one guest, answer its handshake, copy its
+    output to our stdout/stderr, answer the first RpcRequest with ``{}``,
+    print that request's payload as one line, exit 0."""
+    loop = asyncio.get_running_loop()
+    path = cfg.socket or DEFAULT_SOCKET
+    sock = bind_unix(path, cfg.socket_mode)
+    accepted: asyncio.Future = loop.create_future()
+
+    def on_client(reader, writer):
+        if not accepted.done():
+            accepted.set_result((reader, writer))
+        else:
+            writer.close()
+
+    server = await asyncio.start_unix_server(on_client, sock=sock)
+    try:
+        reader, writer = await accepted
+        server.close()
+        conn = Connection(Side.SERVER, max_payload=cfg.max_payload, cut_through=1 << 62)
+        out, err = sys.stdout.buffer, sys.stderr.buffer
+        deadline = loop.time() + cfg.handshake_timeout
+        handshaken = False
+        while True:
+            timeout = deadline - loop.time() if not handshaken else None
+            if timeout is not None and timeout <= 0:
+                raise OnceError(f"no handshake within {cfg.handshake_timeout:g} s")
+            data = await asyncio.wait_for(reader.read(65536), timeout)
+            if not data:
+                raise OnceError("the agent closed the connection before sending an RPC request")
+            events = conn.receive_data(data)
+            for ev in events:
+                t = type(ev)
+                if t is Handshake:
+                    conn.accept(frames.READY_PAYLOAD, ev.request_id)
+                    handshaken = True
+                    events += conn.resume()
+                elif t is StreamRun:
+                    for mtype, _, _, fdata in ev.frames():
+                        (err if mtype == frames.MsgType.STDERR else out).write(fdata[frames.HEADER_SIZE:])
+                    out.flush()
+                    err.flush()
+                elif t is Frame:
+                    if ev.msg_type == frames.MsgType.RPC_REQUEST:
+                        writer.write(b"".join(conn.data_to_send()))
+                        writer.write(encode_frame(frames.MsgType.RPC_RESPONSE, ev.request_id, b"{}"))
+                        await writer.drain()
+                        out.write(bytes(ev.payload) + b"\n")
+                        out.flush()
+                        writer.close()
+                        return 0
+                    if ev.msg_type in (frames.MsgType.TTY_RESIZE,):
+                        continue
+                    raise OnceError(f"unexpected {frames.MsgType(ev.msg_type).name} while waiting for an RPC")
+                elif t is Violation:
+                    writer.write(b"".join(conn.data_to_send()))
+                    await writer.drain()
+                    raise OnceError(f"protocol error from the agent: {ev.error.code}: {ev.error.message}")
+                elif t is RemoteErrorEvent:
+                    raise OnceError(f"the agent sent an error: {ev.code}: {ev.message}")
+            pending = conn.data_to_send()
+            if pending:
+                writer.write(b"".join(pending))
+    finally:
+        server.close()
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def serve(cfg: DaemonConfig) -> int:
+    if cfg.once:
+        return uvloop.run(run_once(cfg))
+    return uvloop.run(run_daemon(cfg))

@@ -1,0 +1,407 @@
+"""The only module that touches transports.
+
+Listeners (guest Unix socket, loopback TCP, AF_VSOCK, control socket), one
+``Peer`` (an ``asyncio.BufferedProtocol``) per connection that pumps bytes
+between its transport and its sans-I/O ``Connection``, and a once-a-second
+tick for handshake/stall/heartbeat timeouts and buffer shrinking. Routing is
+the relay's; ``OSError`` is translated here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import logging
+import os
+import socket
+import stat
+import struct
+import time
+
+from . import frames
+from .protocol import Connection, Handshake, Side, State, Violation, encode_frame, error_payload
+from .relay import Relay
+
+log = logging.getLogger("vhubd")
+_monotonic = time.monotonic
+
+
+class ListenerSpec:
+    """What a listener accepts: ``role`` guest|client, tokens, a fixed session."""
+
+    def __init__(self, name: str, role: str, sock: socket.socket, *, token_required: bool = False,
+                 owned_path: str | None = None, fixed_session: str | None = None):
+        self.name = name
+        self.role = role
+        self.sock = sock
+        self.token_required = token_required
+        self.owned_path = owned_path  # a path we bound ourselves (and so remove at exit)
+        self.fixed_session = fixed_session
+        self.server: asyncio.AbstractServer | None = None
+
+
+class Peer(asyncio.BufferedProtocol):
+    """One accepted connection."""
+
+    def __init__(self, hub: Server, spec: ListenerSpec):
+        self.hub = hub
+        self.spec = spec
+        self.relay = hub.relay
+        self.transport: asyncio.Transport | None = None
+        self.conn = Connection(Side.SERVER, max_payload=hub.config.max_payload,
+                               cut_through=hub.config.cut_through, initial_buffer=hub.config.initial_buffer)
+        self.handshaken = False
+        self.closed = False
+        self.label = "?"
+        now = _monotonic()
+        self.connected_at = now
+        self.last_rx = now
+        self.last_ping = now
+        self.ping_id = 0
+        self.read_paused = False
+        self.rs = None
+
+    # -- asyncio callbacks (never raise) --
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.label = peer_label(transport, self.spec.name)
+        transport.set_write_buffer_limits(high=self.hub.config.high_water)
+        self.hub.peers.add(self)
+        if len(self.hub.peers) > self.hub.config.max_connections:
+            log.warning("refused peer=%s: too many connections (%d)", self.label, self.hub.config.max_connections)
+            self.conn.fail("too_many_connections", f"the daemon serves at most {self.hub.config.max_connections}"
+                                                   " connections")
+            self.flush()
+            self.close()
+            return
+        if self.spec.role == "guest":
+            self.relay.guest_connected(self)
+        else:
+            self.relay.client_connected(self)
+        log.debug("connected peer=%s", self.label)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.conn.rx.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            self.last_rx = _monotonic()
+            events = self.conn.buffer_updated(nbytes)
+            if events:
+                if self.handshaken:
+                    if self.spec.role == "guest":
+                        self.relay.guest_events(self, events)
+                    else:
+                        self.relay.client_events(self, events)
+                else:
+                    self._before_handshake(events)
+            if self.conn._out:
+                self.flush()
+            if self.conn.state is State.CLOSED and not self.closed:
+                self.close()
+        except Exception:
+            log.exception("internal error handling peer=%s", self.label)
+            self.conn.fail("internal_error", "the daemon hit an internal error on this connection")
+            self.flush()
+            self.close()
+
+    def _before_handshake(self, events: list) -> None:
+        for ev in events:
+            if type(ev) is Handshake:
+                if self.spec.role == "guest":
+                    ok = self.relay.guest_handshake(self, ev, token_required=self.spec.token_required,
+                                                    fixed_session=self.spec.fixed_session)
+                else:
+                    ok = self.relay.client_handshake(self, ev)
+                if ok:
+                    self.handshaken = True
+                    more = self.conn.resume()
+                    if more:
+                        (self.relay.guest_events if self.spec.role == "guest" else self.relay.client_events)(
+                            self, more)
+                return
+            if type(ev) is Violation:
+                self.relay.counters["violations"] += 1
+                log.warning("protocol violation before handshake peer=%s code=%s %s", self.label,
+                            ev.error.code, ev.error.message)
+                return
+
+    def eof_received(self):
+        self.conn.receive_eof()
+        return False
+
+    def connection_lost(self, exc) -> None:
+        if self.closed and self.transport is None:
+            return
+        self.closed = True
+        self.hub.peers.discard(self)
+        if self.rs is not None:
+            try:
+                if self.spec.role == "guest":
+                    self.relay.guest_lost(self, "connection closed" if exc is None else str(exc))
+                else:
+                    self.relay.client_lost(self)
+            except Exception:
+                log.exception("internal error while dropping peer=%s", self.label)
+        self.transport = None
+
+    def pause_writing(self) -> None:
+        self.relay.writer_paused(self)
+
+    def resume_writing(self) -> None:
+        self.relay.writer_resumed(self)
+
+    # -- what the relay calls --
+    def write(self, data) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def flush(self) -> None:
+        out = self.conn.data_to_send()
+        if out and self.transport is not None:
+            self.transport.writelines(out)
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.transport.close()
+            self.hub.loop.call_later(self.hub.config.close_grace, self._abort)
+
+    def _abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def abort_with_error(self, code: str, message: str) -> None:
+        if self.closed or self.transport is None:
+            return
+        self.transport.write(encode_frame(frames.MsgType.ERROR, 0, error_payload(code, message)))
+        self.closed = True
+        self.transport.close()
+        self.hub.loop.call_later(1.0, self._abort)
+
+    def pause_reading(self) -> None:
+        if not self.read_paused and self.transport is not None and not self.closed:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.read_paused and self.transport is not None and not self.closed:
+            self.read_paused = False
+            self.transport.resume_reading()
+
+    def write_buffer_size(self) -> int:
+        return self.transport.get_write_buffer_size() if self.transport is not None else 0
+
+    def set_write_limits(self, high: int) -> None:
+        if self.transport is not None:
+            self.transport.set_write_buffer_limits(high=high)
+
+    # -- the tick --
+    def tick(self, now: float) -> None:
+        cfg = self.hub.config
+        if self.closed:
+            return
+        if not self.handshaken:
+            if now - self.connected_at > cfg.handshake_timeout:
+                self._timeout("handshake_timeout", f"no handshake within {cfg.handshake_timeout:g} s")
+            return
+        idle = now - self.last_rx
+        if self.conn.mid_frame and idle > cfg.stall_timeout:
+            self._timeout("stalled", f"no bytes for {cfg.stall_timeout:g} s in the middle of a frame")
+            return
+        if cfg.heartbeat_interval > 0:
+            if self.conn.pongs_received and idle > cfg.dead_after:
+                self._timeout("heartbeat_timeout", f"no answer to heartbeats for {cfg.dead_after:g} s")
+                return
+            if idle >= cfg.heartbeat_interval and now - self.last_ping >= cfg.heartbeat_interval:
+                self.ping_id += 1
+                self.last_ping = now
+                self.write(encode_frame(frames.MsgType.HEARTBEAT, self.ping_id))
+        if idle > 2.0 and not self.conn.mid_frame:
+            self.conn.rx.shrink()
+
+    def _timeout(self, code: str, message: str) -> None:
+        log.warning("closing peer=%s code=%s %s", self.label, code, message)
+        self.conn.fail(code, message)
+        self.flush()
+        self.close()
+
+
+class Server:
+    """Listeners + peers + the relay."""
+
+    def __init__(self, config, relay: Relay, loop: asyncio.AbstractEventLoop):
+        self.config = config
+        self.relay = relay
+        self.loop = loop
+        self.peers: set[Peer] = set()
+        self.listeners: list[ListenerSpec] = []
+        self._tick_handle: asyncio.TimerHandle | None = None
+
+    async def start(self, specs: list[ListenerSpec]) -> None:
+        for spec in specs:
+            if spec.sock.type == socket.SOCK_STREAM and spec.sock.family == socket.AF_UNIX:
+                spec.server = await self.loop.create_unix_server(lambda s=spec: Peer(self, s), sock=spec.sock,
+                                                                 backlog=1024)
+            else:
+                spec.server = await self.loop.create_server(lambda s=spec: Peer(self, s), sock=spec.sock,
+                                                            backlog=1024)
+            self.listeners.append(spec)
+        self._schedule_tick()
+
+    def _schedule_tick(self) -> None:
+        self._tick_handle = self.loop.call_later(self.config.tick, self._tick)
+
+    def _tick(self) -> None:
+        now = _monotonic()
+        for p in list(self.peers):
+            try:
+                p.tick(now)
+            except Exception:
+                log.exception("tick failed for peer=%s", p.label)
+        if self.relay.backends is not None:
+            self.relay.backends.tick()
+        self._schedule_tick()
+
+    async def shutdown(self, drain: float = 5.0) -> None:
+        """Stop accepting, tell every peer, flush what was accepted, close."""
+        if self._tick_handle:
+            self._tick_handle.cancel()
+        for spec in self.listeners:
+            if spec.server is not None:
+                spec.server.close()
+        for p in list(self.peers):
+            if not p.closed:
+                p.conn.fail("shutting_down", "the daemon is shutting down")
+                p.flush()
+                p.closed = True
+                if p.transport is not None:
+                    p.transport.close()  # flushes buffered bytes first
+        deadline = self.loop.time() + drain
+        while any(p.transport is not None for p in self.peers) and self.loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        for p in list(self.peers):
+            if p.transport is not None:
+                p.transport.abort()
+        for spec in self.listeners:
+            if spec.owned_path:
+                try:
+                    if stat.S_ISSOCK(os.lstat(spec.owned_path).st_mode):
+                        os.unlink(spec.owned_path)
+                except OSError:
+                    pass
+
+
+# --- socket creation (OSError translated into ListenError) --------------------------
+
+class ListenError(Exception):
+    """A listener could not be set up; the message is one clear line."""
+
+
+def bind_unix(path: str, mode: int | None = None) -> socket.socket:
+    """Bind a Unix stream socket at ``path``, replacing a stale socket file but
+    never a live one or a non-socket."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise ListenError(f"cannot use {path}: {exc.strerror}") from None
+    if st is not None:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ListenError(f"{path} exists and is not a socket; refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.settimeout(0.5)
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # stale: nobody listens there
+        else:
+            raise ListenError(f"another process is already listening on {path}")
+        finally:
+            probe.close()
+    parent = os.path.dirname(path) or "."
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as exc:
+        raise ListenError(f"cannot create {parent}: {exc.strerror}") from None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        if mode is not None:
+            os.chmod(path, mode)
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        raise ListenError(f"cannot listen on {path}: {exc.strerror}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def parse_tcp(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"--tcp wants HOST:PORT, got {value!r}")
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        if not ipaddress.ip_address(host).is_loopback:
+            raise ValueError(f"--tcp must be a loopback address (127.0.0.0/8 or ::1), got {host}")
+    except ValueError as exc:
+        if host != "localhost":
+            raise ValueError(str(exc) if "loopback" in str(exc) else
+                             f"--tcp wants a numeric loopback address, got {host!r}") from None
+        host = "127.0.0.1"
+    return host, int(port)
+
+
+def bind_tcp(host: str, port: int) -> socket.socket:
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(fam, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def vsock_address(port: int) -> tuple[int, int]:
+    """The AF_VSOCK bind address for ``--vsock-port`` (any CID). Kept apart
+    from bind_vsock so it can be tested without opening a vsock socket."""
+    if not 1 <= port <= 0xFFFFFFFF:
+        raise ValueError(f"--vsock-port must be 1..4294967295, got {port}")
+    return (getattr(socket, "VMADDR_CID_ANY", 0xFFFFFFFF), port)
+
+
+def bind_vsock(port: int) -> socket.socket:  # pragma: no cover - never run on dev hosts
+    if not hasattr(socket, "AF_VSOCK"):
+        raise ListenError("this Python has no AF_VSOCK support")
+    sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    try:
+        sock.bind(vsock_address(port))
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        raise ListenError(f"cannot listen on vsock port {port}: {exc.strerror}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def peer_label(transport, listener: str) -> str:
+    sock = transport.get_extra_info("socket")
+    try:
+        if sock is not None and sock.family == socket.AF_UNIX:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            pid, uid, gid = struct.unpack("3i", creds)
+            return f"{listener}:pid={pid},uid={uid},gid={gid}"
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            return f"{listener}:{peer[0]}:{peer[1]}"
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTCONN, errno.EBADF):
+            raise
+    return f"{listener}:?"

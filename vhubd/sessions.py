@@ -1,0 +1,173 @@
+"""Sessions as plain logic: names, tokens, the state machine and scrollback.
+
+Everything that decides a session's state lives here; transitions are a
+table. No I/O: the relay calls in, listeners get state-change callbacks.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import hmac
+import re
+import secrets
+import time
+from typing import Any, Callable
+
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
+
+
+class State(str, enum.Enum):
+    STOPPED = "stopped"
+    BOOTING = "booting"
+    WAITING_AGENT = "waiting_agent"
+    READY = "ready"
+    AGENT_LOST = "agent_lost"
+    STOPPING = "stopping"
+    FAILED = "failed"
+
+
+S = State
+TRANSITIONS: dict[State, frozenset[State]] = {
+    S.STOPPED: frozenset({S.BOOTING, S.WAITING_AGENT, S.READY}),
+    S.BOOTING: frozenset({S.WAITING_AGENT, S.READY, S.FAILED, S.STOPPING}),
+    S.WAITING_AGENT: frozenset({S.READY, S.FAILED, S.STOPPING, S.STOPPED}),
+    S.READY: frozenset({S.AGENT_LOST, S.STOPPING}),
+    S.AGENT_LOST: frozenset({S.READY, S.STOPPING, S.BOOTING, S.FAILED, S.STOPPED}),
+    S.STOPPING: frozenset({S.STOPPED, S.FAILED}),
+    S.FAILED: frozenset({S.BOOTING, S.STOPPED, S.READY, S.WAITING_AGENT, S.STOPPING}),
+}
+
+
+class InvalidName(ValueError):
+    code = "bad_session_name"
+
+
+def validate_name(name: object) -> str:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise InvalidName(f"invalid session name {name!r}: must match [a-z0-9][a-z0-9_.-]{{0,62}}")
+    return name
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(24)
+
+
+class Scrollback:
+    """Last ``capacity`` bytes of a session's stream frames, whole frames only,
+    oldest dropped first. Stored once per session: replay writes these same
+    bytes objects to each client that asks."""
+
+    __slots__ = ("capacity", "chunks", "size", "dropped")
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.size = 0
+        self.dropped = 0
+
+    def append(self, frames_bytes: bytes) -> None:
+        """Append complete frames (one chunk); a chunk bigger than the ring is
+        kept only if it alone fits."""
+        n = len(frames_bytes)
+        if not n or self.capacity <= 0:
+            return
+        if n > self.capacity:
+            self.dropped += n
+            return
+        self.chunks.append(frames_bytes)
+        self.size += n
+        while self.size > self.capacity:
+            old = self.chunks.popleft()
+            self.size -= len(old)
+            self.dropped += len(old)
+
+    def replay(self) -> list[bytes]:
+        return list(self.chunks)
+
+
+class Session:
+    """One named sandbox plus its agent connection (the relay owns peers)."""
+
+    def __init__(self, name: str, backend: str, token: str | None, scrollback: int, *,
+                 anonymous: bool = False):
+        self.name = name
+        self.backend = backend
+        self.token = token
+        self.anonymous = anonymous
+        self.state = State.STOPPED
+        self.reason = ""
+        self.created = time.time()
+        self.changed = self.created
+        self.agent: Any = None  # the guest peer bound to this session
+        self.agent_info: dict = {}
+        self.clients: set = set()  # client peers attached to this session
+        self.scrollback = Scrollback(scrollback)
+        self.last_result: dict | None = None
+        self.last_activity = time.monotonic()
+        self.stats = collections.Counter()
+        self.boot_params: dict = {}
+
+    def check_token(self, token: object) -> bool:
+        if self.token is None:
+            return True
+        return isinstance(token, str) and hmac.compare_digest(token.encode(), self.token.encode())
+
+    def info(self) -> dict:
+        return {
+            "name": self.name,
+            "state": self.state.value,
+            "reason": self.reason,
+            "backend": self.backend,
+            "agent_connected": self.agent is not None,
+            "agent": self.agent_info,
+            "clients": len(self.clients),
+            "anonymous": self.anonymous,
+            "scrollback_bytes": self.scrollback.size,
+            "last_result": self.last_result,
+            "stats": dict(self.stats),
+            "since": self.changed,
+        }
+
+
+class SessionRegistry:
+    """All sessions of a daemon; state changes go to ``on_change``."""
+
+    def __init__(self, scrollback: int = 1 << 20, on_change: Callable[[Session, State], None] | None = None):
+        self.sessions: dict[str, Session] = {}
+        self.scrollback = scrollback
+        self.on_change = on_change
+
+    def get(self, name: str) -> Session | None:
+        return self.sessions.get(name)
+
+    def create(self, name: str, backend: str, *, token: str | None = None,
+               anonymous: bool = False) -> Session:
+        validate_name(name)
+        sess = self.sessions.get(name)
+        if sess is None:
+            sess = Session(name, backend, token, self.scrollback, anonymous=anonymous)
+            self.sessions[name] = sess
+        return sess
+
+    def set_state(self, sess: Session, state: State, reason: str = "") -> None:
+        if state is sess.state:
+            sess.reason = reason or sess.reason
+            return
+        if state not in TRANSITIONS[sess.state]:
+            raise ValueError(f"session {sess.name}: no transition {sess.state.value} -> {state.value}")
+        old = sess.state
+        sess.state = state
+        sess.reason = reason
+        sess.changed = time.time()
+        if self.on_change:
+            self.on_change(sess, old)
+
+    def remove(self, name: str) -> None:
+        self.sessions.pop(name, None)
+
+    def __iter__(self):
+        return iter(list(self.sessions.values()))
+
+    def __len__(self) -> int:
+        return len(self.sessions)
