@@ -24,3 +24,26 @@ def codec_impl(request):
     if impl is None:
         pytest.skip("C codec not built on this host")
     return impl
+
+
+@pytest.fixture
+def make_daemon(tmp_path):
+    from vhub_testing import DaemonProc
+
+    started = []
+
+    def make(*args, **kw):
+        sub = tmp_path / f"d{len(started)}"
+        sub.mkdir()
+        d = DaemonProc(sub, *args, **kw).start()
+        started.append(d)
+        return d
+
+    yield make
+    for d in started:
+        d.stop()
+
+
+@pytest.fixture
+def daemon(make_daemon):
+    return make_daemon()

@@ -83,6 +83,14 @@ def build_parser() -> Parser:
     s.add_argument("--scrollback", type=_size, default=1 << 20)
     s.add_argument("--lossy-limit", type=_size, default=4 << 20)
     s.add_argument("--multiple-agents", action="store_true", help="allow several agents per session")
+    s.add_argument("--backend", default="auto", choices=["auto", "boxlite", "local", "external"],
+                   help="how sessions boot (auto: boxlite where VMs can boot, else external)")
+    s.add_argument("--state-dir", help="per-daemon state (BoxLite home, session dirs)")
+    s.add_argument("--boot-timeout", type=_positive, default=120.0)
+    s.add_argument("--idle-stop", type=_positive, metavar="SECONDS",
+                   help="stop booted sessions with no clients and no agent traffic for this long")
+    s.add_argument("--image", help="BoxLite image: OCI reference or local OCI layout directory")
+    s.add_argument("--agent-command", help="local backend: command that runs the guest agent")
     s.add_argument("--once", action="store_true", help="Blink one-shot mode: one agent, first RPC, exit")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
@@ -100,6 +108,14 @@ def build_parser() -> Parser:
         "name", nargs="?", metavar="NAME")
     client("stats", "daemon counters", session=False)
     client("register", "pre-register an external session and print its token")
+    b = client("boot", "boot a session (if no agent of it is connected)")
+    b.add_argument("--image")
+    b.add_argument("--cpus", type=int)
+    b.add_argument("--memory-mib", type=int)
+    client("stop", "stop a session")
+    im = sub.add_parser("build-image", help="build a local OCI layout with the guest agent baked in")
+    im.add_argument("out", metavar="DIR")
+    im.add_argument("--base", metavar="LAYOUT", help="local OCI layout to build on (one with python3)")
     t = client("tail", "print a session's output")
     t.add_argument("-f", "--follow", action="store_true")
     t.add_argument("--no-replay", action="store_true")
@@ -121,6 +137,16 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     if args.command == "serve":
         return cmd_serve(args)
+    if args.command == "build-image":
+        from .backends.image import build_agent_layout
+
+        try:
+            out = build_agent_layout(args.out, base=args.base)
+        except (OSError, KeyError, ValueError) as exc:
+            sys.stderr.write(f"blink build-image: error: {exc}\n")
+            return EXIT_FAIL
+        sys.stdout.write(f"{out}\n")
+        return 0
     try:
         return asyncio.run(CLIENT_COMMANDS[args.command](args))
     except ConnectionClosed as exc:
@@ -164,6 +190,8 @@ def cmd_serve(args) -> int:
         stall_timeout=args.stall_timeout, heartbeat_interval=args.heartbeat, dead_after=3 * args.heartbeat,
         rpc_timeout=args.rpc_timeout, max_connections=args.max_connections, scrollback=args.scrollback,
         lossy_limit=args.lossy_limit, allow_multiple_agents=args.multiple_agents, once=args.once,
+        backend=args.backend, state_dir=args.state_dir, boot_timeout=args.boot_timeout,
+        idle_stop=args.idle_stop, image=args.image, agent_command=args.agent_command,
     )
     try:
         return serve(cfg)
@@ -171,9 +199,9 @@ def cmd_serve(args) -> int:
         sys.stderr.write(f"blink serve: error: {exc}\n")
         return EXIT_FAIL
     except Exception as exc:
-        from .daemon import OnceError
+        from .daemon import BackendStartError, OnceError
 
-        if isinstance(exc, (OnceError, OSError)):
+        if isinstance(exc, (OnceError, OSError, BackendStartError)):
             sys.stderr.write(f"blink serve: error: {exc}\n")
             return EXIT_FAIL
         raise
@@ -250,6 +278,29 @@ async def cmd_register(args) -> int:
         _print_json(res)
     else:
         sys.stdout.write(f"{res['token']}\n")
+    return 0
+
+
+async def cmd_boot(args) -> int:
+    params = {k: v for k, v in (("image", args.image), ("cpus", args.cpus), ("memory_mib", args.memory_mib))
+              if v is not None}
+    async with await _connect(args) as c:
+        res = await c.boot(args.name, timeout=args.timeout, **params)
+    if args.json:
+        _print_json(res)
+    else:
+        sys.stdout.write(f"{res['session']}: {res['state']}"
+                         + (f" (booted in {res['boot_ms']:.0f} ms)" if res.get("booted") else "") + "\n")
+    return 0
+
+
+async def cmd_stop(args) -> int:
+    async with await _connect(args) as c:
+        res = await c.stop(args.name)
+    if args.json:
+        _print_json(res)
+    else:
+        sys.stdout.write(f"{res['session']}: {res['state']}\n")
     return 0
 
 
@@ -385,7 +436,7 @@ def _emit(item, eid: int, out, err) -> int | None:
 
 CLIENT_COMMANDS = {
     "sessions": cmd_sessions, "info": cmd_info, "stats": cmd_stats, "register": cmd_register,
-    "call": cmd_call, "tail": cmd_tail, "run": cmd_run,
+    "call": cmd_call, "tail": cmd_tail, "run": cmd_run, "boot": cmd_boot, "stop": cmd_stop,
 }
 
 

@@ -127,6 +127,8 @@ class Client:
                     elif t is Violation:
                         reason = ConnectionClosed(f"protocol error from the daemon: {ev.error}", ev.error.code)
                 self._flush()
+                if self._conn.state.value == "closed":
+                    break
         except (OSError, asyncio.IncompleteReadError) as exc:
             reason = ConnectionClosed(f"connection to the daemon lost: {exc}", "lost")
         except asyncio.CancelledError:

@@ -23,6 +23,16 @@ log = logging.getLogger("vhubd")
 DEFAULT_SOCKET = "/tmp/blink-vhub.sock"
 
 
+def default_state_dir() -> str:
+    env = os.environ.get("BLINK_STATE_DIR") or os.environ.get("STATE_DIRECTORY")
+    if env:
+        return env.split(":")[0]
+    if os.geteuid() == 0:
+        return "/var/lib/blink"
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(base, "blink")
+
+
 def default_control_path() -> str:
     """The control socket every client command uses unless told otherwise."""
     env = os.environ.get("BLINK_CONTROL")
@@ -61,14 +71,20 @@ class DaemonConfig:
     close_grace: float = 5.0
     drain_timeout: float = 5.0
     allow_multiple_agents: bool = False
-    backend: str = "external"
+    backend: str = "auto"
+    state_dir: str | None = None
+    boot_timeout: float = 120.0
+    idle_stop: float | None = None
+    image: str | None = None
+    agent_command: str | None = None
     once: bool = False
 
     def relay_config(self) -> RelayConfig:
         return RelayConfig(max_payload=self.max_payload, anonymous_session=self.anonymous_session,
                            rpc_timeout=self.rpc_timeout, scrollback=self.scrollback,
                            lossy_limit=self.lossy_limit, high_water=self.high_water,
-                           allow_multiple_agents=self.allow_multiple_agents, default_backend=self.backend)
+                           allow_multiple_agents=self.allow_multiple_agents,
+                           default_backend=self.backend)
 
 
 def make_listeners(cfg: DaemonConfig) -> list[ListenerSpec]:
@@ -91,11 +107,45 @@ def make_listeners(cfg: DaemonConfig) -> list[ListenerSpec]:
     return specs
 
 
+def resolve_backend(cfg: DaemonConfig) -> str:
+    from .backends.boxlite import host_can_boot_vms
+
+    if cfg.backend != "auto":
+        return cfg.backend
+    ok, why = host_can_boot_vms()
+    if ok:
+        return "boxlite"
+    log.warning("backend auto: this host cannot boot BoxLite VMs (%s); using external (agents connect by "
+                "themselves). Choose --backend local to run agents as host processes (not a sandbox), or "
+                "--backend boxlite on a KVM host", why)
+    return "external"
+
+
 async def run_daemon(cfg: DaemonConfig, ready: asyncio.Event | None = None) -> int:
+    from .backends import make_backend
+    from .boot import BootManager
+
     loop = asyncio.get_running_loop()
+    cfg.backend = resolve_backend(cfg)
+    if cfg.backend == "boxlite" and not cfg.tcp:
+        cfg.tcp = "127.0.0.1:0"  # BoxLite guests reach the host over loopback TCP
+    state_dir = cfg.state_dir or default_state_dir()
     relay = Relay(cfg.relay_config(), loop.call_later)
     server = Server(cfg, relay, loop)
     specs = make_listeners(cfg)
+    try:
+        backend = make_backend(cfg.backend, state_dir=state_dir, image=cfg.image, agent_command=cfg.agent_command)
+    except Exception as exc:
+        for spec in specs:
+            spec.sock.close()
+        raise BackendStartError(f"cannot initialise the {cfg.backend} backend: {exc}") from exc
+    if cfg.backend == "boxlite":
+        port = next(s.sock.getsockname()[1] for s in specs if s.name == "tcp")
+        addr = f"tcp://host.boxlite.internal:{port}"
+    else:
+        addr = f"unix:{cfg.socket}"
+    boots = BootManager(relay, backend, state_dir=state_dir, agent_addr=addr, boot_timeout=cfg.boot_timeout,
+                        idle_stop=cfg.idle_stop)
     await server.start(specs)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -107,6 +157,7 @@ async def run_daemon(cfg: DaemonConfig, ready: asyncio.Event | None = None) -> i
         ready.set()
     await stop.wait()
     log.info("shutting down: draining %d connections", len(server.peers))
+    await boots.close()
     await server.shutdown(cfg.drain_timeout)
     log.info("stopped")
     return 0
@@ -121,6 +172,10 @@ def _codec_name() -> str:
 # --- Blink one-shot mode ----------------------------------------------------------
 
 class OnceError(Exception):
+    pass
+
+
+class BackendStartError(Exception):
     pass
 
 

@@ -475,8 +475,6 @@ class Relay:
             peer.set_write_limits(self.config.lossy_limit * 2)
         if name == "*":
             rs.all_sessions = True
-            self.star_clients.add(peer)
-            result: dict = {"ok": True, "session": None, "daemon": self.daemon_info()}
             sess = None
         else:
             try:
@@ -487,23 +485,47 @@ class Relay:
             if sess is None:
                 sess = self.registry.create(name, self.config.default_backend)
             rs.session = sess
+        peer.hs = hs
+        peer.hs_request_id = ev.request_id
+        if sess is not None and hs.get("boot") and sess.agent is None and self.backends is not None:
+            boot_params = hs.get("boot_params") if isinstance(hs.get("boot_params"), dict) else {}
+            self.backends.request_boot(sess, peer, boot_params)
+            return None  # answered when the boot ends (finish_client_handshake)
+        self._complete_client(peer)
+        return True
+
+    def finish_client_handshake(self, peer, error: str | None) -> None:
+        """The boot a client's handshake waited for has ended."""
+        if peer.closed:
+            return
+        if error is not None:
+            self._refuse(peer, "boot_failed", error)
+            return
+        self._complete_client(peer)
+        peer.handshake_done()
+
+    def _complete_client(self, peer) -> None:
+        rs, hs = peer.rs, peer.hs
+        sess = rs.session
+        if sess is None:
+            self.star_clients.add(peer)
+        else:
             sess.clients.add(peer)
-            result = {"ok": True, "session": sess.info()}
+        result = ({"ok": True, "session": None, "daemon": self.daemon_info()} if sess is None
+                  else {"ok": True, "session": sess.info()})
         self.counters["clients_accepted"] += 1
-        peer.conn.accept(_encode(result), ev.request_id)
+        peer.conn.accept(_encode(result), peer.hs_request_id)
         peer.flush()
-        if hs.get("replay") and mask:
+        if hs.get("replay") and rs.subscribe_mask:
             for s in ([sess] if sess else list(self.registry)):
                 for chunk in s.scrollback.replay():
                     run = run_of(chunk)
                     self._deliver(peer, run.data, run.type_mask, run)
         if sess is not None and getattr(sess, "_ct_targets", None):
             rs.joined = False  # mid cut-through frame: join after it ends
-        log.info("client accepted peer=%s session=%s subscribe=%s serve=%s flow=%s", peer.label, name, subs,
-                 serve, flow)
-        if sess is not None and hs.get("boot") and self.backends is not None:
-            self.backends.request_boot(sess, peer, {})
-        return True
+        log.info("client accepted peer=%s session=%s subscribe=%s serve=%s flow=%s", peer.label,
+                 sess.name if sess else "*", hs.get("subscribe", []), hs.get("serve", []),
+                 hs.get("flow", "lossless"))
 
     def client_events(self, peer, events: list) -> None:
         for ev in events:

@@ -60,6 +60,7 @@ class Peer(asyncio.BufferedProtocol):
         self.last_ping = now
         self.ping_id = 0
         self.read_paused = False
+        self.awaiting_boot = False
         self.rs = None
 
     # -- asyncio callbacks (never raise) --
@@ -114,18 +115,26 @@ class Peer(asyncio.BufferedProtocol):
                                                     fixed_session=self.spec.fixed_session)
                 else:
                     ok = self.relay.client_handshake(self, ev)
-                if ok:
-                    self.handshaken = True
-                    more = self.conn.resume()
-                    if more:
-                        (self.relay.guest_events if self.spec.role == "guest" else self.relay.client_events)(
-                            self, more)
+                if ok is None:
+                    self.awaiting_boot = True  # the relay answers when the boot ends
+                elif ok:
+                    self.handshake_done()
                 return
             if type(ev) is Violation:
                 self.relay.counters["violations"] += 1
                 log.warning("protocol violation before handshake peer=%s code=%s %s", self.label,
                             ev.error.code, ev.error.message)
                 return
+
+    def handshake_done(self) -> None:
+        """The handshake was answered: deliver what the peer sent meanwhile."""
+        self.handshaken = True
+        self.awaiting_boot = False
+        more = self.conn.resume()
+        if more:
+            (self.relay.guest_events if self.spec.role == "guest" else self.relay.client_events)(self, more)
+        if self.conn._out:
+            self.flush()
 
     def eof_received(self):
         self.conn.receive_eof()
@@ -203,7 +212,7 @@ class Peer(asyncio.BufferedProtocol):
         if self.closed:
             return
         if not self.handshaken:
-            if now - self.connected_at > cfg.handshake_timeout:
+            if not self.awaiting_boot and now - self.connected_at > cfg.handshake_timeout:
                 self._timeout("handshake_timeout", f"no handshake within {cfg.handshake_timeout:g} s")
             return
         idle = now - self.last_rx

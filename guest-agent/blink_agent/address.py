@@ -1,0 +1,158 @@
+"""Parsing and dialing of ``VHUB_ADDR``: where the agent finds the daemon.
+
+Forms accepted:
+
+- ``vsock://CID:PORT`` (the default, ``vsock://2:10000``: the host, port 10000)
+- ``unix:/path``, ``unix:///path``, ``unix:relative/path``, ``unix:@abstract``
+- ``tcp://host:port``, ``tcp://[::1]:port``
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any, Dict, Optional
+
+from .errors import AddressError
+
+__all__ = ["DEFAULT_ADDR", "Address", "parse_address"]
+
+DEFAULT_ADDR = "vsock://2:10000"
+_U32 = (1 << 32) - 1
+
+
+class Address:
+    """A parsed daemon address: ``family`` is ``vsock``, ``unix`` or ``tcp``.
+
+    ``params`` holds ``{"cid", "port"}``, ``{"path"}`` or ``{"host", "port"}``.
+    """
+
+    __slots__ = ("family", "params", "text")
+
+    def __init__(self, family: str, params: Dict[str, Any], text: str) -> None:
+        self.family = family
+        self.params = params
+        self.text = text
+
+    def __repr__(self) -> str:
+        return "Address(%r)" % self.text
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Address) and (self.family, self.params) == (other.family, other.params)
+
+    def __hash__(self) -> int:
+        return hash((self.family, tuple(sorted(self.params.items()))))
+
+    def connect(self, timeout: Optional[float] = 10.0) -> socket.socket:
+        """Open a connected, blocking stream socket to the daemon.
+
+        Raises ``OSError`` (``ConnectionRefusedError``, ``FileNotFoundError``,
+        ``socket.timeout``...) when the daemon cannot be reached, and
+        :class:`AddressError` when this platform lacks the address family.
+        """
+        if self.family == "tcp":
+            sock = socket.create_connection((self.params["host"], self.params["port"]), timeout=timeout)
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+            sock.settimeout(None)
+            return sock
+        if self.family == "unix":
+            if not hasattr(socket, "AF_UNIX"):
+                raise AddressError("%s: Unix sockets are not supported on this platform" % self.text)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            target: Any = self.params["path"]
+            if target.startswith("@"):
+                target = "\0" + target[1:]
+        else:
+            family = getattr(socket, "AF_VSOCK", None)
+            if family is None:
+                raise AddressError("%s: AF_VSOCK is not supported on this platform" % self.text)
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            target = (self.params["cid"], self.params["port"])
+        try:
+            sock.settimeout(timeout)
+            sock.connect(target)
+            sock.settimeout(None)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+
+def _parse_int(text: str, what: str, addr: str, low: int, high: int) -> int:
+    if not text.isdigit():
+        raise AddressError("bad address %r: %s %r is not a number" % (addr, what, text))
+    value = int(text)
+    if not low <= value <= high:
+        raise AddressError("bad address %r: %s %d is out of range %d..%d" % (addr, what, value, low, high))
+    return value
+
+
+def parse_address(text: Optional[str] = None) -> Address:
+    """Parse a daemon address; ``None`` or empty means :data:`DEFAULT_ADDR`.
+
+    Raises :class:`AddressError` with one line saying what is wrong.
+    """
+    if text is None or not text.strip():
+        text = DEFAULT_ADDR
+    text = text.strip()
+    scheme, sep, rest = text.partition(":")
+    scheme = scheme.lower()
+    if not sep:
+        raise AddressError(
+            "bad address %r: expected vsock://CID:PORT, unix:/path or tcp://host:port" % text
+        )
+    if scheme == "vsock":
+        if not rest.startswith("//"):
+            raise AddressError("bad address %r: expected vsock://CID:PORT" % text)
+        body = rest[2:]
+        cid_text, colon, port_text = body.partition(":")
+        if not colon or not cid_text or not port_text:
+            raise AddressError("bad address %r: expected vsock://CID:PORT" % text)
+        cid = _parse_int(cid_text, "CID", text, 0, _U32)
+        port = _parse_int(port_text, "port", text, 0, _U32)
+        return Address("vsock", {"cid": cid, "port": port}, "vsock://%d:%d" % (cid, port))
+    if scheme == "unix":
+        path = rest
+        if path.startswith("//"):
+            path = path[2:]
+            if not path.startswith("/"):
+                raise AddressError("bad address %r: unix:// needs an absolute path (unix:///path)" % text)
+        if not path or path == "@":
+            raise AddressError("bad address %r: missing socket path (unix:/path)" % text)
+        if "\0" in path:
+            raise AddressError("bad address %r: NUL byte in socket path" % text)
+        limit = 107
+        if len(os.fsencode(path)) > limit:
+            raise AddressError("bad address %r: socket path longer than %d bytes" % (text, limit))
+        return Address("unix", {"path": path}, "unix:" + path)
+    if scheme == "tcp":
+        if not rest.startswith("//"):
+            raise AddressError("bad address %r: expected tcp://host:port" % text)
+        body = rest[2:].rstrip("/")
+        if body.startswith("["):
+            host, bracket, tail = body[1:].partition("]")
+            if not bracket or not host:
+                raise AddressError("bad address %r: unterminated IPv6 literal" % text)
+            if not tail.startswith(":") or len(tail) < 2:
+                raise AddressError("bad address %r: missing port (tcp://[addr]:port)" % text)
+            port_text = tail[1:]
+            shown = "[%s]" % host
+        else:
+            host, colon, port_text = body.rpartition(":")
+            if not colon or not host or not port_text:
+                raise AddressError("bad address %r: expected tcp://host:port" % text)
+            if ":" in host:
+                raise AddressError("bad address %r: put IPv6 addresses in brackets (tcp://[::1]:port)" % text)
+            shown = host
+        port = _parse_int(port_text, "port", text, 1, 65535)
+        return Address("tcp", {"host": host, "port": port}, "tcp://%s:%d" % (shown, port))
+    raise AddressError(
+        "bad address %r: unknown scheme %r (use vsock://CID:PORT, unix:/path or tcp://host:port)"
+        % (text, scheme)
+    )

@@ -1,0 +1,75 @@
+"""Every exception the guest agent raises, named by who is responsible.
+
+- :class:`ProtocolError`: the peer sent bytes that break BLIN v1 (``.code`` is the
+  wire error code, e.g. ``bad_magic``); also a ``ValueError``.
+- :class:`AddressError`: a ``VHUB_ADDR`` that cannot be parsed or used; a ``ValueError``.
+- :class:`HandshakeRejected`: the daemon answered the handshake with an ``Error`` frame.
+- :class:`ConnectionLost`: the connection ended (or never came up) while something
+  waited on it; a ``ConnectionError``.
+- :class:`CallTimeout`: a guest->host call got no reply in time; a ``TimeoutError``.
+- :class:`RpcError`: the host answered a call with ``RpcError``; raise it from a
+  handler to answer with a chosen code.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AgentError",
+    "ProtocolError",
+    "AddressError",
+    "HandshakeRejected",
+    "ConnectionLost",
+    "CallTimeout",
+    "RpcError",
+]
+
+
+class AgentError(Exception):
+    """Root of every error raised by blink_agent."""
+
+
+class ProtocolError(AgentError, ValueError):
+    """The remote peer broke the BLIN v1 protocol.
+
+    ``code`` is the code sent in the ``Error`` frame (``bad_magic``, ``bad_version``,
+    ``unknown_type``, ``frame_too_large``, ``handshake_required``, ``bad_json``...).
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__("%s: %s" % (code, message))
+        self.code = code
+        self.message = message
+
+
+class AddressError(AgentError, ValueError):
+    """A VHUB_ADDR value is malformed or unusable on this platform."""
+
+
+class HandshakeRejected(AgentError, ConnectionError):
+    """The daemon refused the handshake (``bad_token``, ``unknown_session``, ...)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__("handshake rejected: %s: %s" % (code, message))
+        self.code = code
+        self.message = message
+
+
+class ConnectionLost(AgentError, ConnectionError):
+    """The connection to the daemon is gone (or was never made)."""
+
+
+class CallTimeout(AgentError, TimeoutError):
+    """A call to the host got no reply within its timeout."""
+
+
+class RpcError(AgentError):
+    """An RPC answered with an error: ``code`` (str) and ``message`` (str)."""
+
+    def __init__(self, code: str, message: str = "") -> None:
+        super().__init__("%s: %s" % (code, message) if message else code)
+        self.code = code
+        self.message = message
+
+    def to_json(self) -> dict:
+        """The wire shape ``{"code": str, "message": str}``."""
+        return {"code": self.code, "message": self.message}

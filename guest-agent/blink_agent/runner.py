@@ -1,0 +1,345 @@
+"""Commands run on behalf of the host: the ``agent.*`` methods of ``blink-agent serve``.
+
+An execution is one child process. Its stdout and stderr are relayed live as
+Stdout / Stderr frames tagged with the execution id, read in chunks of up to 64 KiB
+as they come; the relay waits whenever the hub's buffer is full, so a fast writer is
+slowed to the connection's pace and nothing is dropped while connected. Once the
+process has exited and both pipes are drained, the agent reports
+``{"event": "execution_result", ...}`` as a request, after all of the output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import logging
+import os
+import platform
+import shlex
+import signal as _signal
+import socket
+import time
+from typing import Any, Dict, List, Optional
+
+from ._version import __version__
+from .errors import ConnectionLost, RpcError
+from .hub import AsyncHub
+from .wire import MsgType
+
+__all__ = ["Execution", "ExecutionManager", "next_execution_id"]
+
+log = logging.getLogger("blink_agent")
+
+READ_CHUNK = 64 * 1024
+_STARTED = time.monotonic()
+# Execution ids are process-wide and never reused while the agent lives.
+_execution_ids = itertools.count(1)
+
+
+def next_execution_id() -> int:
+    return next(_execution_ids)
+
+
+def _bad_params(message: str) -> RpcError:
+    return RpcError("bad_params", message)
+
+
+def _parse_signal(value: Any) -> int:
+    if value is None:
+        return int(_signal.SIGTERM)
+    if isinstance(value, bool):
+        raise _bad_params("signal must be an int or a name like 'SIGTERM'")
+    if isinstance(value, int):
+        if value <= 0:
+            raise _bad_params("signal must be positive, not %d" % value)
+        return value
+    if isinstance(value, str):
+        name = value.upper()
+        if not name.startswith("SIG"):
+            name = "SIG" + name
+        sig = getattr(_signal, name, None)
+        if isinstance(sig, int):
+            return int(sig)
+        raise _bad_params("unknown signal %r" % value)
+    raise _bad_params("signal must be an int or a name like 'SIGTERM'")
+
+
+class Execution:
+    """One child process and its relay state."""
+
+    def __init__(self, execution_id: int, argv: List[str], proc: "asyncio.subprocess.Process", group: bool) -> None:
+        self.id = execution_id
+        self.argv = argv
+        self.proc = proc
+        self.pid = proc.pid
+        self.group = group
+        self.stdout_bytes = 0
+        self.stderr_bytes = 0
+        self.timed_out = False
+        self.result: Optional[Dict[str, Any]] = None
+        loop = asyncio.get_running_loop()
+        #: Set to the result once the process has exited and its pipes are drained.
+        self.exited: "asyncio.Future[Dict[str, Any]]" = loop.create_future()
+        #: Set to the result once the result was reported (delivered or given up).
+        self.done: "asyncio.Future[Dict[str, Any]]" = loop.create_future()
+
+    def send_signal(self, sig: int) -> None:
+        """Signal the process (its whole process group when it leads one)."""
+        if self.proc.returncode is not None and not self.group:
+            return
+        try:
+            if self.group:
+                os.killpg(self.pid, sig)
+            else:
+                self.proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+
+class ExecutionManager:
+    """Spawns and tracks executions, and reports their results through ``hub``.
+
+    ``new_session``: start each command in its own session / process group, so that
+    ``agent.kill`` reaches the whole tree (for ``serve``; ``run`` keeps the terminal's).
+    """
+
+    def __init__(self, hub: AsyncHub, *, new_session: bool = True, result_timeout: float = 30.0) -> None:
+        self.hub = hub
+        self.new_session = new_session
+        self.result_timeout = result_timeout
+        self.executions: Dict[int, Execution] = {}
+        self._tasks: "set[asyncio.Task[Any]]" = set()
+
+    def register(self) -> None:
+        """Serve ``agent.run``, ``agent.kill``, ``agent.ping`` and ``agent.info``."""
+        self.hub.serve("agent.run", self.rpc_run)
+        self.hub.serve("agent.kill", self.rpc_kill)
+        self.hub.serve("agent.ping", self.rpc_ping)
+        self.hub.serve("agent.info", self.rpc_info)
+
+    # -- RPC methods ---------------------------------------------------------------
+
+    async def rpc_run(self, params: Any) -> Dict[str, Any]:
+        if not isinstance(params, dict):
+            raise _bad_params("agent.run params must be an object with an argv list")
+        argv = params.get("argv")
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+            raise _bad_params("argv must be a non-empty list of strings")
+        env_over = params.get("env")
+        if env_over is not None and (
+            not isinstance(env_over, dict)
+            or not all(isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in env_over.items())
+        ):
+            raise _bad_params("env must be an object of strings (null unsets a variable)")
+        cwd = params.get("cwd")
+        if cwd is not None and not isinstance(cwd, str):
+            raise _bad_params("cwd must be a string")
+        stdin_data: Optional[bytes] = None
+        if params.get("stdin") is not None:
+            if not isinstance(params["stdin"], str):
+                raise _bad_params("stdin must be a string (utf-8 text); use stdin_b64 for bytes")
+            stdin_data = params["stdin"].encode("utf-8")
+        elif params.get("stdin_b64") is not None:
+            try:
+                stdin_data = base64.b64decode(params["stdin_b64"], validate=True)
+            except (TypeError, ValueError) as exc:
+                raise _bad_params("stdin_b64 is not valid base64: %s" % exc) from None
+        timeout = params.get("timeout")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+            raise _bad_params("timeout must be a positive number of seconds")
+        execution = await self.start(argv, env=env_over, cwd=cwd, stdin=stdin_data, timeout=timeout)
+        return {"execution_id": execution.id, "pid": execution.pid}
+
+    def rpc_kill(self, params: Any) -> Dict[str, Any]:
+        if not isinstance(params, dict) or isinstance(params.get("execution_id"), bool) or not isinstance(
+            params.get("execution_id"), int
+        ):
+            raise _bad_params("agent.kill needs {\"execution_id\": int}")
+        execution = self.executions.get(params["execution_id"])
+        if execution is None:
+            raise RpcError("no_such_execution", "no running execution %d" % params["execution_id"])
+        sig = _parse_signal(params.get("signal"))
+        log.info("execution %d: sending signal %d", execution.id, sig)
+        execution.send_signal(sig)
+        return {"ok": True}
+
+    def rpc_ping(self, params: Any) -> Dict[str, Any]:
+        return {"pong": True}
+
+    def rpc_info(self, params: Any) -> Dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "python": platform.python_version(),
+            "uptime": round(time.monotonic() - _STARTED, 3),
+            "version": __version__,
+            "hostname": socket.gethostname(),
+            "executions": sorted(self.executions),
+        }
+
+    # -- executions -------------------------------------------------------------------
+
+    async def start(
+        self,
+        argv: List[str],
+        *,
+        env: Optional[Dict[str, Optional[str]]] = None,
+        cwd: Optional[str] = None,
+        stdin: Optional[bytes] = None,
+        inherit_stdin: bool = False,
+        timeout: Optional[float] = None,
+        execution_id: Optional[int] = None,
+    ) -> Execution:
+        """Spawn ``argv`` and start relaying; raises ``RpcError("spawn_failed")``."""
+        full_env = None
+        if env:
+            full_env = dict(os.environ)
+            for key, value in env.items():
+                if value is None:
+                    full_env.pop(key, None)
+                else:
+                    full_env[key] = value
+        if stdin is not None:
+            stdin_mode: Any = asyncio.subprocess.PIPE
+        elif inherit_stdin:
+            stdin_mode = None
+        else:
+            stdin_mode = asyncio.subprocess.DEVNULL
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=stdin_mode,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=full_env,
+                cwd=cwd,
+                start_new_session=self.new_session,
+            )
+        except (OSError, ValueError) as exc:
+            raise RpcError("spawn_failed", str(exc)) from None
+        eid = execution_id if execution_id is not None else next_execution_id()
+        execution = Execution(eid, list(argv), proc, self.new_session)
+        self.executions[eid] = execution
+        shown = " ".join(shlex.quote(a) for a in argv)
+        log.info("execution %d: started pid %d: %s", eid, proc.pid, shown.replace("\n", "\\n")[:300])
+        self._spawn(self._supervise(execution, stdin, timeout))
+        return execution
+
+    def _spawn(self, coro: Any) -> "asyncio.Task[Any]":
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _feed_stdin(self, execution: Execution, data: bytes) -> None:
+        pipe = execution.proc.stdin
+        assert pipe is not None
+        try:
+            pipe.write(data)
+            await pipe.drain()
+        except (BrokenPipeError, ConnectionResetError):
+            log.info("execution %d: stdin closed early by the command", execution.id)
+        finally:
+            try:
+                pipe.close()
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+    async def _relay(self, execution: Execution, pipe: Optional[asyncio.StreamReader], msg_type: int) -> None:
+        if pipe is None:
+            return
+        hub = self.hub
+        while True:
+            chunk = await pipe.read(READ_CHUNK)
+            if not chunk:
+                return
+            if msg_type == MsgType.Stdout:
+                execution.stdout_bytes += len(chunk)
+            else:
+                execution.stderr_bytes += len(chunk)
+            await hub.send_stream(msg_type, execution.id, chunk)
+
+    async def _supervise(self, execution: Execution, stdin: Optional[bytes], timeout: Optional[float]) -> None:
+        proc = execution.proc
+        loop = asyncio.get_running_loop()
+        timer = None
+        if timeout is not None:
+            timer = loop.call_later(timeout, self._time_out, execution, timeout)
+        feeder = self._spawn(self._feed_stdin(execution, stdin)) if stdin is not None else None
+        try:
+            await asyncio.gather(
+                self._relay(execution, proc.stdout, MsgType.Stdout),
+                self._relay(execution, proc.stderr, MsgType.Stderr),
+            )
+            code = await proc.wait()
+        except asyncio.CancelledError:
+            execution.send_signal(_signal.SIGKILL)
+            await proc.wait()
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if feeder is not None and not feeder.done():
+                feeder.cancel()
+        sig = -code if code < 0 else None
+        result = {
+            "event": "execution_result",
+            "execution_id": execution.id,
+            "exit_code": code,
+            "signal": sig,
+            "stdout_bytes": execution.stdout_bytes,
+            "stderr_bytes": execution.stderr_bytes,
+        }
+        execution.result = result
+        if not execution.exited.done():
+            execution.exited.set_result(result)
+        log.info(
+            "execution %d: exited %s (%d stdout bytes, %d stderr bytes)",
+            execution.id,
+            ("by signal %d" % sig) if sig else ("with code %d" % code),
+            execution.stdout_bytes,
+            execution.stderr_bytes,
+        )
+        self.executions.pop(execution.id, None)
+        try:
+            await self.report(result)
+        finally:
+            if not execution.done.done():
+                execution.done.set_result(result)
+
+    async def report(self, result: Dict[str, Any]) -> bool:
+        """Deliver an execution_result after all of the output; True once answered."""
+        hub = self.hub
+        try:
+            await hub.deliver_event(result, hub.outbox.last_seq, timeout=self.result_timeout)
+            return True
+        except RpcError as exc:
+            log.warning("execution %d: result refused by the host: %s", result["execution_id"], exc)
+        except ConnectionLost as exc:
+            log.warning("execution %d: result not delivered: %s", result["execution_id"], exc)
+        except TimeoutError as exc:
+            log.warning("execution %d: result not acknowledged: %s", result["execution_id"], exc)
+        return False
+
+    def _time_out(self, execution: Execution, timeout: float) -> None:
+        if execution.proc.returncode is None:
+            log.warning("execution %d: timeout of %g s reached, killing it", execution.id, timeout)
+            execution.timed_out = True
+            execution.send_signal(_signal.SIGKILL)
+
+    async def shutdown(self, grace: float = 2.0) -> None:
+        """Stop every running execution: SIGTERM, then SIGKILL after ``grace``; give
+        their results ``grace`` seconds more to be reported."""
+        for execution in list(self.executions.values()):
+            execution.send_signal(_signal.SIGTERM)
+        pending = set(self._tasks)
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=grace)
+        if pending:
+            for execution in list(self.executions.values()):
+                execution.send_signal(_signal.SIGKILL)
+            _, pending = await asyncio.wait(pending, timeout=grace)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)

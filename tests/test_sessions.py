@@ -1,0 +1,204 @@
+"""Sessions: boot on demand with the local backend, single flight, idle stop,
+stop/boot cycles, boot failures; the real boxlite package up to where this
+host stops it (VM start), and its failure path."""
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from vhub_testing import ROOT, wait_for
+
+from vhubd.backends import BootSpec
+from vhubd.backends import boxlite as bl
+from vhubd.client import Client
+from vhubd.errors import ConnectionClosed, RemoteError
+from vhubd.sessions import InvalidName, validate_name
+
+
+def run(d, *args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "vhubd", "run", "--control", d.control, *args],
+                          capture_output=True, timeout=timeout, cwd=ROOT)
+
+
+@pytest.fixture
+def local(make_daemon, tmp_path):
+    return make_daemon("--backend", "local", "--state-dir", str(tmp_path / "state"), "--boot-timeout", "20")
+
+
+def test_names_are_validated():
+    assert validate_name("demo-1.x_y") == "demo-1.x_y"
+    for bad in ["", "Demo", "-x", "a" * 64, "a/b", "../x", None, 3]:
+        with pytest.raises(InvalidName):
+            validate_name(bad)
+
+
+def test_blink_run_boots_on_demand_and_exits_with_code(local):
+    r = run(local, "demo", "--", "sh", "-c", "echo out; echo err >&2; exit 3")
+    assert (r.returncode, r.stdout, r.stderr) == (3, b"out\n", b"err\n")
+    s = json.loads(local.cli("sessions", "--json").stdout)
+    demo = next(x for x in s if x["name"] == "demo")
+    assert demo["state"] == "ready" and demo["backend"] == "local" and demo["agent_connected"]
+    info = json.loads(local.cli("info", "demo", "--json").stdout)
+    assert info["sandbox"] is False and "NOT a sandbox" in info["warning"]
+    assert "NOT a sandbox" in local.log()
+
+
+def test_concurrent_runs_share_one_boot(local):
+    procs = [subprocess.Popen([sys.executable, "-m", "vhubd", "run", "--control", local.control, "shared", "--",
+                               "sh", "-c", f"echo run{i}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              cwd=ROOT) for i in range(20)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 20, [o[1] for o in outs]
+    assert sorted(o[0] for o in outs) == sorted(f"run{i}\n".encode() for i in range(20))
+    assert local.log().count("session=shared stopped -> booting") == 1
+    assert local.log().count("local agent started session=shared") == 1
+
+
+def test_idle_stop_and_stop_boot_cycles(make_daemon, tmp_path):
+    d = make_daemon("--backend", "local", "--state-dir", str(tmp_path / "s"), "--idle-stop", "1")
+    assert run(d, "idle", "--", "true").returncode == 0
+    wait_for(lambda: "idle stop session=idle" in d.log(), 15, what="idle stop")
+    wait_for(lambda: '"state": "stopped"' in d.cli("info", "idle", "--json").stdout.decode(), 10)
+    for _ in range(3):
+        b = d.cli("boot", "idle", "--json")
+        assert b.returncode == 0, b.stderr
+        assert json.loads(b.stdout)["state"] == "ready"
+        pid = json.loads(d.cli("info", "idle", "--json").stdout)["agent"]["pid"]
+        assert os.path.exists(f"/proc/{pid}")
+        s = d.cli("stop", "idle", "--json")
+        assert json.loads(s.stdout)["state"] == "stopped"
+        # the stopped session's agent process is gone (reaped by the daemon)
+        wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 10, what="agent process gone")
+
+
+def test_boot_failure_of_local_backend_reaches_every_waiter(make_daemon, tmp_path):
+    d = make_daemon("--backend", "local", "--state-dir", str(tmp_path / "s"),
+                    "--agent-command", "sh -c 'echo agent cannot start >&2; exit 7'")
+
+    async def main():
+        async def one():
+            try:
+                await Client.connect(d.control, session="broken", boot=True, subscribe=["stdout"])
+            except ConnectionClosed as exc:
+                return exc.code, exc.message
+            return None
+
+        return await asyncio.gather(*(one() for _ in range(5)))
+
+    res = asyncio.run(main())
+    assert all(r is not None and r[0] == "boot_failed" for r in res), res
+    assert "exited with code 7" in res[0][1] and "agent cannot start" in res[0][1]
+    info = json.loads(d.cli("info", "broken", "--json").stdout)
+    assert info["state"] == "failed" and "exited with code 7" in info["reason"]
+    r = d.cli("boot", "broken")  # a later boot retries, and fails the same way
+    assert r.returncode == 1 and b"boot_failed" in r.stderr
+    assert d.log().count("session=broken stopped -> booting") == 1
+    assert d.log().count("-> booting") >= 2
+
+
+def test_bad_session_names_never_reach_a_backend(local):
+    r = local.cli("boot", "Bad/Name")
+    assert r.returncode == 1 and b"bad_session_name" in r.stderr
+    assert "Bad/Name" not in local.log().replace("'Bad/Name'", "")
+
+
+def test_external_backend_explains_boot_failure(make_daemon, tmp_path):
+    d = make_daemon("--backend", "external", "--state-dir", str(tmp_path / "s"))
+    r = d.cli("boot", "ext")
+    assert r.returncode == 1 and b"boot_failed" in r.stderr and b"--backend" in r.stderr
+
+
+def test_auto_backend_on_this_host(make_daemon, tmp_path):
+    ok, why = bl.host_can_boot_vms()
+    d = make_daemon("--state-dir", str(tmp_path / "s"))
+    info = json.loads(d.cli("info", "--json").stdout)
+    assert info["backend"] == ("boxlite" if ok else "external")
+    if not ok:
+        assert why in d.log() and "--backend local" in d.log()
+
+
+# --- the real boxlite package -------------------------------------------------------
+
+def test_host_check_is_cheap_and_overridable(monkeypatch):
+    t = time.monotonic()
+    ok, why = bl.host_can_boot_vms()
+    assert time.monotonic() - t < 1.0 and why
+    if os.path.isdir("/sys/module/kvm_pvm"):
+        assert not ok and "kvm-pvm" in why
+    monkeypatch.setenv("VHUB_BOXLITE_VMS", "yes")
+    assert bl.host_can_boot_vms()[0]
+    monkeypatch.setenv("VHUB_BOXLITE_VMS", "no")
+    assert not bl.host_can_boot_vms()[0]
+
+
+def test_boxlite_runtime_boxes_and_options(tmp_path):
+    from vhubd.backends.image import build_agent_layout
+
+    layout = build_agent_layout(str(tmp_path / "layout"))
+    be = bl.BoxliteBackend(str(tmp_path / "home"), image=layout)
+    spec = BootSpec(session="unit", token="tok", addr="tcp://host.boxlite.internal:1234",
+                    workdir=str(tmp_path / "w"), cpus=1, memory_mib=256, env={"X": "1"})
+    opts = be.options(spec)
+    assert "cpus=None" not in repr(opts)
+
+    async def main():
+        box, created = await be.create_box(spec)
+        assert created and box.name == "vhub-unit"
+        again, created2 = await be.create_box(spec)  # get-or-create
+        assert not created2 and again.id == box.id
+        info = await be.info("unit")
+        assert info is not None and info.name == "vhub-unit"
+        env = dict(info.env) if hasattr(info, "env") else None
+        if env is not None:
+            assert env["VHUB_SESSION"] == "unit" and env["VHUB_ADDR"].startswith("tcp://host.boxlite.internal:")
+        await be.remove("unit")
+        assert await be.info("unit") is None
+        await be.close()
+
+    asyncio.run(main())
+
+
+def needs_vm():
+    ok, why = bl.host_can_boot_vms()
+    return pytest.mark.skipif(not ok, reason=f"BoxLite VMs cannot boot here: {why}")
+
+
+def _vm_processes():
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [l for l in out.splitlines() if ("boxlite" in l.lower() or "krun" in l.lower() or "shim" in l.lower())
+            and "pytest" not in l and "ps -eo" not in l]
+
+
+@pytest.mark.slow
+def test_boxlite_boot_failure_is_reported_and_cleaned_up(make_daemon, tmp_path):
+    from vhubd.backends.image import build_agent_layout
+
+    if bl.host_can_boot_vms()[0]:
+        pytest.skip("this host can boot BoxLite VMs: the failure path is tested where they cannot")
+    layout = build_agent_layout(str(tmp_path / "layout"))
+    d = make_daemon("--backend", "boxlite", "--state-dir", str(tmp_path / "s"), "--image", layout,
+                    "--boot-timeout", "60")
+    before = _vm_processes()
+    for attempt in range(2):  # a retry behaves the same
+        t = time.monotonic()
+        r = d.cli("boot", "x", timeout=90)
+        took = time.monotonic() - t
+        assert r.returncode == 1, r.stdout
+        line = r.stderr.decode().strip()
+        assert line.startswith("blink: boot_failed:") and "The VM failed to start" in line, line
+        assert took < 60
+        info = json.loads(d.cli("info", "x", "--json").stdout)
+        assert info["state"] == "failed" and "VM failed to start" in info["reason"]
+        wait_for(lambda: _vm_processes() == before, 10, what="no BoxLite VM process left")
+    assert "tcp=" in d.log()  # BoxLite guests dial loopback TCP
+
+
+@needs_vm()
+def test_boxlite_session_boots_and_runs(make_daemon, tmp_path):  # pragma: no cover - needs a KVM host
+    d = make_daemon("--backend", "boxlite", "--state-dir", str(tmp_path / "s"))
+    r = run(d, "vm", "--", "uname", "-r", timeout=180)
+    assert r.returncode == 0 and r.stdout.strip()

@@ -1,0 +1,230 @@
+"""Boot on demand, stop and idle stop (DESIGN §5), over one backend.
+
+Single-flight per session: concurrent requests share one boot future. The
+boot timeout covers the backend's start and the agent's handshake; every
+failure reaches every waiter as ``boot_failed`` with the backend's words,
+the session becomes ``failed``, and the sandbox is stopped so nothing is left
+running. The relay calls the hooks (agent_ready, request_boot, ...).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+
+from .backends import Backend, BackendError, BootSpec
+from .errors import BootFailed
+
+from .relay import RpcFailure, rpc_error_frame, rpc_result_frame
+from .sessions import Session, State, new_token, validate_name
+
+log = logging.getLogger("vhubd")
+
+
+class BootManager:
+    def __init__(self, relay, backend: Backend, *, state_dir: str, agent_addr: str, boot_timeout: float = 120.0,
+                 idle_stop: float | None = None):
+        self.relay = relay
+        self.registry = relay.registry
+        self.backend = backend
+        self.state_dir = state_dir
+        self.agent_addr = agent_addr
+        self.boot_timeout = boot_timeout
+        self.idle_stop = idle_stop
+        self.boots: dict[str, asyncio.Future] = {}
+        self.waiters: dict[str, asyncio.Future] = {}
+        self.stops: dict[str, asyncio.Task] = {}
+        self.booted: set[str] = set()  # sessions whose sandbox we started
+        self.boot_count = 0
+        relay.backends = self
+
+    # -- boot --
+    def boot(self, name: str, params: dict | None = None) -> asyncio.Future:
+        validate_name(name)
+        sess = self.registry.get(name) or self.registry.create(name, self.backend.name)
+        fut = self.boots.get(name)
+        if fut is not None:
+            return fut
+        loop = asyncio.get_running_loop()
+        if sess.agent is not None:
+            done = loop.create_future()
+            done.set_result({"session": name, "state": sess.state.value, "booted": False})
+            return done
+        fut = asyncio.ensure_future(self._boot(sess, dict(params or {})))
+        self.boots[name] = fut
+        fut.add_done_callback(lambda f: self.boots.pop(name, None))
+        fut.add_done_callback(_consume)
+        return fut
+
+    async def _boot(self, sess: Session, params: dict) -> dict:
+        name = sess.name
+        if name in self.stops:
+            await asyncio.shield(self.stops[name])
+        t0 = time.monotonic()
+        self.boot_count += 1
+        sess.backend = self.backend.name
+        if sess.token is None and not sess.anonymous:
+            sess.token = new_token()
+        self.registry.set_state(sess, State.BOOTING, f"booting with backend {self.backend.name}")
+        waiter = asyncio.get_running_loop().create_future()
+        self.waiters[name] = waiter
+        spec = BootSpec(session=name, token=sess.token or "", addr=self.agent_addr,
+                        workdir=os.path.join(self.state_dir, "sessions", name), image=params.get("image"),
+                        cpus=params.get("cpus"), memory_mib=params.get("memory_mib"),
+                        env={str(k): str(v) for k, v in (params.get("env") or {}).items()})
+        stage = "starting the sandbox"
+        try:
+            async with asyncio.timeout(self.boot_timeout):
+                self.booted.add(name)
+                handle = await self.backend.start(spec)
+                stage = "waiting for the agent's handshake"
+                if sess.agent is None:
+                    if sess.state is State.BOOTING:
+                        self.registry.set_state(sess, State.WAITING_AGENT, "sandbox started; waiting for its agent")
+                    exited = getattr(handle, "exited", None)
+                    done, _ = await asyncio.wait([waiter] + ([exited] if exited else []),
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                    if waiter not in done:
+                        raise BackendError(exited.result())
+        except TimeoutError:
+            msg = f"boot of {name!r} timed out after {self.boot_timeout:g} s while {stage}"
+            await self._fail(sess, msg)
+            raise BootFailed(msg) from None
+        except (BackendError, OSError) as exc:
+            await self._fail(sess, str(exc))
+            raise BootFailed(str(exc)) from None
+        finally:
+            self.waiters.pop(name, None)
+        ms = (time.monotonic() - t0) * 1000
+        log.info("session booted session=%s backend=%s in %.0f ms", name, self.backend.name, ms)
+        sess.last_activity = time.monotonic()
+        return {"session": name, "state": sess.state.value, "booted": True, "boot_ms": round(ms, 1)}
+
+    async def _fail(self, sess: Session, msg: str) -> None:
+        log.warning("boot failed session=%s: %s", sess.name, msg)
+        self.booted.discard(sess.name)
+        try:
+            await self.backend.stop(sess.name)
+            remove = getattr(self.backend, "remove", None)
+            if remove is not None:
+                await remove(sess.name)
+        except Exception:
+            log.exception("cleanup after failed boot of %s", sess.name)
+        if sess.state is not State.FAILED:
+            self.registry.set_state(sess, State.FAILED, msg)
+
+    # -- stop --
+    def stop(self, name: str) -> asyncio.Task:
+        task = self.stops.get(name)
+        if task is None:
+            task = asyncio.ensure_future(self._stop(name))
+            self.stops[name] = task
+            task.add_done_callback(lambda t: self.stops.pop(name, None))
+            task.add_done_callback(_consume)
+        return task
+
+    async def _stop(self, name: str) -> dict:
+        sess = self.registry.get(name)
+        if sess is None:
+            raise RpcFailure("unknown_session", f"no session named {name!r}")
+        boot = self.boots.get(name)
+        if boot is not None:
+            boot.cancel()
+        if sess.state in (State.STOPPED,):
+            return {"session": name, "state": "stopped"}
+        self.registry.set_state(sess, State.STOPPING, "stop requested")
+        if sess.agent is not None:
+            sess.agent.abort_with_error("session_stopped", f"session {name!r} is stopping")
+        await self.backend.stop(name)
+        self.booted.discard(name)
+        self.registry.set_state(sess, State.STOPPED, "stopped")
+        log.info("session stopped session=%s", name)
+        return {"session": name, "state": "stopped"}
+
+    # -- relay hooks --
+    def agent_ready(self, sess: Session) -> None:
+        w = self.waiters.get(sess.name)
+        if w is not None and not w.done():
+            w.set_result(True)
+
+    def agent_lost(self, sess: Session) -> None:
+        sess.last_activity = time.monotonic()
+
+    def client_gone(self, sess: Session) -> None:
+        sess.last_activity = time.monotonic()
+
+    def request_boot(self, sess: Session, peer, params: dict) -> None:
+        """A client handshake with "boot": true; the answer waits for the boot."""
+        fut = self.boot(sess.name, params)
+
+        def done(f: asyncio.Future) -> None:
+            if peer.closed:
+                return
+            exc = f.exception() if not f.cancelled() else BootFailed("boot cancelled (session stopping)")
+            self.relay.finish_client_handshake(peer, str(exc) if exc else None)
+
+        fut.add_done_callback(done)
+
+    def boot_call(self, peer, rid: int, name: str, params: dict) -> None:
+        fut = self.boot(name, params)
+
+        def done(f: asyncio.Future) -> None:
+            if peer.closed or not rid:
+                return
+            if f.cancelled():
+                peer.write(rpc_error_frame(rid, "boot_failed", "boot cancelled (session stopping)"))
+            elif f.exception() is not None:
+                peer.write(rpc_error_frame(rid, "boot_failed", str(f.exception())))
+            else:
+                peer.write(rpc_result_frame(rid, f.result()))
+
+        fut.add_done_callback(done)
+
+    def stop_call(self, peer, rid: int, name: str) -> None:
+        task = self.stop(name)
+
+        def done(t: asyncio.Task) -> None:
+            if peer.closed or not rid:
+                return
+            exc = t.exception() if not t.cancelled() else None
+            if isinstance(exc, RpcFailure):
+                peer.write(rpc_error_frame(rid, exc.code, exc.message))
+            elif exc is not None:
+                peer.write(rpc_error_frame(rid, "stop_failed", str(exc)))
+            else:
+                peer.write(rpc_result_frame(rid, t.result()))
+
+        task.add_done_callback(done)
+
+    def tick(self) -> None:
+        if not self.idle_stop:
+            return
+        now = time.monotonic()
+        for sess in self.registry:
+            if (sess.name in self.booted and sess.name not in self.boots and sess.name not in self.stops
+                    and not sess.clients and sess.state in (State.READY, State.AGENT_LOST)
+                    and now - sess.last_activity > self.idle_stop):
+                log.info("idle stop session=%s after %.0f s without clients or traffic", sess.name,
+                         now - sess.last_activity)
+                self.stop(sess.name)
+
+    async def close(self) -> None:
+        """Daemon shutdown: stop every sandbox this daemon started."""
+        for f in list(self.boots.values()):
+            f.cancel()
+        for name in list(self.booted):
+            try:
+                await self.backend.stop(name)
+            except Exception:
+                log.exception("stopping %s at shutdown", name)
+        await self.backend.close()
+
+
+def _consume(f: asyncio.Future) -> None:
+    if not f.cancelled():
+        f.exception()
+
+
+
