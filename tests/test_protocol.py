@@ -170,3 +170,26 @@ def test_stream_run_is_one_slice(codec_impl):
     assert len(ev) == 1 and isinstance(ev[0], StreamRun) and ev[0].count == 50
     assert bytes(ev[0].data) == data
     assert ev[0].type_mask == frames.TYPE_BIT[0x30] | frames.TYPE_BIT[0x31]
+
+
+def test_buffer_grows_for_fast_senders_and_pins_survive_growth(codec_impl):
+    c = Connection(Side.CLIENT, codec_impl=codec_impl, initial_buffer=2048, cut_through=1 << 20)
+    c.send_handshake()
+    c.receive_data(encode_frame(1, 1, b""))
+    kept, sizes = [], set()
+    for round_ in range(30):
+        batch = b"".join(encode_frame(0x30, round_ * 1000 + i, b"%06d" % i) for i in range(400))
+        dst = c.get_buffer()
+        sizes.add(len(c.rx.buf))
+        n = min(len(dst), len(batch))
+        dst[:n] = batch[:n]
+        del dst
+        evs = c.buffer_updated(n)
+        evs += c.receive_data(batch[n:])
+        kept.append((round_, evs))
+    assert max(sizes) > 2048  # reads that fill the buffer make it grow
+    for round_, evs in kept:
+        got = frames_of(evs)
+        assert got == [(0x30, round_ * 1000 + i, b"%06d" % i) for i in range(400)]
+    c.rx.shrink()
+    assert c.rx.target == 2048

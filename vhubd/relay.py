@@ -64,7 +64,7 @@ class PeerState:
 
     __slots__ = ("role", "session", "subscribe_mask", "events", "serve_exact", "serve_prefix", "lossy",
                  "inflight", "next_id", "sessions_blocked", "all_sessions", "ack", "acked",
-                 "stream_frames", "ack_pending", "joined")
+                 "stream_frames", "ack_pending", "joined", "attached")
 
     def __init__(self, role: str):
         self.role = role  # "guest" | "client"
@@ -83,6 +83,7 @@ class PeerState:
         self.stream_frames = 0
         self.ack_pending = False
         self.joined = True
+        self.attached = False
 
     def new_id(self) -> int:
         i = self.next_id
@@ -168,11 +169,28 @@ class Relay:
             sess = self.registry.get(name)
             if sess is None:
                 return self._refuse(peer, "unknown_session", f"no session named {name!r} on this daemon")
+            if fixed_session is None and token_required and sess.token is None:
+                # a tokenless session (anonymous, or created by a client attaching) has
+                # nothing to prove: this listener admits only registered sessions
+                return self._refuse(peer, "token_required", f"session {name!r} has no token; register it "
+                                                            "(vhub.register) to admit agents over this listener")
             if fixed_session is None and (sess.token is not None or token_required):
                 if not sess.check_token(info.get("token")):
                     log.warning("guest refused: bad token for session %s from %s", name, peer.label)
                     return self._refuse(peer, "bad_token", f"wrong token for session {name!r}")
         assert sess is not None
+        if info.get("attach") is True:
+            # a program inside the guest (not the resident agent) doing RPCs and
+            # output for its session; host->guest calls never go to it
+            if name is None:
+                return self._refuse(peer, "session_required", "attach needs a session and its token")
+            peer.rs.session = sess
+            peer.rs.attached = True
+            peer.conn.accept(frames.READY_PAYLOAD, ev.request_id)
+            peer.flush()
+            self.counters["guests_accepted"] += 1
+            log.info("guest attached session=%s peer=%s", sess.name, peer.label)
+            return True
         if sess.agent is not None and not self.config.allow_multiple_agents:
             return self._refuse(peer, "session_busy", f"session {sess.name!r} already has an agent connected")
         if sess.state in (State.STOPPING,):
@@ -282,7 +300,8 @@ class Relay:
 
     def _fan_out(self, sess: Session, data: memoryview, mask: int, run: StreamRun | None) -> None:
         self.counters["stream_bytes"] += len(data)
-        sess.scrollback.append(bytes(data))
+        ring = sess.scrollback
+        ring.append(bytes(data) if len(data) <= ring.capacity else bytes(newest_frames(data, ring.capacity)))
         for c in sess.clients:
             self._deliver(c, data, mask, run)
         for c in self.star_clients:
@@ -326,7 +345,7 @@ class Relay:
         for c in sess._ct_targets:  # type: ignore[attr-defined]
             if not c.closed:
                 c.write(ev.data)
-                self._check_lossy(c)
+                self._check_lossy(c, at_boundary=ev.remaining == 0)
         keep = sess._ct_keep  # type: ignore[attr-defined]
         if keep:
             tail = sess._ct_tail  # type: ignore[attr-defined]
@@ -343,10 +362,16 @@ class Relay:
             for c in list(sess.clients) + list(self.star_clients):
                 c.rs.joined = True
 
-    def _check_lossy(self, c) -> None:
+    def _check_lossy(self, c, at_boundary: bool = False) -> None:
         if c.rs.lossy and c.write_buffer_size() > self.config.lossy_limit:
             self.counters["slow_consumers"] += 1
-            c.abort_with_error("slow_consumer", "subscriber too slow")
+            log.warning("slow consumer dropped peer=%s buffered=%d (mid-frame: %s)", c.label,
+                        c.write_buffer_size(), not at_boundary)
+            if at_boundary:
+                c.abort_with_error("slow_consumer", "subscriber too slow: its output buffer passed "
+                                                    f"{self.config.lossy_limit} bytes")
+            else:
+                c.close()  # an Error frame here would land inside the payload of a frame
 
     # ---------------------------------------------------------------- RPC
     def _guest_rpc(self, peer, sess: Session, ev: Frame) -> None:
@@ -739,6 +764,16 @@ def _version() -> str:
     from . import __version__
 
     return __version__
+
+
+def newest_frames(data: memoryview, limit: int) -> memoryview:
+    """The longest tail of whole frames of ``data`` (complete frames only)
+    that fits in ``limit`` bytes: what a small scrollback ring can keep of a
+    batch larger than itself."""
+    off, end = 0, len(data)
+    while end - off > limit:
+        off += HEADER_SIZE + int.from_bytes(data[off + 8:off + 12], "little")
+    return data[off:]
 
 
 def run_of(chunk: bytes) -> StreamRun:

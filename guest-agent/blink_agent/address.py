@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any, Dict, Optional
+from typing import Any
 
 from .errors import AddressError
 
@@ -29,13 +29,13 @@ class Address:
 
     __slots__ = ("family", "params", "text")
 
-    def __init__(self, family: str, params: Dict[str, Any], text: str) -> None:
+    def __init__(self, family: str, params: dict[str, Any], text: str) -> None:
         self.family = family
         self.params = params
         self.text = text
 
     def __repr__(self) -> str:
-        return "Address(%r)" % self.text
+        return f"Address({self.text!r})"
 
     def __str__(self) -> str:
         return self.text
@@ -46,7 +46,7 @@ class Address:
     def __hash__(self) -> int:
         return hash((self.family, tuple(sorted(self.params.items()))))
 
-    def connect(self, timeout: Optional[float] = 10.0) -> socket.socket:
+    def connect(self, timeout: float | None = 10.0) -> socket.socket:
         """Open a connected, blocking stream socket to the daemon.
 
         Raises ``OSError`` (``ConnectionRefusedError``, ``FileNotFoundError``,
@@ -63,7 +63,7 @@ class Address:
             return sock
         if self.family == "unix":
             if not hasattr(socket, "AF_UNIX"):
-                raise AddressError("%s: Unix sockets are not supported on this platform" % self.text)
+                raise AddressError(f"{self.text}: Unix sockets are not supported on this platform")
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             target: Any = self.params["path"]
             if target.startswith("@"):
@@ -71,7 +71,7 @@ class Address:
         else:
             family = getattr(socket, "AF_VSOCK", None)
             if family is None:
-                raise AddressError("%s: AF_VSOCK is not supported on this platform" % self.text)
+                raise AddressError(f"{self.text}: AF_VSOCK is not supported on this platform")
             sock = socket.socket(family, socket.SOCK_STREAM)
             target = (self.params["cid"], self.params["port"])
         try:
@@ -86,14 +86,14 @@ class Address:
 
 def _parse_int(text: str, what: str, addr: str, low: int, high: int) -> int:
     if not text.isdigit():
-        raise AddressError("bad address %r: %s %r is not a number" % (addr, what, text))
+        raise AddressError(f"bad address {addr!r}: {what} {text!r} is not a number")
     value = int(text)
     if not low <= value <= high:
-        raise AddressError("bad address %r: %s %d is out of range %d..%d" % (addr, what, value, low, high))
+        raise AddressError(f"bad address {addr!r}: {what} {value} is out of range {low}..{high}")
     return value
 
 
-def parse_address(text: Optional[str] = None) -> Address:
+def parse_address(text: str | None = None) -> Address:
     """Parse a daemon address; ``None`` or empty means :data:`DEFAULT_ADDR`.
 
     Raises :class:`AddressError` with one line saying what is wrong.
@@ -104,55 +104,52 @@ def parse_address(text: Optional[str] = None) -> Address:
     scheme, sep, rest = text.partition(":")
     scheme = scheme.lower()
     if not sep:
-        raise AddressError(
-            "bad address %r: expected vsock://CID:PORT, unix:/path or tcp://host:port" % text
-        )
+        raise AddressError(f"bad address {text!r}: expected vsock://CID:PORT, unix:/path or tcp://host:port")
     if scheme == "vsock":
         if not rest.startswith("//"):
-            raise AddressError("bad address %r: expected vsock://CID:PORT" % text)
+            raise AddressError(f"bad address {text!r}: expected vsock://CID:PORT")
         body = rest[2:]
         cid_text, colon, port_text = body.partition(":")
         if not colon or not cid_text or not port_text:
-            raise AddressError("bad address %r: expected vsock://CID:PORT" % text)
+            raise AddressError(f"bad address {text!r}: expected vsock://CID:PORT")
         cid = _parse_int(cid_text, "CID", text, 0, _U32)
         port = _parse_int(port_text, "port", text, 0, _U32)
-        return Address("vsock", {"cid": cid, "port": port}, "vsock://%d:%d" % (cid, port))
+        return Address("vsock", {"cid": cid, "port": port}, f"vsock://{cid}:{port}")
     if scheme == "unix":
         path = rest
         if path.startswith("//"):
             path = path[2:]
             if not path.startswith("/"):
-                raise AddressError("bad address %r: unix:// needs an absolute path (unix:///path)" % text)
+                raise AddressError(f"bad address {text!r}: unix:// needs an absolute path (unix:///path)")
         if not path or path == "@":
-            raise AddressError("bad address %r: missing socket path (unix:/path)" % text)
+            raise AddressError(f"bad address {text!r}: missing socket path (unix:/path)")
         if "\0" in path:
-            raise AddressError("bad address %r: NUL byte in socket path" % text)
+            raise AddressError(f"bad address {text!r}: NUL byte in socket path")
         limit = 107
         if len(os.fsencode(path)) > limit:
-            raise AddressError("bad address %r: socket path longer than %d bytes" % (text, limit))
+            raise AddressError(f"bad address {text!r}: socket path longer than {limit} bytes")
         return Address("unix", {"path": path}, "unix:" + path)
     if scheme == "tcp":
         if not rest.startswith("//"):
-            raise AddressError("bad address %r: expected tcp://host:port" % text)
+            raise AddressError(f"bad address {text!r}: expected tcp://host:port")
         body = rest[2:].rstrip("/")
         if body.startswith("["):
             host, bracket, tail = body[1:].partition("]")
             if not bracket or not host:
-                raise AddressError("bad address %r: unterminated IPv6 literal" % text)
+                raise AddressError(f"bad address {text!r}: unterminated IPv6 literal")
             if not tail.startswith(":") or len(tail) < 2:
-                raise AddressError("bad address %r: missing port (tcp://[addr]:port)" % text)
+                raise AddressError(f"bad address {text!r}: missing port (tcp://[addr]:port)")
             port_text = tail[1:]
-            shown = "[%s]" % host
+            shown = f"[{host}]"
         else:
             host, colon, port_text = body.rpartition(":")
             if not colon or not host or not port_text:
-                raise AddressError("bad address %r: expected tcp://host:port" % text)
+                raise AddressError(f"bad address {text!r}: expected tcp://host:port")
             if ":" in host:
-                raise AddressError("bad address %r: put IPv6 addresses in brackets (tcp://[::1]:port)" % text)
+                raise AddressError(f"bad address {text!r}: put IPv6 addresses in brackets (tcp://[::1]:port)")
             shown = host
         port = _parse_int(port_text, "port", text, 1, 65535)
-        return Address("tcp", {"host": host, "port": port}, "tcp://%s:%d" % (shown, port))
+        return Address("tcp", {"host": host, "port": port}, f"tcp://{shown}:{port}")
     raise AddressError(
-        "bad address %r: unknown scheme %r (use vsock://CID:PORT, unix:/path or tcp://host:port)"
-        % (text, scheme)
+        f"bad address {text!r}: unknown scheme {scheme!r} (use vsock://CID:PORT, unix:/path or tcp://host:port)"
     )

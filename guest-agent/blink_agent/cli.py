@@ -11,16 +11,15 @@ import argparse
 import asyncio
 import logging
 import os
-import re
 import signal
 import sys
-from typing import Any, List, Optional
+from typing import Any
 
 from ._version import __version__
 from .address import DEFAULT_ADDR, parse_address
 from .errors import AddressError, ConnectionLost, HandshakeRejected, ProtocolError, RpcError
 from .hub import AsyncHub
-from .outbox import DEFAULT_BUFFER_BYTES
+from .outbox import DEFAULT_BUFFER_BYTES, parse_size
 from .runner import ExecutionManager
 
 __all__ = ["main", "build_parser", "EX_UNAVAILABLE"]
@@ -28,49 +27,74 @@ __all__ = ["main", "build_parser", "EX_UNAVAILABLE"]
 EX_UNAVAILABLE = 69
 log = logging.getLogger("blink_agent")
 
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)(i?b)?\s*$", re.IGNORECASE)
-
 
 def _size(text: str) -> int:
-    match = _SIZE.match(text)
-    if not match:
-        raise argparse.ArgumentTypeError("not a size: %r (use e.g. 8388608, 512K or 8M)" % text)
-    value = int(match.group(1)) * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[match.group(2).lower()]
-    if value <= 0:
-        raise argparse.ArgumentTypeError("size must be positive")
-    return value
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError("not a number: %r" % text) from None
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if value <= 0:
-        raise argparse.ArgumentTypeError("must be positive: %r" % text)
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
     return value
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
     env_buffer = os.environ.get("VHUB_BUFFER_BYTES")
-    parser.add_argument("--addr", default=os.environ.get("VHUB_ADDR") or DEFAULT_ADDR,
-                        help="daemon address: vsock://CID:PORT, unix:/path or tcp://host:port "
-                             "(env VHUB_ADDR, default %s)" % DEFAULT_ADDR)
-    parser.add_argument("--session", default=os.environ.get("VHUB_SESSION") or None,
-                        help="session name (env VHUB_SESSION); none: the anonymous session")
-    parser.add_argument("--token", default=os.environ.get("VHUB_TOKEN", ""),
-                        help="session token (env VHUB_TOKEN)")
-    parser.add_argument("--buffer-bytes", type=_size, default=None,
-                        help="bound of the output buffer kept while disconnected or unacknowledged "
-                             "(env VHUB_BUFFER_BYTES, default %s)" % (env_buffer or DEFAULT_BUFFER_BYTES))
-    parser.add_argument("--heartbeat-interval", type=_positive, default=10.0, metavar="SECONDS",
-                        help="ping the daemon this often (default 10)")
-    parser.add_argument("--idle-timeout", type=_positive, default=30.0, metavar="SECONDS",
-                        help="reconnect after this long without traffic from the daemon (default 30)")
-    parser.add_argument("--connect-timeout", type=_positive, default=10.0, metavar="SECONDS",
-                        help="bound on dialing and on the handshake (default 10)")
-    parser.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
-                        help="log verbosity on stderr (default: info for serve, warning for run)")
+    parser.add_argument(
+        "--addr",
+        default=os.environ.get("VHUB_ADDR") or DEFAULT_ADDR,
+        help="daemon address: vsock://CID:PORT, unix:/path or tcp://host:port "
+        f"(env VHUB_ADDR, default {DEFAULT_ADDR})",
+    )
+    parser.add_argument(
+        "--session",
+        default=os.environ.get("VHUB_SESSION") or None,
+        help="session name (env VHUB_SESSION); none: the anonymous session",
+    )
+    parser.add_argument(
+        "--token", default=os.environ.get("VHUB_TOKEN", ""), help="session token (env VHUB_TOKEN)"
+    )
+    parser.add_argument(
+        "--buffer-bytes",
+        type=_size,
+        default=None,
+        help="bound of the output buffer kept while disconnected or unacknowledged "
+        "(env VHUB_BUFFER_BYTES, default %s)" % (env_buffer or DEFAULT_BUFFER_BYTES),
+    )
+    parser.add_argument(
+        "--heartbeat-interval",
+        type=_positive,
+        default=10.0,
+        metavar="SECONDS",
+        help="ping the daemon this often (default 10)",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=_positive,
+        default=30.0,
+        metavar="SECONDS",
+        help="reconnect after this long without traffic from the daemon (default 30)",
+    )
+    parser.add_argument(
+        "--connect-timeout",
+        type=_positive,
+        default=10.0,
+        metavar="SECONDS",
+        help="bound on dialing and on the handshake (default 10)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default=None,
+        choices=["debug", "info", "warning", "error"],
+        help="log verbosity on stderr (default: info for serve, warning for run)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,17 +102,28 @@ def build_parser() -> argparse.ArgumentParser:
         prog="blink-agent",
         description="V-Hub guest agent: connects to the host daemon over BLIN and serves it.",
     )
-    parser.add_argument("--version", action="version", version="blink-agent %s" % __version__)
+    parser.add_argument("--version", action="version", version=f"blink-agent {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    serve = sub.add_parser("serve", help="stay connected and serve agent.run / agent.kill / agent.ping / agent.info",
-                           description="Resident agent: connect, handshake, heartbeat, reconnect forever.")
+    serve = sub.add_parser(
+        "serve",
+        help="stay connected and serve agent.run / agent.kill / agent.ping / agent.info",
+        description="Resident agent: connect, handshake, heartbeat, reconnect forever.",
+    )
     _common(serve)
-    run = sub.add_parser("run", help="run a command and relay its output (Blink pipe mode)",
-                         description="Run CMD, relay its stdout/stderr live as execution 1, report its "
-                                     "result and exit with its exit code.")
+    run = sub.add_parser(
+        "run",
+        help="run a command and relay its output (Blink pipe mode)",
+        description="Run CMD, relay its stdout/stderr live as execution 1, report its "
+        "result and exit with its exit code.",
+    )
     _common(run)
-    run.add_argument("--result-timeout", type=_positive, default=30.0, metavar="SECONDS",
-                     help="how long to wait for the daemon to acknowledge the result (default 30)")
+    run.add_argument(
+        "--result-timeout",
+        type=_positive,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long to wait for the daemon to acknowledge the result (default 30)",
+    )
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
     return parser
 
@@ -121,9 +156,14 @@ async def _serve(args: argparse.Namespace) -> int:
     hub = _hub(args)
     manager = ExecutionManager(hub)
     manager.register()
-    stop: "asyncio.Future[str]" = loop.create_future()
+    stop: asyncio.Future[str] = loop.create_future()
+
+    def request_stop(sig: int) -> None:
+        if not stop.done():
+            stop.set_result(signal.Signals(sig).name)
+
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        loop.add_signal_handler(sig, lambda s=sig: stop.done() or stop.set_result(signal.Signals(s).name))
+        loop.add_signal_handler(sig, request_stop, sig)
     log.info("blink-agent %s serving, daemon at %s (pid %d)", __version__, hub.address, os.getpid())
     await hub.start(wait=False)
     try:
@@ -137,25 +177,31 @@ async def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _run(args: argparse.Namespace, argv: List[str]) -> int:
+async def _run(args: argparse.Namespace, argv: list[str]) -> int:
     loop = asyncio.get_running_loop()
     hub = _hub(args)
     try:
         await hub.start(wait=True)
     except (ConnectionLost, HandshakeRejected, ProtocolError) as exc:
-        sys.stderr.write("blink-agent: %s\n" % exc)
+        sys.stderr.write(f"blink-agent: {exc}\n")
         return EX_UNAVAILABLE
     manager = ExecutionManager(hub, new_session=False, result_timeout=args.result_timeout)
     try:
         try:
             execution = await manager.start(argv, inherit_stdin=True)
         except RpcError as exc:
-            message = "blink-agent: cannot run %s: %s\n" % (argv[0], exc.message)
+            message = f"blink-agent: cannot run {argv[0]}: {exc.message}\n"
             sys.stderr.write(message)
             await hub.stderr(message, execution_id=1)
-            result = {"event": "execution_result", "execution_id": 1, "exit_code": 127, "signal": None,
-                      "stdout_bytes": 0, "stderr_bytes": len(message.encode())}
-            await asyncio.wait_for(manager.report(result), args.result_timeout + 1)
+            failed: dict[str, Any] = {
+                "event": "execution_result",
+                "execution_id": 1,
+                "exit_code": 127,
+                "signal": None,
+                "stdout_bytes": 0,
+                "stderr_bytes": len(message.encode()),
+            }
+            await asyncio.wait_for(manager.report(failed), args.result_timeout + 1)
             return 127
         forwarded = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         for sig in forwarded:
@@ -169,14 +215,14 @@ async def _run(args: argparse.Namespace, argv: List[str]) -> int:
             await asyncio.wait_for(asyncio.shield(execution.done), args.result_timeout + 1)
         except asyncio.TimeoutError:
             log.error("the daemon did not acknowledge the result within %g s", args.result_timeout)
-        code = result["exit_code"]
+        code = int(result["exit_code"])
         return code if code >= 0 else 128 - code
     finally:
         await manager.shutdown(grace=1.0)
         await hub.close(flush_timeout=2.0)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -188,17 +234,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         try:
             args.buffer_bytes = _size(env) if env else DEFAULT_BUFFER_BYTES
         except argparse.ArgumentTypeError as exc:
-            sys.stderr.write("blink-agent: VHUB_BUFFER_BYTES: %s\n" % exc)
+            sys.stderr.write(f"blink-agent: VHUB_BUFFER_BYTES: {exc}\n")
             return 2
     try:
         args.addr = parse_address(args.addr)
     except AddressError as exc:
-        sys.stderr.write("blink-agent: %s\n" % exc)
+        sys.stderr.write(f"blink-agent: {exc}\n")
         return 2
     try:
         if args.command == "serve":
             return asyncio.run(_serve(args))
-        command: List[Any] = list(args.argv)
+        command: list[Any] = list(args.argv)
         if command and command[0] == "--":
             command = command[1:]
         if not command:

@@ -36,7 +36,7 @@ class ProtocolError(AgentError, ValueError):
     """
 
     def __init__(self, code: str, message: str) -> None:
-        super().__init__("%s: %s" % (code, message))
+        super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
 
@@ -49,7 +49,7 @@ class HandshakeRejected(AgentError, ConnectionError):
     """The daemon refused the handshake (``bad_token``, ``unknown_session``, ...)."""
 
     def __init__(self, code: str, message: str) -> None:
-        super().__init__("handshake rejected: %s: %s" % (code, message))
+        super().__init__(f"handshake rejected: {code}: {message}")
         self.code = code
         self.message = message
 
@@ -66,7 +66,7 @@ class RpcError(AgentError):
     """An RPC answered with an error: ``code`` (str) and ``message`` (str)."""
 
     def __init__(self, code: str, message: str = "") -> None:
-        super().__init__("%s: %s" % (code, message) if message else code)
+        super().__init__(f"{code}: {message}" if message else code)
         self.code = code
         self.message = message
 

@@ -21,12 +21,12 @@ import os
 import random
 import socket
 import threading
-from typing import Any, Awaitable, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Awaitable, Callable, Iterator
 
 from . import protocol as P
 from .address import Address, parse_address
 from .errors import CallTimeout, ConnectionLost, HandshakeRejected, ProtocolError, RpcError
-from .outbox import DEFAULT_BUFFER_BYTES, Outbox
+from .outbox import DEFAULT_BUFFER_BYTES, Outbox, parse_size
 from .wire import DEFAULT_MAX_PAYLOAD, MsgType, encode_header
 
 __all__ = ["AsyncHub", "Hub", "connect", "aconnect", "backoff_delays", "STREAM_CHUNK"]
@@ -42,7 +42,7 @@ Handler = Callable[[Any], Any]
 
 
 def backoff_delays(
-    first: float = 0.05, cap: float = 2.0, rng: Optional[random.Random] = None
+    first: float = 0.05, cap: float = 2.0, rng: random.Random | None = None
 ) -> Iterator[float]:
     """Reconnect delays: ``first`` doubling up to ``cap``, each scaled by a random
     factor in [0.5, 1.0] so that many agents do not reconnect in lockstep."""
@@ -56,7 +56,9 @@ def backoff_delays(
 class _Link:
     """One live connection: the socket streams plus the protocol state machine."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, proto: P.AgentConnection) -> None:
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, proto: P.AgentConnection
+    ) -> None:
         self.reader = reader
         self.writer = writer
         self.proto = proto
@@ -69,17 +71,17 @@ class _Link:
         self.tx_bytes = 0
         self.flushed = 0
         self.backlogged = False
-        self.early_events: List[Any] = []
-        self.stop_reason: "asyncio.Future[str]" = self.loop.create_future()
-        self.ack_probe_id: Optional[int] = None
-        self.ack_timer: Optional[asyncio.TimerHandle] = None
+        self.early_events: list[Any] = []
+        self.stop_reason: asyncio.Future[str] = self.loop.create_future()
+        self.ack_probe_id: int | None = None
+        self.ack_timer: asyncio.TimerHandle | None = None
 
     def write(self, data: bytes) -> None:
         if data and not self.writer.transport.is_closing():
             self.writer.write(data)
             self.tx_bytes += len(data)
 
-    def write_many(self, chunks: List[bytes], nbytes: int) -> None:
+    def write_many(self, chunks: list[bytes], nbytes: int) -> None:
         if not self.writer.transport.is_closing():
             self.writer.writelines(chunks)
             self.tx_bytes += nbytes
@@ -102,11 +104,11 @@ class AsyncHub:
 
     def __init__(
         self,
-        addr: Union[str, Address, None] = None,
-        session: Optional[str] = None,
-        token: Optional[str] = None,
+        addr: str | Address | None = None,
+        session: str | None = None,
+        token: str | None = None,
         *,
-        buffer_bytes: Optional[int] = None,
+        buffer_bytes: int | None = None,
         heartbeat_interval: float = 10.0,
         idle_timeout: float = 30.0,
         connect_timeout: float = 10.0,
@@ -116,6 +118,7 @@ class AsyncHub:
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         backoff_first: float = 0.05,
         backoff_cap: float = 2.0,
+        attach: bool | None = None,
     ) -> None:
         if addr is None:
             addr = os.environ.get("VHUB_ADDR")
@@ -124,7 +127,7 @@ class AsyncHub:
         self.token = token if token is not None else os.environ.get("VHUB_TOKEN", "")
         if buffer_bytes is None:
             env = os.environ.get("VHUB_BUFFER_BYTES")
-            buffer_bytes = int(env) if env else DEFAULT_BUFFER_BYTES
+            buffer_bytes = parse_size(env) if env else DEFAULT_BUFFER_BYTES
         self.outbox = Outbox(buffer_bytes)
         self.heartbeat_interval = heartbeat_interval
         self.idle_timeout = idle_timeout
@@ -132,21 +135,24 @@ class AsyncHub:
         self.handshake_timeout = handshake_timeout
         self.reconnect = reconnect
         self.want_acks = bool(ack and self.session)
+        # commands started by agent.run inherit VHUB_ATTACH=1: they attach to
+        # the session beside the resident agent instead of replacing it
+        self.attach = attach if attach is not None else os.environ.get("VHUB_ATTACH") == "1"
         self.max_payload = max_payload
         self._backoff = (backoff_first, backoff_cap)
-        self._handlers: Dict[str, Handler] = {}
-        self.on_stream: Optional[Callable[[int, int, bytes], None]] = None
-        self._pending: Dict[int, Tuple["asyncio.Future[Any]", _Link, str]] = {}
+        self._handlers: dict[str, Handler] = {}
+        self.on_stream: Callable[[int, int, bytes], None] | None = None
+        self._pending: dict[int, tuple[asyncio.Future[Any], _Link, str]] = {}
         self._next_id = 1
-        self._link: Optional[_Link] = None
-        self._waiters: List["asyncio.Future[None]"] = []
-        self._runner: Optional["asyncio.Task[None]"] = None
-        self._tasks: "set[asyncio.Task[Any]]" = set()
+        self._link: _Link | None = None
+        self._waiters: list[asyncio.Future[None]] = []
+        self._runner: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self.last_error: Optional[str] = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.last_error: str | None = None
         self.connections = 0
-        self.fatal: Optional[BaseException] = None
+        self.fatal: BaseException | None = None
 
     # -- public state -----------------------------------------------------------------
 
@@ -169,18 +175,18 @@ class AsyncHub:
 
     # -- lifecycle --------------------------------------------------------------------
 
-    async def start(self, wait: bool = True) -> "AsyncHub":
+    async def start(self, wait: bool = True) -> AsyncHub:
         """Begin connecting. With ``wait`` the first connection must succeed: its
         failure raises (:class:`ConnectionLost`, :class:`HandshakeRejected`,
         :class:`ProtocolError`). Without, failures are logged and retried."""
         self._loop = asyncio.get_running_loop()
-        first: Optional[_Link] = None
+        first: _Link | None = None
         if wait:
             first = await self._open()
         self._runner = self._loop.create_task(self._run(first))
         return self
 
-    async def __aenter__(self) -> "AsyncHub":
+    async def __aenter__(self) -> AsyncHub:
         if self._runner is None:
             await self.start()
         return self
@@ -221,12 +227,12 @@ class AsyncHub:
 
     aclose = close
 
-    async def wait_connected(self, timeout: Optional[float] = None) -> bool:
+    async def wait_connected(self, timeout: float | None = None) -> bool:
         """Wait until a connection is up; False on timeout or once closed."""
         await self._wait_until(lambda: self._link is not None or self._closed, timeout)
         return self._link is not None
 
-    async def flush(self, timeout: Optional[float] = None) -> bool:
+    async def flush(self, timeout: float | None = None) -> bool:
         """Wait until every buffered stream frame has been written (and acknowledged,
         when the daemon acks). Returns False on timeout or disconnection."""
 
@@ -256,9 +262,11 @@ class AsyncHub:
         within ``timeout``; if disconnected, the call waits for the reconnection within
         that time) or :class:`ConnectionLost` (the connection died or never came back).
         """
-        return await self._request(timeout, method, lambda proto, rid: proto.send_request(rid, method, params))
+        return await self._request(
+            timeout, method, lambda proto, rid: proto.send_request(rid, method, params)
+        )
 
-    async def call_event(self, body: Dict[str, Any], timeout: float = 30.0) -> Any:
+    async def call_event(self, body: dict[str, Any], timeout: float = 30.0) -> Any:
         """Send a Blink-style ``{"event": ...}`` request and wait for its reply."""
         label = str(body.get("event"))
         return await self._request(timeout, label, lambda proto, rid: proto.send_event(rid, body))
@@ -270,20 +278,22 @@ class AsyncHub:
         link.proto.send_request(0, method, params)
         link.flush()
 
-    async def notify_event(self, body: Dict[str, Any]) -> None:
+    async def notify_event(self, body: dict[str, Any]) -> None:
         link = self._require_link()
         link.proto.send_event(0, body)
         link.flush()
 
-    async def stdout(self, data: Union[bytes, bytearray, memoryview, str], execution_id: int = 0) -> int:
+    async def stdout(self, data: bytes | bytearray | memoryview | str, execution_id: int = 0) -> int:
         """Send output as Stdout frames (request_id = ``execution_id``, 0 = the agent)."""
         return await self.send_stream(MsgType.Stdout, execution_id, data)
 
-    async def stderr(self, data: Union[bytes, bytearray, memoryview, str], execution_id: int = 0) -> int:
+    async def stderr(self, data: bytes | bytearray | memoryview | str, execution_id: int = 0) -> int:
         """Send output as Stderr frames."""
         return await self.send_stream(MsgType.Stderr, execution_id, data)
 
-    async def send_stream(self, msg_type: int, request_id: int, data: Union[bytes, bytearray, memoryview, str]) -> int:
+    async def send_stream(
+        self, msg_type: int, request_id: int, data: bytes | bytearray | memoryview | str
+    ) -> int:
         """Queue output in the bounded buffer, in chunks of at most :data:`STREAM_CHUNK`.
 
         While connected this waits for room (flow control: nothing is dropped); while
@@ -297,20 +307,29 @@ class AsyncHub:
         if self._closed:
             raise ConnectionLost("hub closed")
         for start in range(0, len(view), STREAM_CHUNK):
-            chunk = bytes(view[start:start + STREAM_CHUNK])
-            await self._wait_until(
-                lambda: self._link is None or self._closed or self.outbox.has_room(len(chunk)), None
-            )
+            chunk = bytes(view[start : start + STREAM_CHUNK])
+            await self._wait_room(len(chunk))
             seq = self.outbox.push(msg_type, request_id, chunk)
             self._broadcast()
         return seq
 
-    async def wait_written(self, seq: int, timeout: Optional[float] = None) -> bool:
+    async def _wait_room(self, size: int) -> None:
+        """Flow control: while connected, wait until ``size`` more bytes fit."""
+        await self._wait_until(lambda: self._link is None or self._closed or self.outbox.has_room(size), None)
+
+    async def wait_written(self, seq: int, timeout: float | None = None) -> bool:
         """Wait until stream frames up to ``seq`` are written on the current
         connection (so what is sent next arrives after them)."""
-        return await self._wait_until(lambda: self._closed or self.outbox.written_through(seq), timeout)
+        return await self._wait_until(
+            lambda: self._closed or self._given_up() or self.outbox.written_through(seq), timeout
+        )
 
-    async def deliver_event(self, body: Dict[str, Any], after_seq: int, timeout: float = 30.0) -> Any:
+    def _given_up(self) -> bool:
+        """True once no connection will ever come again (reconnect off, link lost)."""
+        runner = self._runner
+        return runner is not None and runner.done() and self._link is None
+
+    async def deliver_event(self, body: dict[str, Any], after_seq: int, timeout: float = 30.0) -> Any:
         """Send an ``{"event": ...}`` request after every stream frame up to
         ``after_seq``, retrying across reconnections until it is answered.
 
@@ -321,13 +340,15 @@ class AsyncHub:
         while True:
             await self.wait_written(after_seq)
             if self._closed:
-                raise ConnectionLost("hub closed before %s was delivered" % body.get("event"))
+                raise ConnectionLost("hub closed before {} was delivered".format(body.get("event")))
             try:
                 return await self.call_event(body, timeout=timeout)
             except ConnectionLost:
                 if self._closed or not self.reconnect:
                     raise
-                log.info("connection lost before %s was acknowledged; resending after reconnect", body.get("event"))
+                log.info(
+                    "connection lost before %s was acknowledged; resending after reconnect", body.get("event")
+                )
 
     # -- internals: waiting ---------------------------------------------------------------
 
@@ -338,7 +359,7 @@ class AsyncHub:
             if not fut.done():
                 fut.set_result(None)
 
-    async def _wait_until(self, predicate: Callable[[], bool], timeout: Optional[float]) -> bool:
+    async def _wait_until(self, predicate: Callable[[], bool], timeout: float | None) -> bool:
         if predicate():
             return True
         loop = asyncio.get_running_loop()
@@ -365,7 +386,7 @@ class AsyncHub:
         if self._closed:
             return "hub closed"
         detail = (": " + self.last_error) if self.last_error else ""
-        return "not connected to %s%s" % (self.address, detail)
+        return f"not connected to {self.address}{detail}"
 
     def _alloc_id(self) -> int:
         while True:
@@ -374,7 +395,9 @@ class AsyncHub:
             if rid not in self._pending:
                 return rid
 
-    async def _request(self, timeout: float, label: str, send: Callable[[P.AgentConnection, int], None]) -> Any:
+    async def _request(
+        self, timeout: float, label: str, send: Callable[[P.AgentConnection, int], None]
+    ) -> Any:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         runner = self._runner
@@ -382,31 +405,31 @@ class AsyncHub:
             await self._wait_until(lambda: self._link is not None or self._closed, timeout)
         link = self._require_link()
         rid = self._alloc_id()
-        fut: "asyncio.Future[Any]" = loop.create_future()
+        fut: asyncio.Future[Any] = loop.create_future()
         self._pending[rid] = (fut, link, label)
         try:
             send(link.proto, rid)
             link.flush()
             done, _ = await asyncio.wait({fut}, timeout=max(0.0, deadline - loop.time()))
             if not done:
-                raise CallTimeout("no reply to %r (request id %d) within %.3g s" % (label, rid, timeout))
+                raise CallTimeout(f"no reply to {label!r} (request id {rid}) within {timeout:.3g} s")
             return fut.result()
         finally:
             self._pending.pop(rid, None)
 
-    def _fail_pending(self, link: Optional[_Link], reason: str) -> None:
+    def _fail_pending(self, link: _Link | None, reason: str) -> None:
         for rid, (fut, owner, label) in list(self._pending.items()):
             if link is None or owner is link:
                 del self._pending[rid]
                 if not fut.done():
                     fut.set_exception(
                         ConnectionLost(
-                            "connection to %s lost before the reply to %r (request id %d): %s"
-                            % (self.address, label, rid, reason)
+                            f"connection to {self.address} lost before the reply to {label!r}"
+                            f" (request id {rid}): {reason}"
                         )
                     )
 
-    def _spawn(self, coro: Awaitable[Any]) -> "asyncio.Task[Any]":
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -414,7 +437,7 @@ class AsyncHub:
 
     # -- internals: connecting ----------------------------------------------------------
 
-    async def _run(self, first: Optional[_Link]) -> None:
+    async def _run(self, first: _Link | None) -> None:
         link = first
         delays = backoff_delays(*self._backoff)
         while not self._closed:
@@ -444,7 +467,7 @@ class AsyncHub:
                 break
             if not self.reconnect:
                 log.error("connection to %s lost (%s); not reconnecting", self.address, reason)
-                self.fatal = ConnectionLost("connection to %s lost: %s" % (self.address, reason))
+                self.fatal = ConnectionLost(f"connection to {self.address} lost: {reason}")
                 self._broadcast()
                 break
             if lived > 1.0:
@@ -465,7 +488,7 @@ class AsyncHub:
         except BaseException:
             sock.close()
             raise
-        payload = P.handshake_payload(self.session, self.token, ack=self.want_acks)
+        payload = P.handshake_payload(self.session, self.token, ack=self.want_acks, attach=self.attach)
         link = _Link(reader, writer, P.AgentConnection(payload, max_payload=self.max_payload))
         try:
             link.flush()
@@ -473,13 +496,18 @@ class AsyncHub:
         except asyncio.TimeoutError:
             await self._close_link(link)
             raise ConnectionLost(
-                "connected to %s but no handshake reply within %.3g s" % (self.address, self.handshake_timeout)
+                f"connected to {self.address} but no handshake reply within {self.handshake_timeout:.3g} s"
             ) from None
         except BaseException:
             await self._close_link(link)
             raise
         if ready != P.READY_PAYLOAD:
-            log.warning("unexpected handshake reply %r from %s (expected %r)", ready[:64], self.address, P.READY_PAYLOAD)
+            log.warning(
+                "unexpected handshake reply %r from %s (expected %r)",
+                ready[:64],
+                self.address,
+                P.READY_PAYLOAD,
+            )
         return link
 
     async def _dial(self) -> socket.socket:
@@ -487,9 +515,9 @@ class AsyncHub:
         If we are cancelled meanwhile, whichever side comes second closes the socket."""
         loop = asyncio.get_running_loop()
         lock = threading.Lock()
-        state: Dict[str, Any] = {"abandoned": False, "sock": None}
+        state: dict[str, Any] = {"abandoned": False, "sock": None}
 
-        def dial() -> Optional[socket.socket]:
+        def dial() -> socket.socket | None:
             sock = self.address.connect(self.connect_timeout)
             with lock:
                 if state["abandoned"]:
@@ -508,7 +536,7 @@ class AsyncHub:
                     state["sock"].close()
             raise
         except OSError as exc:
-            raise ConnectionLost("cannot connect to %s: %s" % (self.address, exc.strerror or exc)) from exc
+            raise ConnectionLost(f"cannot connect to {self.address}: {exc.strerror or exc}") from exc
         assert sock is not None
         return sock
 
@@ -518,15 +546,16 @@ class AsyncHub:
             if not data:
                 complaint = link.proto.receive_eof()
                 raise ConnectionLost(
-                    "%s closed the connection during the handshake%s"
-                    % (self.address, (": " + complaint) if complaint else "")
+                    "{} closed the connection during the handshake{}".format(
+                        self.address, (": " + complaint) if complaint else ""
+                    )
                 )
             link.last_rx = link.loop.time()
             events = link.proto.receive_data(data)
             link.flush()
             for i, event in enumerate(events):
                 if isinstance(event, P.Ready):
-                    link.early_events = events[i + 1:]
+                    link.early_events = events[i + 1 :]
                     return event.payload
                 if isinstance(event, P.Rejected):
                     raise HandshakeRejected(event.code, event.message)
@@ -535,7 +564,7 @@ class AsyncHub:
                         await asyncio.wait_for(link.writer.drain(), 1.0)
                     except (OSError, asyncio.TimeoutError):
                         pass
-                    raise ProtocolError(event.code, "%s: %s" % (self.address, event.message))
+                    raise ProtocolError(event.code, f"{self.address}: {event.message}")
 
     async def _close_link(self, link: _Link) -> None:
         link.proto.close()
@@ -573,7 +602,7 @@ class AsyncHub:
         log.info(
             "connected to %s (%s, connection %d)",
             self.address,
-            ("session %s" % self.session) if self.session else "anonymous session",
+            (f"session {self.session}") if self.session else "anonymous session",
             self.connections,
         )
         self._broadcast()
@@ -602,7 +631,7 @@ class AsyncHub:
                         reason = res
                         break
                     if isinstance(res, BaseException) and not isinstance(res, asyncio.CancelledError):
-                        reason = "%s: %s" % (type(res).__name__, res) if str(res) else type(res).__name__
+                        reason = f"{type(res).__name__}: {res}" if str(res) else type(res).__name__
                         break
             self._link = None
             self.outbox.connection_lost()
@@ -652,7 +681,7 @@ class AsyncHub:
             if self._link is not link:
                 return "connection replaced"
             frames = outbox.take()
-            chunks: List[bytes] = []
+            chunks: list[bytes] = []
             nbytes = 0
             for frame in frames:
                 chunks.append(encode_header(frame.msg_type, frame.request_id, len(frame.payload)))
@@ -685,13 +714,13 @@ class AsyncHub:
             link.backlogged = backlog > 0
             idle = now - max(link.last_rx, link.last_progress)
             if idle > self.idle_timeout:
-                return "no data from the daemon for %.1f s" % idle
+                return f"no data from the daemon for {idle:.1f} s"
             if now - link.last_ping >= self.heartbeat_interval:
                 link.proto.send_ping(self._alloc_id())
                 link.flush()
                 link.last_ping = now
 
-    def _dispatch(self, link: _Link, event: Any) -> Optional[str]:
+    def _dispatch(self, link: _Link, event: Any) -> str | None:
         """Act on one protocol event; returns a reason when the link must close."""
         if isinstance(event, P.Request):
             if link.ack_probe_id is not None and self.outbox.ack_mode is None:
@@ -716,21 +745,21 @@ class AsyncHub:
             if self.on_stream is not None:
                 try:
                     self.on_stream(event.msg_type, event.request_id, event.payload)
-                except Exception:
-                    log.exception("stream callback failed")
+                except Exception as exc:
+                    log.error("stream callback failed: %s: %s", type(exc).__name__, exc)
             else:
                 log.debug("ignored %s frame for stream %d", MsgType(event.msg_type).name, event.request_id)
         elif isinstance(event, P.RemoteError):
             log.error("daemon sent Error %s: %s", event.code, event.message)
-            return "daemon sent Error %s: %s" % (event.code, event.message)
+            return f"daemon sent Error {event.code}: {event.message}"
         elif isinstance(event, P.Violation):
             log.error("protocol error from %s: %s: %s", self.address, event.code, event.message)
-            return "protocol error %s: %s" % (event.code, event.message)
+            return f"protocol error {event.code}: {event.message}"
         elif isinstance(event, P.Ignored):
             log.debug("ignored: %s", event.reason)
         return None
 
-    def _resolve(self, rid: int, result: Any = None, error: Optional[BaseException] = None) -> None:
+    def _resolve(self, rid: int, result: Any = None, error: BaseException | None = None) -> None:
         entry = self._pending.get(rid)
         if entry is None:
             log.debug("reply for unknown request id %d ignored", rid)
@@ -746,7 +775,7 @@ class AsyncHub:
         fn = self._handlers.get(req.method)
         if fn is None:
             if req.request_id:
-                self._reply_error(link, req.request_id, "no_such_method", "no handler for %r" % req.method)
+                self._reply_error(link, req.request_id, "no_such_method", f"no handler for {req.method!r}")
             else:
                 log.debug("notification %r ignored: no handler", req.method)
             return
@@ -761,9 +790,10 @@ class AsyncHub:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.exception("handler for %r failed", req.method)
+            log.error("handler for %r failed: %s: %s", req.method, type(exc).__name__, exc)
+            log.debug("handler for %r failed", req.method, exc_info=True)
             if req.request_id:
-                self._reply_error(link, req.request_id, "handler_failed", "%s: %s" % (type(exc).__name__, exc))
+                self._reply_error(link, req.request_id, "handler_failed", f"{type(exc).__name__}: {exc}")
             return
         if req.request_id:
             if link.proto.state != "open":
@@ -772,7 +802,7 @@ class AsyncHub:
             try:
                 link.proto.send_response(req.request_id, result)
             except (TypeError, ValueError) as exc:
-                self._reply_error(link, req.request_id, "bad_result", "result is not JSON: %s" % exc)
+                self._reply_error(link, req.request_id, "bad_result", f"result is not JSON: {exc}")
                 return
             link.flush()
 
@@ -786,15 +816,24 @@ class Hub:
     """Blocking flavour of :class:`AsyncHub`: runs its own event loop in a daemon
     thread. Use :func:`connect` to make one; usable as a context manager."""
 
-    def __init__(self, addr: Union[str, Address, None] = None, session: Optional[str] = None,
-                 token: Optional[str] = None, *, timeout: float = 10.0, **options: Any) -> None:
+    def __init__(
+        self,
+        addr: str | Address | None = None,
+        session: str | None = None,
+        token: str | None = None,
+        *,
+        timeout: float = 10.0,
+        **options: Any,
+    ) -> None:
         # Parse first so that a bad address raises here, before any thread starts.
         if addr is None:
             addr = os.environ.get("VHUB_ADDR")
         address = addr if isinstance(addr, Address) else parse_address(addr)
         self._closed = False
         self._loop = asyncio.new_event_loop()
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="blink-agent-worker")
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=8, thread_name_prefix="blink-agent-worker"
+        )
         self._loop.set_default_executor(self._executor)
         self._thread = threading.Thread(target=self._loop.run_forever, name="blink-agent-loop", daemon=True)
         self._thread.start()
@@ -835,16 +874,16 @@ class Hub:
         self._check_open()
         self._submit(self._hub.notify(method, params))
 
-    def stdout(self, data: Union[bytes, bytearray, memoryview, str], execution_id: int = 0) -> None:
+    def stdout(self, data: bytes | bytearray | memoryview | str, execution_id: int = 0) -> None:
         """Queue Stdout output; blocks while connected and the buffer is full."""
         self._check_open()
         self._submit(self._hub.stdout(data, execution_id))
 
-    def stderr(self, data: Union[bytes, bytearray, memoryview, str], execution_id: int = 0) -> None:
+    def stderr(self, data: bytes | bytearray | memoryview | str, execution_id: int = 0) -> None:
         self._check_open()
         self._submit(self._hub.stderr(data, execution_id))
 
-    def flush(self, timeout: Optional[float] = None) -> bool:
+    def flush(self, timeout: float | None = None) -> bool:
         self._check_open()
         return bool(self._submit(self._hub.flush(timeout)))
 
@@ -853,7 +892,7 @@ class Hub:
         (so ``fn`` may itself call ``hub.call``)."""
         loop = self._loop
 
-        def run_in_worker(params: Any) -> "asyncio.Future[Any]":
+        def run_in_worker(params: Any) -> asyncio.Future[Any]:
             return loop.run_in_executor(None, fn, params)
 
         self._hub.serve(method, run_in_worker)
@@ -882,15 +921,20 @@ class Hub:
         if self._closed:
             raise ConnectionLost("hub closed")
 
-    def __enter__(self) -> "Hub":
+    def __enter__(self) -> Hub:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
 
-def connect(addr: Union[str, Address, None] = None, session: Optional[str] = None,
-            token: Optional[str] = None, timeout: float = 10.0, **options: Any) -> Hub:
+def connect(
+    addr: str | Address | None = None,
+    session: str | None = None,
+    token: str | None = None,
+    timeout: float = 10.0,
+    **options: Any,
+) -> Hub:
     """Connect to the daemon and return a blocking :class:`Hub` once the handshake
     succeeded. Raises :class:`~blink_agent.errors.AddressError`,
     :class:`ConnectionLost` or :class:`HandshakeRejected`. Options are those of
@@ -898,8 +942,13 @@ def connect(addr: Union[str, Address, None] = None, session: Optional[str] = Non
     return Hub(addr, session, token, timeout=timeout, **options)
 
 
-async def aconnect(addr: Union[str, Address, None] = None, session: Optional[str] = None,
-                   token: Optional[str] = None, timeout: float = 10.0, **options: Any) -> AsyncHub:
+async def aconnect(
+    addr: str | Address | None = None,
+    session: str | None = None,
+    token: str | None = None,
+    timeout: float = 10.0,
+    **options: Any,
+) -> AsyncHub:
     """Asyncio flavour of :func:`connect`: returns a started :class:`AsyncHub`."""
     options.setdefault("connect_timeout", timeout)
     options.setdefault("handshake_timeout", timeout)

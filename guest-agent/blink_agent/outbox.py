@@ -18,12 +18,13 @@ standing in their place. The newest frame is always kept, even alone over the li
 from __future__ import annotations
 
 import json
+import re
 from collections import deque
-from typing import Deque, List, NamedTuple, Optional, Tuple
+from typing import NamedTuple
 
 from .wire import MsgType
 
-__all__ = ["DEFAULT_BUFFER_BYTES", "Outbox", "OutFrame", "dropped_marker"]
+__all__ = ["DEFAULT_BUFFER_BYTES", "Outbox", "OutFrame", "dropped_marker", "parse_size"]
 
 DEFAULT_BUFFER_BYTES = 8 * 1024 * 1024
 
@@ -39,6 +40,20 @@ class _Entry(NamedTuple):
     msg_type: int
     request_id: int
     payload: bytes
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)(i?b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """``"8388608"``, ``"512K"``, ``"8M"``, ``"8MiB"`` -> bytes; ``ValueError`` otherwise."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError(f"not a size: {text!r} (use e.g. 8388608, 512K or 8M)")
+    value = int(match.group(1)) * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[match.group(2).lower()]
+    if value <= 0:
+        raise ValueError(f"size must be positive: {text!r}")
+    return value
 
 
 def dropped_marker(nbytes: int) -> OutFrame:
@@ -57,20 +72,20 @@ class Outbox:
 
     def __init__(self, limit: int = DEFAULT_BUFFER_BYTES) -> None:
         if limit <= 0:
-            raise ValueError("buffer limit must be positive, not %r" % (limit,))
+            raise ValueError(f"buffer limit must be positive, not {limit!r}")
         self.limit = limit
-        self._entries: Deque[_Entry] = deque()
+        self._entries: deque[_Entry] = deque()
         self._bytes = 0
         self._sent = 0
         self._next_seq = 1
         # Per connection.
         self.connected = False
-        self.ack_mode: Optional[bool] = None
+        self.ack_mode: bool | None = None
         self._written = 0  # stream frames written on this connection
         self._acked = 0  # highest cumulative ack seen on this connection
         # Sizes of written, not yet acked frames that were evicted to make room
         # (oldest first): lost only if the connection dies before an ack covers them.
-        self._evicted_unacked: Deque[int] = deque()
+        self._evicted_unacked: deque[int] = deque()
         # Output lost so far and not yet reported by a marker.
         self.pending_dropped_bytes = 0
         # Counters for logs and agent.info.
@@ -187,13 +202,13 @@ class Outbox:
 
     # -- transmission ---------------------------------------------------------------
 
-    def take(self, max_bytes: int = 1 << 20) -> List[OutFrame]:
+    def take(self, max_bytes: int = 1 << 20) -> list[OutFrame]:
         """Frames to write now, in order (a drop marker first if output was lost).
 
         Without acks the frames leave the buffer here; with acks they stay until
         :meth:`ack` covers them. Returns at least one frame when :meth:`has_unsent`.
         """
-        out: List[OutFrame] = []
+        out: list[OutFrame] = []
         if not self.has_unsent():
             return out
         if self.pending_dropped_bytes:
@@ -213,7 +228,7 @@ class Outbox:
             self._written += 1
         return out
 
-    def ack(self, frames: int) -> Tuple[int, bool]:
+    def ack(self, frames: int) -> tuple[int, bool]:
         """Apply a cumulative ack; returns (frames newly released, ack was sane)."""
         if frames <= self._acked:
             return 0, frames == self._acked

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, List, NamedTuple, Optional, Union
+from typing import Any, NamedTuple, Union
 
 from ._version import __version__
 from .errors import ProtocolError
@@ -44,10 +44,13 @@ HANDSHAKE_ID = 1
 
 
 def handshake_payload(
-    session: Optional[str], token: Optional[str], *, ack: bool = True, pid: Optional[int] = None
+    session: str | None, token: str | None, *, ack: bool = True, pid: int | None = None,
+    attach: bool = False,
 ) -> bytes:
     """The guest handshake payload: empty without a session (Blink-compatible,
-    anonymous session), else the JSON object of the V-Hub guest handshake."""
+    anonymous session), else the JSON object of the V-Hub guest handshake.
+    ``attach`` marks a secondary connection of a program inside the guest (it
+    makes RPCs and sends output; the resident agent stays the session's agent)."""
     if not session:
         return b""
     body = {
@@ -59,6 +62,8 @@ def handshake_payload(
     }
     if ack:
         body["ack"] = True
+    if attach:
+        body["attach"] = True
     return json.dumps(body, separators=(",", ":")).encode()
 
 
@@ -146,11 +151,22 @@ class Violation(NamedTuple):
 
 
 Event = Union[
-    Ready, Rejected, RemoteError, Request, Response, ErrorReply, Hello, Ack, Pong, StreamIn, Ignored, Violation
+    Ready,
+    Rejected,
+    RemoteError,
+    Request,
+    Response,
+    ErrorReply,
+    Hello,
+    Ack,
+    Pong,
+    StreamIn,
+    Ignored,
+    Violation,
 ]
 
 
-def _error_fields(payload: bytes) -> "tuple[str, str]":
+def _error_fields(payload: bytes) -> tuple[str, str]:
     try:
         obj = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
@@ -165,7 +181,7 @@ class AgentConnection:
 
     def __init__(self, handshake: bytes = b"", *, max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
         self.state = "handshake"
-        self.handshake_reply: Optional[bytes] = None
+        self.handshake_reply: bytes | None = None
         self._decoder = FrameDecoder(max_payload)
         self._outgoing = bytearray(encode_frame(MsgType.Handshake, HANDSHAKE_ID, handshake))
 
@@ -203,11 +219,11 @@ class AgentConnection:
 
     # -- input ----------------------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> List[Event]:
+    def receive_data(self, data: bytes) -> list[Event]:
         """Feed received bytes; returns what they mean, in order."""
         if self.state == "closed":
             return []
-        events: List[Event] = []
+        events: list[Event] = []
         try:
             for frame in self._decoder.feed(data):
                 events.extend(self._frame(frame.msg_type, frame.request_id, frame.payload))
@@ -217,11 +233,11 @@ class AgentConnection:
             events.append(self._violate(exc.code, exc.message))
         return events
 
-    def receive_eof(self) -> Optional[str]:
+    def receive_eof(self) -> str | None:
         """The daemon closed its side; returns a complaint if it stopped mid-frame."""
         self.state = "closed"
         if not self._decoder.at_frame_boundary():
-            return "connection closed in the middle of a frame (%d bytes pending)" % self._decoder.buffered
+            return f"connection closed in the middle of a frame ({self._decoder.buffered} bytes pending)"
         return None
 
     def _violate(self, code: str, message: str) -> Violation:
@@ -229,7 +245,7 @@ class AgentConnection:
         self.state = "closed"
         return Violation(code, message)
 
-    def _frame(self, msg_type: int, request_id: int, payload: bytes) -> List[Event]:
+    def _frame(self, msg_type: int, request_id: int, payload: bytes) -> list[Event]:
         if msg_type == MsgType.Error:
             code, message = _error_fields(payload)
             first = self.state == "handshake"
@@ -239,7 +255,7 @@ class AgentConnection:
             if msg_type != MsgType.Handshake:
                 return [
                     self._violate(
-                        "handshake_required", "expected a Handshake frame, got type 0x%02X" % msg_type
+                        "handshake_required", f"expected a Handshake frame, got type 0x{msg_type:02X}"
                     )
                 ]
             self.state = "open"
@@ -251,14 +267,14 @@ class AgentConnection:
                 return []
             if payload == PONG:
                 return [Pong(request_id)]
-            return [Ignored("heartbeat with unexpected payload %r" % payload[:32])]
+            return [Ignored(f"heartbeat with unexpected payload {payload[:32]!r}")]
         if msg_type == MsgType.RpcRequest:
             return self._request(request_id, payload)
         if msg_type == MsgType.RpcResponse:
             try:
                 result = json.loads(payload.decode("utf-8")) if payload else None
             except (UnicodeDecodeError, ValueError) as exc:
-                return [ErrorReply(request_id, "bad_response", "reply is not JSON: %s" % exc)]
+                return [ErrorReply(request_id, "bad_response", f"reply is not JSON: {exc}")]
             return [Response(request_id, result)]
         if msg_type == MsgType.RpcError:
             code, message = _error_fields(payload)
@@ -267,13 +283,13 @@ class AgentConnection:
             return [StreamIn(msg_type, request_id, payload)]
         if msg_type == MsgType.Handshake:
             return [Ignored("second Handshake frame")]
-        return [Ignored("unexpected %s frame from the host" % MsgType(msg_type).name)]
+        return [Ignored(f"unexpected {MsgType(msg_type).name} frame from the host")]
 
-    def _request(self, request_id: int, payload: bytes) -> List[Event]:
+    def _request(self, request_id: int, payload: bytes) -> list[Event]:
         try:
             obj = json.loads(payload.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
-            return self._bad_request(request_id, "request is not JSON: %s" % exc)
+            return self._bad_request(request_id, f"request is not JSON: {exc}")
         if not isinstance(obj, dict):
             return self._bad_request(request_id, "request is not a JSON object")
         method = obj.get("method")
@@ -291,11 +307,11 @@ class AgentConnection:
                 frames = params.get("frames") if isinstance(params, dict) else None
                 if isinstance(frames, int) and not isinstance(frames, bool) and frames >= 0:
                     return [Ack(frames)]
-                return [Ignored("vhub.ack without a valid frames count: %r" % (params,))]
+                return [Ignored(f"vhub.ack without a valid frames count: {params!r}")]
         return [Request(request_id, method, params)]
 
-    def _bad_request(self, request_id: int, message: str) -> List[Event]:
+    def _bad_request(self, request_id: int, message: str) -> list[Event]:
         if request_id == 0:
-            return [Ignored("bad notification: %s" % message)]
+            return [Ignored(f"bad notification: {message}")]
         self.send_error(request_id, "bad_request", message)
-        return [Ignored("bad request %d: %s" % (request_id, message))]
+        return [Ignored(f"bad request {request_id}: {message}")]

@@ -20,7 +20,7 @@ import shlex
 import signal as _signal
 import socket
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from ._version import __version__
 from .errors import ConnectionLost, RpcError
@@ -52,7 +52,7 @@ def _parse_signal(value: Any) -> int:
         raise _bad_params("signal must be an int or a name like 'SIGTERM'")
     if isinstance(value, int):
         if value <= 0:
-            raise _bad_params("signal must be positive, not %d" % value)
+            raise _bad_params(f"signal must be positive, not {value}")
         return value
     if isinstance(value, str):
         name = value.upper()
@@ -61,14 +61,16 @@ def _parse_signal(value: Any) -> int:
         sig = getattr(_signal, name, None)
         if isinstance(sig, int):
             return int(sig)
-        raise _bad_params("unknown signal %r" % value)
+        raise _bad_params(f"unknown signal {value!r}")
     raise _bad_params("signal must be an int or a name like 'SIGTERM'")
 
 
 class Execution:
     """One child process and its relay state."""
 
-    def __init__(self, execution_id: int, argv: List[str], proc: "asyncio.subprocess.Process", group: bool) -> None:
+    def __init__(
+        self, execution_id: int, argv: list[str], proc: asyncio.subprocess.Process, group: bool
+    ) -> None:
         self.id = execution_id
         self.argv = argv
         self.proc = proc
@@ -77,12 +79,12 @@ class Execution:
         self.stdout_bytes = 0
         self.stderr_bytes = 0
         self.timed_out = False
-        self.result: Optional[Dict[str, Any]] = None
+        self.result: dict[str, Any] | None = None
         loop = asyncio.get_running_loop()
         #: Set to the result once the process has exited and its pipes are drained.
-        self.exited: "asyncio.Future[Dict[str, Any]]" = loop.create_future()
+        self.exited: asyncio.Future[dict[str, Any]] = loop.create_future()
         #: Set to the result once the result was reported (delivered or given up).
-        self.done: "asyncio.Future[Dict[str, Any]]" = loop.create_future()
+        self.done: asyncio.Future[dict[str, Any]] = loop.create_future()
 
     def send_signal(self, sig: int) -> None:
         """Signal the process (its whole process group when it leads one)."""
@@ -108,8 +110,8 @@ class ExecutionManager:
         self.hub = hub
         self.new_session = new_session
         self.result_timeout = result_timeout
-        self.executions: Dict[int, Execution] = {}
-        self._tasks: "set[asyncio.Task[Any]]" = set()
+        self.executions: dict[int, Execution] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     def register(self) -> None:
         """Serve ``agent.run``, ``agent.kill``, ``agent.ping`` and ``agent.info``."""
@@ -120,7 +122,7 @@ class ExecutionManager:
 
     # -- RPC methods ---------------------------------------------------------------
 
-    async def rpc_run(self, params: Any) -> Dict[str, Any]:
+    async def rpc_run(self, params: Any) -> dict[str, Any]:
         if not isinstance(params, dict):
             raise _bad_params("agent.run params must be an object with an argv list")
         argv = params.get("argv")
@@ -135,7 +137,7 @@ class ExecutionManager:
         cwd = params.get("cwd")
         if cwd is not None and not isinstance(cwd, str):
             raise _bad_params("cwd must be a string")
-        stdin_data: Optional[bytes] = None
+        stdin_data: bytes | None = None
         if params.get("stdin") is not None:
             if not isinstance(params["stdin"], str):
                 raise _bad_params("stdin must be a string (utf-8 text); use stdin_b64 for bytes")
@@ -144,30 +146,34 @@ class ExecutionManager:
             try:
                 stdin_data = base64.b64decode(params["stdin_b64"], validate=True)
             except (TypeError, ValueError) as exc:
-                raise _bad_params("stdin_b64 is not valid base64: %s" % exc) from None
+                raise _bad_params(f"stdin_b64 is not valid base64: {exc}") from None
         timeout = params.get("timeout")
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0
+        ):
             raise _bad_params("timeout must be a positive number of seconds")
         execution = await self.start(argv, env=env_over, cwd=cwd, stdin=stdin_data, timeout=timeout)
         return {"execution_id": execution.id, "pid": execution.pid}
 
-    def rpc_kill(self, params: Any) -> Dict[str, Any]:
-        if not isinstance(params, dict) or isinstance(params.get("execution_id"), bool) or not isinstance(
-            params.get("execution_id"), int
+    def rpc_kill(self, params: Any) -> dict[str, Any]:
+        if (
+            not isinstance(params, dict)
+            or isinstance(params.get("execution_id"), bool)
+            or not isinstance(params.get("execution_id"), int)
         ):
-            raise _bad_params("agent.kill needs {\"execution_id\": int}")
+            raise _bad_params('agent.kill needs {"execution_id": int}')
         execution = self.executions.get(params["execution_id"])
         if execution is None:
-            raise RpcError("no_such_execution", "no running execution %d" % params["execution_id"])
+            raise RpcError("no_such_execution", f"no running execution {params['execution_id']}")
         sig = _parse_signal(params.get("signal"))
         log.info("execution %d: sending signal %d", execution.id, sig)
         execution.send_signal(sig)
         return {"ok": True}
 
-    def rpc_ping(self, params: Any) -> Dict[str, Any]:
+    def rpc_ping(self, params: Any) -> dict[str, Any]:
         return {"pong": True}
 
-    def rpc_info(self, params: Any) -> Dict[str, Any]:
+    def rpc_info(self, params: Any) -> dict[str, Any]:
         return {
             "pid": os.getpid(),
             "python": platform.python_version(),
@@ -181,19 +187,18 @@ class ExecutionManager:
 
     async def start(
         self,
-        argv: List[str],
+        argv: list[str],
         *,
-        env: Optional[Dict[str, Optional[str]]] = None,
-        cwd: Optional[str] = None,
-        stdin: Optional[bytes] = None,
+        env: dict[str, str | None] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | None = None,
         inherit_stdin: bool = False,
-        timeout: Optional[float] = None,
-        execution_id: Optional[int] = None,
+        timeout: float | None = None,
+        execution_id: int | None = None,
     ) -> Execution:
         """Spawn ``argv`` and start relaying; raises ``RpcError("spawn_failed")``."""
-        full_env = None
+        full_env = dict(os.environ, VHUB_ATTACH="1")
         if env:
-            full_env = dict(os.environ)
             for key, value in env.items():
                 if value is None:
                     full_env.pop(key, None)
@@ -225,7 +230,7 @@ class ExecutionManager:
         self._spawn(self._supervise(execution, stdin, timeout))
         return execution
 
-    def _spawn(self, coro: Any) -> "asyncio.Task[Any]":
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -245,7 +250,7 @@ class ExecutionManager:
             except (BrokenPipeError, ConnectionResetError):
                 pass
 
-    async def _relay(self, execution: Execution, pipe: Optional[asyncio.StreamReader], msg_type: int) -> None:
+    async def _relay(self, execution: Execution, pipe: asyncio.StreamReader | None, msg_type: int) -> None:
         if pipe is None:
             return
         hub = self.hub
@@ -259,7 +264,7 @@ class ExecutionManager:
                 execution.stderr_bytes += len(chunk)
             await hub.send_stream(msg_type, execution.id, chunk)
 
-    async def _supervise(self, execution: Execution, stdin: Optional[bytes], timeout: Optional[float]) -> None:
+    async def _supervise(self, execution: Execution, stdin: bytes | None, timeout: float | None) -> None:
         proc = execution.proc
         loop = asyncio.get_running_loop()
         timer = None
@@ -296,7 +301,7 @@ class ExecutionManager:
         log.info(
             "execution %d: exited %s (%d stdout bytes, %d stderr bytes)",
             execution.id,
-            ("by signal %d" % sig) if sig else ("with code %d" % code),
+            f"by signal {sig}" if sig else f"with code {code}",
             execution.stdout_bytes,
             execution.stderr_bytes,
         )
@@ -307,7 +312,7 @@ class ExecutionManager:
             if not execution.done.done():
                 execution.done.set_result(result)
 
-    async def report(self, result: Dict[str, Any]) -> bool:
+    async def report(self, result: dict[str, Any]) -> bool:
         """Deliver an execution_result after all of the output; True once answered."""
         hub = self.hub
         try:

@@ -71,13 +71,13 @@ class Frame(NamedTuple):
 def encode_header(msg_type: int, request_id: int, payload_len: int, flags: int = 0) -> bytes:
     """The 20 header bytes of a frame; raises ``ValueError`` on out-of-range fields."""
     if int(msg_type) not in _KNOWN_TYPES:
-        raise ValueError("unknown BLIN message type %r" % (msg_type,))
+        raise ValueError(f"unknown BLIN message type {msg_type!r}")
     if not 0 <= request_id <= _U64:
-        raise ValueError("request_id %r is not a u64" % (request_id,))
+        raise ValueError(f"request_id {request_id!r} is not a u64")
     if not 0 <= payload_len <= _U32:
-        raise ValueError("payload of %d bytes does not fit a BLIN frame" % payload_len)
+        raise ValueError(f"payload of {payload_len} bytes does not fit a BLIN frame")
     if not 0 <= flags <= 0xFFFF:
-        raise ValueError("flags %r is not a u16" % (flags,))
+        raise ValueError(f"flags {flags!r} is not a u16")
     return HEADER.pack(MAGIC, VERSION, int(msg_type), flags, payload_len, request_id)
 
 
@@ -98,8 +98,8 @@ class FrameDecoder:
     def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
         self.max_payload = max_payload
         self._buf = bytearray()
-        self._header: "tuple | None" = None  # validated header whose payload is pending
-        self._error: "ProtocolError | None" = None
+        self._header: tuple | None = None  # validated header whose payload is pending
+        self._error: ProtocolError | None = None
 
     @property
     def buffered(self) -> int:
@@ -141,15 +141,15 @@ class FrameDecoder:
         fields = HEADER.unpack_from(buf, 0)
         magic, version, msg_type, _flags, length, _rid = fields
         if magic != MAGIC:
-            self._fail("bad_magic", "bad magic 0x%08X (expected 0x%08X)" % (magic, MAGIC))
+            self._fail("bad_magic", f"bad magic 0x{magic:08X} (expected 0x{MAGIC:08X})")
         if version != VERSION:
-            self._fail("bad_version", "unsupported BLIN version %d (expected %d)" % (version, VERSION))
+            self._fail("bad_version", f"unsupported BLIN version {version} (expected {VERSION})")
         if msg_type not in _KNOWN_TYPES:
-            self._fail("unknown_type", "unknown message type 0x%02X" % msg_type)
+            self._fail("unknown_type", f"unknown message type 0x{msg_type:02X}")
         if length > self.max_payload:
             self._fail(
                 "frame_too_large",
-                "payload of %d bytes exceeds the limit of %d" % (length, self.max_payload),
+                f"payload of {length} bytes exceeds the limit of {self.max_payload}",
             )
         return fields
 
