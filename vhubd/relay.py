@@ -330,35 +330,26 @@ class Relay:
     def _cut_through_start(self, sess: Session, ev: StreamStart) -> None:
         mask = frames.TYPE_BIT[ev.msg_type]
         targets = [c for c in self._subscribers(sess) if c.rs.subscribe_mask & mask and c.rs.joined]
-        sess._ct_targets = targets  # type: ignore[attr-defined]
-        sess._ct_head = bytes(ev.data[:HEADER_SIZE])  # type: ignore[attr-defined]
-        keep = min(ev.length, sess.scrollback.capacity)
-        sess._ct_keep = keep  # type: ignore[attr-defined]
-        sess._ct_tail = bytearray(ev.data[HEADER_SIZE:][-keep:] if keep else b"")  # type: ignore[attr-defined]
+        ct = sess.cut_through = CutThrough(targets, ev, sess.scrollback.capacity - HEADER_SIZE)
         self.counters["stream_bytes"] += len(ev.data)
         for c in targets:
             c.write(ev.data)
             self._check_lossy(c)
+        ct.keep_tail(ev.data[HEADER_SIZE:])
 
     def _cut_through_chunk(self, sess: Session, ev: StreamChunk) -> None:
+        ct = sess.cut_through
         self.counters["stream_bytes"] += len(ev.data)
-        for c in sess._ct_targets:  # type: ignore[attr-defined]
+        for c in ct.targets:
             if not c.closed:
                 c.write(ev.data)
                 self._check_lossy(c, at_boundary=ev.remaining == 0)
-        keep = sess._ct_keep  # type: ignore[attr-defined]
-        if keep:
-            tail = sess._ct_tail  # type: ignore[attr-defined]
-            tail += ev.data
-            if len(tail) > keep:
-                del tail[: len(tail) - keep]
+        ct.keep_tail(ev.data)
         if ev.remaining == 0:
-            if keep:
-                head = bytearray(sess._ct_head)  # type: ignore[attr-defined]
-                head[8:12] = len(sess._ct_tail).to_bytes(4, "little")  # type: ignore[attr-defined]
-                sess.scrollback.append(bytes(head) + bytes(sess._ct_tail))  # type: ignore[attr-defined]
-            sess._ct_targets = []  # type: ignore[attr-defined]
-            sess._ct_tail = bytearray()  # type: ignore[attr-defined]
+            frame = ct.frame_for_scrollback()
+            if frame:
+                sess.scrollback.append(frame)
+            sess.cut_through = None
             for c in list(sess.clients) + list(self.star_clients):
                 c.rs.joined = True
 
@@ -546,7 +537,7 @@ class Relay:
                 for chunk in s.scrollback.replay():
                     run = run_of(chunk)
                     self._deliver(peer, run.data, run.type_mask, run)
-        if sess is not None and getattr(sess, "_ct_targets", None):
+        if sess is not None and sess.cut_through is not None:
             rs.joined = False  # mid cut-through frame: join after it ends
         log.info("client accepted peer=%s session=%s subscribe=%s serve=%s flow=%s", peer.label,
                  sess.name if sess else "*", hs.get("subscribe", []), hs.get("serve", []),
@@ -748,6 +739,41 @@ class Relay:
         if sess is None:
             raise RpcFailure("unknown_session", f"no session named {name!r}")
         return sess
+
+
+class CutThrough:
+    """A large stream frame in flight: who gets its chunks, and the last
+    ``keep`` payload bytes for the scrollback (nothing when the ring is too
+    small to hold any of it)."""
+
+    __slots__ = ("targets", "head", "keep", "parts", "size")
+
+    def __init__(self, targets: list, ev: StreamStart, room: int):
+        self.targets = targets
+        self.head = bytearray(ev.data[:HEADER_SIZE])
+        self.keep = max(0, min(ev.length, room))
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def keep_tail(self, data: memoryview) -> None:
+        keep = self.keep
+        if not keep:
+            return
+        if len(data) >= keep:
+            self.parts = [bytes(data[len(data) - keep:])]
+            self.size = keep
+            return
+        self.parts.append(bytes(data))
+        self.size += len(data)
+        while self.size - len(self.parts[0]) >= keep:
+            self.size -= len(self.parts.pop(0))
+
+    def frame_for_scrollback(self) -> bytes:
+        if not self.keep:
+            return b""
+        body = b"".join(self.parts)[-self.keep:]
+        self.head[8:12] = len(body).to_bytes(4, "little")
+        return bytes(self.head) + body
 
 
 class RpcFailure(Exception):

@@ -107,6 +107,7 @@ class Session:
         self.last_activity = time.monotonic()
         self.stats = collections.Counter()
         self.boot_params: dict = {}
+        self.cut_through = None  # relay.CutThrough while a large frame is in flight
 
     def check_token(self, token: object) -> bool:
         if self.token is None:
