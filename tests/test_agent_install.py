@@ -124,7 +124,8 @@ def _venv_with(python: str, whl: Path, where: Path) -> Path:
         timeout=300,
     )
     if res.returncode != 0:  # a pip without --python: give the venv its own pip
-        subprocess.run([str(vpy), "-m", "ensurepip", "-q"], check=True, timeout=300)
+        # (Python 3.8's ensurepip has no -q; a recent pip's --python refuses 3.8 targets)
+        subprocess.run([str(vpy), "-m", "ensurepip"], check=True, timeout=300, capture_output=True)
         res = subprocess.run(
             [str(vpy), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(whl)],
             capture_output=True,
@@ -162,7 +163,8 @@ def test_install_into_bare_venv_and_connect(which, wheel, tmp_path):
         p for p in os.listdir(site) if not p.startswith(("_distutils_hack", "distutils-precedence"))
     )
     third_party = [
-        p for p in installed if not p.startswith(("blink_agent", "pip", "setuptools", "__pycache__"))
+        p for p in installed
+        if not p.startswith(("blink_agent", "pip", "setuptools", "pkg_resources", "__pycache__"))
     ]
     assert third_party == [], installed
     assert "blink_agent" in installed
