@@ -15,7 +15,7 @@ from vhub_testing import ROOT, wait_for
 from vhubd.backends import BootSpec
 from vhubd.backends import boxlite as bl
 from vhubd.client import Client
-from vhubd.errors import ConnectionClosed, RemoteError
+from vhubd.errors import ConnectionClosed
 from vhubd.sessions import InvalidName, validate_name
 
 
@@ -72,7 +72,7 @@ def test_idle_stop_and_stop_boot_cycles(make_daemon, tmp_path):
         s = d.cli("stop", "idle", "--json")
         assert json.loads(s.stdout)["state"] == "stopped"
         # the stopped session's agent process is gone (reaped by the daemon)
-        wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 10, what="agent process gone")
+        wait_for(lambda pid=pid: not os.path.exists(f"/proc/{pid}"), 10, what="agent process gone")
 
 
 def test_boot_failure_of_local_backend_reaches_every_waiter(make_daemon, tmp_path):
@@ -169,8 +169,9 @@ def needs_vm():
 
 def _vm_processes():
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [l for l in out.splitlines() if ("boxlite" in l.lower() or "krun" in l.lower() or "shim" in l.lower())
-            and "pytest" not in l and "ps -eo" not in l]
+    return [line for line in out.splitlines()
+            if any(k in line.lower() for k in ("boxlite", "krun", "shim"))
+            and "pytest" not in line and "ps -eo" not in line]
 
 
 @pytest.mark.slow
@@ -184,7 +185,7 @@ def test_boxlite_boot_failure_is_reported_and_cleaned_up(make_daemon, tmp_path):
                     "--boot-timeout", "60")
     before = _vm_processes()
     assert not [p for p in before if "vhub-x" in p]
-    for attempt in range(2):  # a retry behaves the same
+    for _attempt in range(2):  # a retry behaves the same
         t = time.monotonic()
         r = d.cli("boot", "x", timeout=90)
         took = time.monotonic() - t

@@ -16,7 +16,6 @@ import time
 
 from .backends import Backend, BackendError, BootSpec
 from .errors import BootFailed
-
 from .relay import RpcFailure, rpc_error_frame, rpc_result_frame
 from .sessions import Session, State, new_token, validate_name
 
@@ -86,7 +85,7 @@ class BootManager:
                     exited = getattr(handle, "exited", None)
                     done, _ = await asyncio.wait([waiter] + ([exited] if exited else []),
                                                  return_when=asyncio.FIRST_COMPLETED)
-                    if waiter not in done:
+                    if waiter not in done and exited is not None:
                         raise BackendError(exited.result())
         except TimeoutError:
             msg = f"boot of {name!r} timed out after {self.boot_timeout:g} s while {stage}"

@@ -11,10 +11,8 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import signal
 import sys
-import time
 
 from . import __version__, frames
 from .errors import ConnectionClosed, RemoteError
@@ -222,7 +220,7 @@ def _print_json(obj) -> None:
 def _table(rows: list[list[str]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
-        sys.stdout.write("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n")
+        sys.stdout.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")
 
 
 async def cmd_sessions(args) -> int:

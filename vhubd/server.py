@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import ipaddress
 import logging
 import os
@@ -110,6 +111,7 @@ class Peer(asyncio.BufferedProtocol):
     def _before_handshake(self, events: list) -> None:
         for ev in events:
             if type(ev) is Handshake:
+                ok: bool | None
                 if self.spec.role == "guest":
                     ok = self.relay.guest_handshake(self, ev, token_required=self.spec.token_required,
                                                     fixed_session=self.spec.fixed_session)
@@ -197,6 +199,7 @@ class Peer(asyncio.BufferedProtocol):
     def resume_reading(self) -> None:
         if self.read_paused and self.transport is not None and not self.closed:
             self.read_paused = False
+            self.last_rx = _monotonic()  # the time spent paused does not count as idle
             self.transport.resume_reading()
 
     def write_buffer_size(self) -> int:
@@ -215,6 +218,8 @@ class Peer(asyncio.BufferedProtocol):
             if not self.awaiting_boot and now - self.connected_at > cfg.handshake_timeout:
                 self._timeout("handshake_timeout", f"no handshake within {cfg.handshake_timeout:g} s")
             return
+        if self.read_paused:
+            return  # we stopped reading it (backpressure): its silence is ours, not a stall
         idle = now - self.last_rx
         if self.conn.mid_frame and idle > cfg.stall_timeout:
             self._timeout("stalled", f"no bytes for {cfg.stall_timeout:g} s in the middle of a frame")
@@ -250,12 +255,11 @@ class Server:
 
     async def start(self, specs: list[ListenerSpec]) -> None:
         for spec in specs:
-            if spec.sock.type == socket.SOCK_STREAM and spec.sock.family == socket.AF_UNIX:
-                spec.server = await self.loop.create_unix_server(lambda s=spec: Peer(self, s), sock=spec.sock,
-                                                                 backlog=1024)
+            factory = functools.partial(Peer, self, spec)
+            if spec.sock.family == socket.AF_UNIX:
+                spec.server = await self.loop.create_unix_server(factory, sock=spec.sock, backlog=1024)
             else:
-                spec.server = await self.loop.create_server(lambda s=spec: Peer(self, s), sock=spec.sock,
-                                                            backlog=1024)
+                spec.server = await self.loop.create_server(factory, sock=spec.sock, backlog=1024)
             self.listeners.append(spec)
         self._schedule_tick()
 

@@ -12,7 +12,8 @@ import hmac
 import re
 import secrets
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 
@@ -105,9 +106,9 @@ class Session:
         self.scrollback = Scrollback(scrollback)
         self.last_result: dict | None = None
         self.last_activity = time.monotonic()
-        self.stats = collections.Counter()
+        self.stats: collections.Counter[str] = collections.Counter()
         self.boot_params: dict = {}
-        self.cut_through = None  # relay.CutThrough while a large frame is in flight
+        self.cut_through: Any = None  # relay.CutThrough while a large frame is in flight
 
     def check_token(self, token: object) -> bool:
         if self.token is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from typing import Any
 
 from . import Backend, BackendError, BootSpec
 from .local import agent_pythonpath
@@ -72,7 +73,7 @@ class BoxliteBackend(Backend):
         os.makedirs(home_dir, exist_ok=True)
         self.runtime = boxlite.Boxlite(boxlite.Options(home_dir=home_dir))
         self.image = image or DEFAULT_IMAGE
-        self.boxes: dict[str, object] = {}
+        self.boxes: dict[str, Any] = {}
 
     def options(self, spec: BootSpec):
         image = spec.image or self.image

@@ -35,7 +35,7 @@ def _blob(out: str, data: bytes) -> tuple[str, int]:
 def agent_layer(src: str) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        entries = []
+        entries: list[tuple[str, str | None]] = []
         for root, dirs, files in os.walk(os.path.join(src, "blink_agent")):
             dirs[:] = sorted(d for d in dirs if d != "__pycache__")
             rel = os.path.relpath(root, src)
@@ -69,7 +69,7 @@ def _info(name: str, size: int | None) -> tarfile.TarInfo:
     return ti
 
 
-def _read_base(base: str) -> tuple[list[dict], list[str], dict]:
+def _read_base(base: str) -> tuple[list[tuple[dict, bytes]], list[str], dict]:
     with open(os.path.join(base, "index.json")) as f:
         index = json.load(f)
     mdesc = index["manifests"][0]
