@@ -206,7 +206,10 @@ async def run_once(cfg: DaemonConfig) -> int:
             timeout = deadline - loop.time() if not handshaken else None
             if timeout is not None and timeout <= 0:
                 raise OnceError(f"no handshake within {cfg.handshake_timeout:g} s")
-            data = await asyncio.wait_for(reader.read(65536), timeout)
+            try:
+                data = await asyncio.wait_for(reader.read(65536), timeout)
+            except asyncio.TimeoutError:
+                raise OnceError(f"no handshake within {cfg.handshake_timeout:g} s") from None
             if not data:
                 raise OnceError("the agent closed the connection before sending an RPC request")
             events = conn.receive_data(data)
@@ -222,6 +225,11 @@ async def run_once(cfg: DaemonConfig) -> int:
                     out.flush()
                     err.flush()
                 elif t is Frame:
+                    if ev.msg_type in frames.STREAM_TYPES:
+                        (err if ev.msg_type == frames.MsgType.STDERR else out).write(bytes(ev.payload))
+                        out.flush()
+                        err.flush()
+                        continue
                     if ev.msg_type == frames.MsgType.RPC_REQUEST:
                         writer.write(b"".join(conn.data_to_send()))
                         writer.write(encode_frame(frames.MsgType.RPC_RESPONSE, ev.request_id, b"{}"))

@@ -44,6 +44,15 @@ class InvalidName(ValueError):
     code = "bad_session_name"
 
 
+def newest_frames(data: memoryview, limit: int) -> memoryview:
+    """The longest tail of whole frames of ``data`` (complete BLIN frames)
+    that fits in ``limit`` bytes."""
+    off, end = 0, len(data)
+    while end - off > limit:
+        off += 20 + int.from_bytes(data[off + 8:off + 12], "little")
+    return data[off:]
+
+
 def validate_name(name: object) -> str:
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise InvalidName(f"invalid session name {name!r}: must match [a-z0-9][a-z0-9_.-]{{0,62}}")
@@ -67,21 +76,34 @@ class Scrollback:
         self.size = 0
         self.dropped = 0
 
-    def append(self, frames_bytes: bytes) -> None:
-        """Append complete frames (one chunk); a chunk bigger than the ring is
-        kept only if it alone fits."""
-        n = len(frames_bytes)
+    def append(self, data) -> None:
+        """Append complete frames (a buffer; copied once). When the ring
+        overflows, the oldest *frames* go, never a part of one; a batch larger
+        than the ring keeps its newest whole frames."""
+        n = len(data)
         if not n or self.capacity <= 0:
-            return
-        if n > self.capacity:
             self.dropped += n
             return
-        self.chunks.append(frames_bytes)
+        if n > self.capacity:
+            kept = newest_frames(memoryview(data), self.capacity)
+            self.dropped += n - len(kept)
+            data, n = kept, len(kept)
+            if not n:
+                return
+        self.chunks.append(bytes(data))
         self.size += n
         while self.size > self.capacity:
-            old = self.chunks.popleft()
-            self.size -= len(old)
-            self.dropped += len(old)
+            old = self.chunks[0]
+            excess = self.size - self.capacity
+            if len(old) <= excess:
+                self.chunks.popleft()
+                self.size -= len(old)
+                self.dropped += len(old)
+            else:
+                kept = bytes(newest_frames(memoryview(old), len(old) - excess))
+                self.chunks[0] = kept
+                self.size -= len(old) - len(kept)
+                self.dropped += len(old) - len(kept)
 
     def replay(self) -> list[bytes]:
         return list(self.chunks)

@@ -1,0 +1,274 @@
+"""Async helpers for the end-to-end daemon tests (tests/test_daemon_*.py).
+
+``AsyncPeer`` speaks raw BLIN over a real Unix or loopback TCP socket, byte for
+byte what a VMM would deliver from a guest (or what a hand-rolled host client
+would send); host clients otherwise use ``vhubd.client.Client``. ``run`` drives
+one async test body under a hard timeout and closes every peer and client the
+body opened, so no socket outlives its test. Every wait here is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import hashlib
+import json
+import re
+import struct
+
+from vhubd.client import Client
+from vhubd.frames import HEADER_SIZE, MAGIC, MsgType
+from vhubd.protocol import Connection, Frame, Handshake, RemoteErrorEvent, Side, StreamRun, encode_frame
+
+READY = b"blink-vhub-ready"
+T = MsgType
+
+_opened: contextvars.ContextVar[list] = contextvars.ContextVar("opened")
+
+
+def run(coro, timeout: float = 30.0):
+    """Run one async test body with a hard timeout; close what it opened."""
+
+    async def main():
+        opened: list = []
+        _opened.set(opened)
+        try:
+            return await asyncio.wait_for(coro, timeout)
+        finally:
+            for thing in reversed(opened):
+                try:
+                    await asyncio.wait_for(thing.close(), 5)
+                except Exception:
+                    pass
+
+    return asyncio.run(main())
+
+
+def _track(thing):
+    opened = _opened.get(None)
+    if opened is not None:
+        opened.append(thing)
+    return thing
+
+
+def header(msg_type: int, length: int, rid: int, *, magic: int = MAGIC, version: int = 1, flags: int = 0) -> bytes:
+    return struct.pack("<IBBHIQ", magic, version, msg_type, flags, length, rid)
+
+
+def frame(msg_type: int, rid: int, payload=b"") -> bytes:
+    if isinstance(payload, (dict, list)):
+        payload = json.dumps(payload).encode()
+    return encode_frame(msg_type, rid, payload)
+
+
+def tcp_address(daemon) -> tuple[str, int]:
+    """The loopback TCP listener of a daemon started with ``--tcp 127.0.0.1:0``."""
+    m = re.search(r"tcp=\('127\.0\.0\.1', (\d+)\)", daemon.log())
+    assert m, daemon.log()
+    return ("127.0.0.1", int(m.group(1)))
+
+
+class AsyncPeer:
+    """A BLIN peer on a real socket: raw bytes out, parsed frames in."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader = reader
+        self.writer = writer
+        self.conn = Connection(Side.CLIENT, cut_through=1 << 62, max_payload=0xFFFFFFFF)
+        self.pending: list = []
+        self.eof = False
+
+    @classmethod
+    async def open(cls, target, timeout: float = 10.0) -> AsyncPeer:
+        if isinstance(target, tuple):
+            r, w = await asyncio.wait_for(asyncio.open_connection(*target, limit=1 << 20), timeout)
+        else:
+            r, w = await asyncio.wait_for(asyncio.open_unix_connection(target, limit=1 << 20), timeout)
+        return _track(cls(r, w))
+
+    @classmethod
+    async def guest(cls, target, payload=b"", rid: int = 1) -> AsyncPeer:
+        """A guest whose handshake was accepted."""
+        g = await cls.open(target)
+        res = await g.handshake(payload, rid)
+        assert res == ("ok", READY, rid), res
+        return g
+
+    async def handshake(self, payload=b"", rid: int = 1):
+        """('ok', payload, request_id) or ('error', code, message) or ('closed',)."""
+        if isinstance(payload, dict):
+            payload = json.dumps(payload).encode()
+        self.conn.send_handshake(payload, rid)
+        self.flush()
+        ev = await self.next_event()
+        if isinstance(ev, Handshake):
+            return ("ok", bytes(ev.payload), ev.request_id)
+        if isinstance(ev, RemoteErrorEvent):
+            return ("error", ev.code, ev.message)
+        return ("closed",) if ev is None else ("other", ev)
+
+    def flush(self) -> None:
+        out = self.conn.data_to_send()
+        if out and not self.writer.is_closing():
+            self.writer.writelines(out)
+
+    def send_raw(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    def send(self, msg_type: int, rid: int, payload=b"") -> None:
+        self.writer.write(frame(msg_type, rid, payload))
+
+    async def drain(self) -> None:
+        await self.writer.drain()
+
+    async def call(self, method: str, params=None, rid: int = 1, timeout: float = 10.0) -> Frame:
+        """Send an RpcRequest; the RpcResponse/RpcError with our id."""
+        self.send(T.RPC_REQUEST, rid, {"method": method, "params": params if params is not None else {}})
+        return await self.next_frame(timeout, lambda f: f.msg_type in (T.RPC_RESPONSE, T.RPC_ERROR)
+                                     and f.request_id == rid)
+
+    async def _fill(self, timeout: float) -> None:
+        data = await asyncio.wait_for(self.reader.read(1 << 18), timeout)
+        if not data:
+            self.eof = True
+            return
+        for ev in self.conn.receive_data(data):
+            if isinstance(ev, StreamRun):
+                for t, f, r, d in ev.frames():
+                    self.pending.append(Frame(t, f, r, memoryview(bytes(d))))
+            elif isinstance(ev, Frame):
+                self.pending.append(Frame(ev.msg_type, ev.flags, ev.request_id, memoryview(bytes(ev.data))))
+            else:
+                self.pending.append(ev)
+        self.flush()  # pongs
+
+    async def next_event(self, timeout: float = 10.0):
+        """The next event (Frame, Handshake, RemoteErrorEvent...) or None at EOF."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self.pending:
+            if self.eof:
+                return None
+            await self._fill(max(0.001, deadline - loop.time()))
+        return self.pending.pop(0)
+
+    async def next_frame(self, timeout: float = 10.0, match=None):
+        """The next Frame (heartbeats skipped) that ``match`` accepts, leaving
+        the others queued; a RemoteErrorEvent, or None at EOF, ends the wait."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            for i, ev in enumerate(self.pending):
+                if isinstance(ev, RemoteErrorEvent):
+                    return self.pending.pop(i)
+                if isinstance(ev, Frame) and ev.msg_type != T.HEARTBEAT and (match is None or match(ev)):
+                    return self.pending.pop(i)
+            if self.eof:
+                return None
+            await self._fill(max(0.001, deadline - loop.time()))
+
+    async def read_all(self, timeout: float = 10.0) -> bytes:
+        """Raw bytes until EOF (what is left after parsed events is not included)."""
+        chunks = []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            try:
+                d = await asyncio.wait_for(self.reader.read(1 << 18), max(0.001, deadline - loop.time()))
+            except (ConnectionResetError, BrokenPipeError):
+                break
+            if not d:
+                break
+            chunks.append(d)
+        self.eof = True
+        return b"".join(chunks)
+
+    async def error_and_close(self, timeout: float = 10.0):
+        """Wait for an Error frame then EOF; (code, message)."""
+        ev = await self.next_frame(timeout)
+        assert isinstance(ev, RemoteErrorEvent), ev
+        rest = await self.read_all(timeout)
+        assert rest == b"", rest
+        return ev.code, ev.message
+
+    async def close(self) -> None:
+        if not self.writer.is_closing():
+            self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except (OSError, asyncio.CancelledError):
+            pass
+
+
+class RawClient:
+    """A host client as raw bytes: handshake parsed, then the byte stream as is."""
+
+    def __init__(self, reader, writer, hello: dict):
+        self.reader = reader
+        self.writer = writer
+        self.hello = hello
+
+    @classmethod
+    async def open(cls, path: str, **hs) -> RawClient:
+        r, w = await asyncio.wait_for(asyncio.open_unix_connection(path, limit=1 << 20), 10)
+        body = json.dumps({"role": "client", **hs}).encode()
+        w.write(frame(T.HANDSHAKE, 1, body))
+        head = await asyncio.wait_for(r.readexactly(HEADER_SIZE), 10)
+        n = int.from_bytes(head[8:12], "little")
+        payload = await asyncio.wait_for(r.readexactly(n), 10)
+        assert head[5] == T.HANDSHAKE, (head, payload)
+        return _track(cls(r, w, json.loads(payload)))
+
+    async def read_exactly(self, n: int, timeout: float = 20.0) -> bytes:
+        return await asyncio.wait_for(self.reader.readexactly(n), timeout)
+
+    async def sha_of(self, n: int, timeout: float = 30.0) -> str:
+        """sha256 of the next ``n`` bytes, read in chunks."""
+        h = hashlib.sha256()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        left = n
+        while left:
+            d = await asyncio.wait_for(self.reader.read(min(left, 1 << 18)), max(0.001, deadline - loop.time()))
+            assert d, f"EOF with {left} of {n} bytes still to come"
+            h.update(d)
+            left -= len(d)
+        return h.hexdigest()
+
+    async def close(self) -> None:
+        if not self.writer.is_closing():
+            self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except (OSError, asyncio.CancelledError):
+            pass
+
+
+async def client(daemon, **kw) -> Client:
+    """A vhubd.client.Client on this daemon's control socket, closed by run()."""
+    return _track(await Client.connect(daemon.control, **kw))
+
+
+async def wait_until(pred, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
+    """Await ``pred()`` (sync or async) until it is truthy; bounded."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        v = pred()
+        if asyncio.iscoroutine(v):
+            v = await v
+        if v:
+            return v
+        if loop.time() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+def session_info(sessions: list, name: str) -> dict:
+    by_name = {s["name"]: s for s in sessions}
+    assert name in by_name, sessions
+    return by_name[name]
+
+
+def json_of(f: Frame):
+    return json.loads(bytes(f.payload))
