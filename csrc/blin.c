@@ -153,6 +153,20 @@ int blin_pack_header(uint8_t *buf, size_t len, size_t offset, unsigned msg_type,
     return BLIN_OK;
 }
 
+size_t blin_frame_boundary(const uint8_t *buf, size_t len, size_t min_offset)
+{
+    size_t pos = 0;
+
+    while (pos < min_offset) {
+        if (len - pos < BLIN_HEADER_SIZE)
+            return len;
+        pos += BLIN_HEADER_SIZE + (size_t)rd32(buf + pos + 8);
+        if (pos > len)
+            return len;
+    }
+    return pos;
+}
+
 int blin_rewrite_request_id(uint8_t *buf, size_t len, size_t offset,
                             uint64_t new_id, uint64_t *old_id)
 {

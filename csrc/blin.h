@@ -80,4 +80,9 @@ int blin_pack_header(uint8_t *buf, size_t len, size_t offset, unsigned msg_type,
 int blin_rewrite_request_id(uint8_t *buf, size_t len, size_t offset,
                             uint64_t new_id, uint64_t *old_id);
 
+/* Walking whole frames from buf[0] (a frame boundary), the first boundary
+ * at or after min_offset; len when the walk runs past the end. Lets the
+ * scrollback drop its oldest frames without looking at each one in Python. */
+size_t blin_frame_boundary(const uint8_t *buf, size_t len, size_t min_offset);
+
 #endif

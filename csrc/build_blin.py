@@ -31,6 +31,7 @@ int blin_pack_header(uint8_t *buf, size_t len, size_t offset, unsigned msg_type,
                      uint16_t flags, uint32_t payload_len, uint64_t request_id);
 int blin_rewrite_request_id(uint8_t *buf, size_t len, size_t offset,
                             uint64_t new_id, uint64_t *old_id);
+size_t blin_frame_boundary(const uint8_t *buf, size_t len, size_t min_offset);
 """
 
 

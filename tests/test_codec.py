@@ -170,12 +170,24 @@ def _scan_all(impl, data, max_payload, capacity):
         pos = res[1]
 
 
+def test_frame_boundary(codec_impl):
+    data = hdr(0x30, 3) + b"abc" + hdr(0x31, 0) + hdr(0x30, 5) + b"12345"
+    fb = codec_impl.frame_boundary
+    assert [fb(data, k) for k in (0, 1, 23, 24, 43, 44, 68, 69)] == [0, 23, 23, 43, 43, 68, 68, 68]
+    assert fb(data[:30], 25) == 30  # runs past the end of a cut buffer
+    assert fb(b"", 5) == 0
+    with pytest.raises(ValueError):
+        fb(data, -1)
+
+
 @settings(max_examples=400, deadline=None)
 @given(streams(), st.sampled_from([0, 10, 40, MAX]), st.integers(1, 4))
 def test_backends_agree(data, max_payload, capacity):
     impls = list(codec.backends().values())
     results = [_scan_all(i, data, max_payload, capacity) for i in impls]
     assert all(r == results[0] for r in results)
+    for k in (0, 1, len(data) // 2, len(data)):
+        assert len({i.frame_boundary(data, k) for i in impls}) == 1
     for i in impls:
         checks = [i.check_header(data, k, None, max_payload) for k in range(len(data))]
         assert checks == [impls[0].check_header(data, k, None, max_payload) for k in range(len(data))]

@@ -93,6 +93,12 @@ def pack_header_into(buf, offset: int, msg_type: int, request_id: int, length: i
         raise ValueError("buffer too short for a BLIN header")
 
 
+def frame_boundary(buf, min_offset: int) -> int:
+    if min_offset < 0:
+        raise ValueError("min_offset must be >= 0")
+    return lib.blin_frame_boundary(_from_buffer(buf), len(buf), min_offset)
+
+
 _old = ffi.new("uint64_t *")
 
 

@@ -4,9 +4,24 @@ from __future__ import annotations
 
 from .errors import error_for_status
 from .frames import (
-    BAD_MAGIC, BAD_VERSION, FRAME_TOO_LARGE, HEADER, HEADER_SIZE, KNOWN_TYPES, MAGIC,
-    MAGIC_BYTES, MAX_U32, MAX_U64, OK, PENDING_HEADER, PENDING_MORE, PENDING_NONE,
-    PENDING_PAYLOAD, TYPE_BIT, UNKNOWN_TYPE, VERSION,
+    BAD_MAGIC,
+    BAD_VERSION,
+    FRAME_TOO_LARGE,
+    HEADER,
+    HEADER_SIZE,
+    KNOWN_TYPES,
+    MAGIC,
+    MAGIC_BYTES,
+    MAX_U32,
+    MAX_U64,
+    OK,
+    PENDING_HEADER,
+    PENDING_MORE,
+    PENDING_NONE,
+    PENDING_PAYLOAD,
+    TYPE_BIT,
+    UNKNOWN_TYPE,
+    VERSION,
 )
 
 NAME = "python"
@@ -128,6 +143,22 @@ def pack_header_into(buf, offset: int, msg_type: int, request_id: int, length: i
     if offset < 0 or len(buf) - offset < HEADER_SIZE:
         raise ValueError("buffer too short for a BLIN header")
     _pack_into(buf, offset, MAGIC, VERSION, msg_type, flags, length, request_id)
+
+
+def frame_boundary(buf, min_offset: int) -> int:
+    """Walking whole frames from ``buf[0]``, the first frame boundary at or
+    after ``min_offset`` (``len(buf)`` when the walk runs past the end)."""
+    n = len(buf)
+    if min_offset < 0:
+        raise ValueError("min_offset must be >= 0")
+    pos = 0
+    while pos < min_offset:
+        if n - pos < HEADER_SIZE:
+            return n
+        pos += HEADER_SIZE + int.from_bytes(buf[pos + 8:pos + 12], "little")
+        if pos > n:
+            return n
+    return pos
 
 
 def rewrite_request_id(buf, offset: int, new_id: int) -> int:

@@ -37,6 +37,7 @@ parse_header = _impl.parse_header
 pack_header = _impl.pack_header
 pack_header_into = _impl.pack_header_into
 rewrite_request_id = _impl.rewrite_request_id
+frame_boundary = _impl.frame_boundary
 
 
 def backends() -> dict[str, ModuleType]:

@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from . import codec
+
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 
 
@@ -46,11 +48,10 @@ class InvalidName(ValueError):
 
 def newest_frames(data: memoryview, limit: int) -> memoryview:
     """The longest tail of whole frames of ``data`` (complete BLIN frames)
-    that fits in ``limit`` bytes."""
-    off, end = 0, len(data)
-    while end - off > limit:
-        off += 20 + int.from_bytes(data[off + 8:off + 12], "little")
-    return data[off:]
+    that fits in ``limit`` bytes (the boundary is found by the codec)."""
+    if len(data) <= limit:
+        return data
+    return data[codec.frame_boundary(data, len(data) - limit):]
 
 
 def validate_name(name: object) -> str:
@@ -92,9 +93,15 @@ class Scrollback:
                 return
         self.chunks.append(bytes(data))
         self.size += n
-        while self.size > self.capacity:
+        if self.size <= self.capacity:
+            return
+        # big rings trim to 7/8 of their capacity: one trim (a copy of part of
+        # the oldest chunk) per eighth of the ring, not one per append; small
+        # rings keep exactly as much as fits
+        low = self.capacity - (self.capacity >> 3) if self.capacity >= 65536 else self.capacity
+        while self.size > low:
             old = self.chunks[0]
-            excess = self.size - self.capacity
+            excess = self.size - low
             if len(old) <= excess:
                 self.chunks.popleft()
                 self.size -= len(old)
