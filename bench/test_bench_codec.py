@@ -2,10 +2,11 @@
 (0 B and 64 B payloads), pack and request_id rewrite; C beside pure Python."""
 
 import pytest
+from _harness import QUICK
 
 from vhubd import codec
 
-N = 1_000_000
+N = 200_000 if QUICK else 1_000_000
 
 
 def make_stream(payload_size, n=N):
@@ -17,7 +18,7 @@ STREAMS = {}
 
 
 @pytest.mark.parametrize("payload", [0, 64])
-def test_scan_headers(benchmark, codec_impl, payload, results):
+def test_scan_headers(benchmark, codec_impl, payload, record):
     data = STREAMS.setdefault(payload, make_stream(payload))
     sc = codec_impl.Scanner(4096)
 
@@ -30,23 +31,25 @@ def test_scan_headers(benchmark, codec_impl, payload, results):
         return total
 
     assert benchmark.pedantic(scan_all, rounds=3, iterations=1) == N
-    rate = N / benchmark.stats.stats.median
-    benchmark.extra_info["headers_per_s"] = rate
-    results[f"scan {payload}B {codec_impl.NAME}"] = f"{rate / 1e6:.1f} M headers/s"
-    other = results.get(f"_scan{payload}")
-    if other is not None:
-        ratio = max(rate, other) / min(rate, other)
-        results[f"scan {payload}B C/python ratio"] = f"{ratio:.1f}x"
-    results[f"_scan{payload}"] = rate
+    benchmark.group = f"codec scan {payload}B"
+    record(benchmark, "codec", op=f"scan {payload}B", backend=codec_impl.NAME,
+           rate=N / benchmark.stats.stats.median, headers=N)
 
 
-def test_pack(benchmark, codec_impl, results):
-    pack = codec_impl.pack_header
-    benchmark(pack, 0x30, 12345, 64)
-    results[f"pack {codec_impl.NAME}"] = f"{1 / benchmark.stats.stats.median / 1e6:.2f} M/s"
+# single calls: fixed rounds x iterations (pytest-benchmark reports the time per call)
+CALL_ROUNDS = dict(rounds=10 if QUICK else 30, iterations=5000, warmup_rounds=1)
 
 
-def test_rewrite(benchmark, codec_impl, results):
+def test_pack(benchmark, codec_impl, record):
+    benchmark.group = "codec pack"
+    out = benchmark.pedantic(codec_impl.pack_header, args=(0x30, 12345, 64), **CALL_ROUNDS)
+    assert len(out) == 20
+    record(benchmark, "codec", op="pack", backend=codec_impl.NAME, rate=1 / benchmark.stats.stats.median)
+
+
+def test_rewrite(benchmark, codec_impl, record):
+    benchmark.group = "codec rewrite"
     buf = bytearray(codec.pack_header(0x10, 1, 0))
-    benchmark(codec_impl.rewrite_request_id, buf, 0, 99)
-    results[f"rewrite {codec_impl.NAME}"] = f"{1 / benchmark.stats.stats.median / 1e6:.2f} M/s"
+    benchmark.pedantic(codec_impl.rewrite_request_id, args=(buf, 0, 99), **CALL_ROUNDS)
+    assert codec.parse_header(buf, 0, 1 << 24)[3] == 99
+    record(benchmark, "codec", op="rewrite", backend=codec_impl.NAME, rate=1 / benchmark.stats.stats.median)

@@ -3,7 +3,15 @@
  * Built with -fsanitize=fuzzer it is a libFuzzer target; built without it
  * (-DBLIN_CORPUS_MAIN) it replays the files named on the command line, so CI
  * can run a corpus under ASan + UBSan with any C compiler. Invariants are
- * checked with abort(): a violated one is a crash the sanitizer reports. */
+ * checked with abort(): a violated one is a crash the sanitizer reports.
+ *
+ * Besides memory safety it checks the scan against the wire format itself
+ * (every reported field re-read from the bytes, frames contiguous, the
+ * pending state consistent with what is left) and against itself split in
+ * two: scanning a prefix never contradicts scanning the whole, which is what
+ * the daemon relies on when a frame arrives over several reads. The Python
+ * twin is compared with this codec on the corpus libFuzzer grows
+ * (tests/reliability.py differential). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -12,35 +20,91 @@
 
 #define CHECK(c) do { if (!(c)) { fprintf(stderr, "invariant failed: %s\n", #c); abort(); } } while (0)
 
-static void scan_all(const uint8_t *data, size_t size, uint32_t max, size_t cap)
+static uint64_t le(const uint8_t *p, int n)
 {
-    blin_header_t *out = malloc(cap * sizeof *out);
-    blin_scan_t res;
-    size_t pos = 0, total = 0;
+    uint64_t v = 0;
+    while (n--)
+        v = (v << 8) | p[n];
+    return v;
+}
 
-    CHECK(out != NULL);
+/* One scan of data[start:end], checked field by field; returns res. */
+static blin_scan_t scan_checked(const uint8_t *data, size_t start, size_t end, uint32_t max,
+                                blin_header_t *out, size_t cap)
+{
+    blin_scan_t res;
+    size_t i, pos = start;
+    uint64_t mask = 0;
+    int st = blin_scan(data, start, end, max, out, cap, &res);
+
+    CHECK(st == (int)res.status);
+    CHECK(res.count <= cap);
+    CHECK(res.consumed >= start && res.consumed <= end);
+    for (i = 0; i < res.count; i++) {
+        const uint8_t *p = data + out[i].offset;
+        CHECK(out[i].offset == pos);
+        CHECK(le(p, 4) == BLIN_MAGIC && p[4] == BLIN_VERSION);
+        CHECK(out[i].msg_type == p[5] && blin_known_type((unsigned)out[i].msg_type));
+        CHECK(out[i].flags == le(p + 6, 2));
+        CHECK(out[i].length == le(p + 8, 4) && out[i].length <= max);
+        CHECK(out[i].request_id == le(p + 12, 8));
+        pos += BLIN_HEADER_SIZE + (size_t)out[i].length;
+        CHECK(pos <= end);
+        mask |= blin_type_bit((unsigned)out[i].msg_type);
+    }
+    CHECK(res.consumed == pos);
+    CHECK(res.type_mask == mask);
+    if (res.status != BLIN_OK) {
+        CHECK(res.error_offset == res.consumed && res.pending == BLIN_PENDING_NONE);
+        CHECK(blin_check_header(data + res.consumed, end - res.consumed, max) == (int)res.status);
+    } else if (res.pending == BLIN_PENDING_NONE) {
+        CHECK(res.consumed == end);
+    } else if (res.pending == BLIN_PENDING_HEADER) {
+        CHECK(end - res.consumed < BLIN_HEADER_SIZE && end > res.consumed);
+        CHECK(blin_check_header(data + res.consumed, end - res.consumed, max) == BLIN_OK);
+    } else if (res.pending == BLIN_PENDING_PAYLOAD) {
+        CHECK(end - res.consumed >= BLIN_HEADER_SIZE);
+        CHECK(end - res.consumed < BLIN_HEADER_SIZE + le(data + res.consumed + 8, 4));
+    } else {
+        CHECK(res.pending == BLIN_PENDING_MORE && res.count == cap && res.consumed < end);
+    }
+    return res;
+}
+
+/* Scan everything in batches of cap; the frames found (count) and where it stopped. */
+static blin_scan_t scan_all(const uint8_t *data, size_t start, size_t size, uint32_t max, size_t cap,
+                            size_t *frames)
+{
+    static blin_header_t out[4096];
+    blin_scan_t res;
+    size_t pos = start;
+
+    CHECK(cap <= sizeof out / sizeof out[0]);
+    *frames = 0;
     for (;;) {
-        size_t i;
-        blin_scan(data, pos, size, max, out, cap, &res);
-        CHECK(res.count <= cap);
-        CHECK(res.consumed >= pos && res.consumed <= size);
-        for (i = 0; i < res.count; i++) {
-            CHECK(out[i].offset + BLIN_HEADER_SIZE + out[i].length <= res.consumed);
-            CHECK(out[i].length <= max);
-            CHECK(blin_known_type((unsigned)out[i].msg_type));
-        }
-        total += res.count;
-        if (res.status != BLIN_OK) {
-            CHECK(res.error_offset == res.consumed);
-            CHECK(blin_check_header(data + res.consumed, size - res.consumed, max) == (int)res.status);
-            break;
-        }
-        if (res.pending != BLIN_PENDING_MORE)
+        res = scan_checked(data, pos, size, max, out, cap);
+        *frames += res.count;
+        if (res.status != BLIN_OK || res.pending != BLIN_PENDING_MORE)
             break;
         pos = res.consumed;
     }
-    (void)total;
-    free(out);
+    return res;
+}
+
+/* Scanning data[0:cut] then the whole: the prefix never contradicts the whole. */
+static void split_consistency(const uint8_t *data, size_t size, size_t cut, uint32_t max)
+{
+    size_t nfull, npre;
+    blin_scan_t full = scan_all(data, 0, size, max, 64, &nfull);
+    blin_scan_t pre = scan_all(data, 0, cut, max, 64, &npre);
+
+    CHECK(npre <= nfull && pre.consumed <= full.consumed);
+    if (pre.status != BLIN_OK) {
+        /* a violation visible in a prefix is the same violation in the whole */
+        CHECK(full.status == pre.status && full.error_offset == pre.error_offset);
+    } else if (full.status != BLIN_OK) {
+        CHECK(full.error_offset >= pre.consumed);
+    }
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
@@ -48,15 +112,23 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     uint8_t *copy;
     blin_header_t h;
     uint64_t old;
+    size_t n, cut;
 
-    scan_all(data, size, 0xFFFFFFFFu, 1);
-    scan_all(data, size, 64, 3);
-    scan_all(data, size, 16u << 20, 4096);
+    scan_all(data, 0, size, 0xFFFFFFFFu, 1, &n);
+    scan_all(data, 0, size, 64, 3, &n);
+    scan_all(data, 0, size, 16u << 20, 4096, &n);
+    if (size)
+        scan_all(data, size / 3, size, 16u << 20, 7, &n);
+    cut = size ? (size_t)data[0] * size / 256 : 0;
+    split_consistency(data, size, cut, 16u << 20);
+    split_consistency(data, size, size / 2, 64);
     if (blin_parse_header(data, size, 0, 16u << 20, &h) == BLIN_OK) {
         uint8_t buf[BLIN_HEADER_SIZE];
         CHECK(blin_pack_header(buf, sizeof buf, 0, (unsigned)h.msg_type, (uint16_t)h.flags,
                                (uint32_t)h.length, h.request_id) == BLIN_OK);
         CHECK(memcmp(buf, data, BLIN_HEADER_SIZE) == 0);
+    } else {
+        CHECK(size < BLIN_HEADER_SIZE || blin_check_header(data, BLIN_HEADER_SIZE, 16u << 20) != BLIN_OK);
     }
     copy = malloc(size ? size : 1);
     CHECK(copy != NULL);
@@ -65,6 +137,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (blin_rewrite_request_id(copy, size, size / 2, 0x1122334455667788ull, &old) == BLIN_OK)
         CHECK(blin_rewrite_request_id(copy, size, size / 2, old, &old) == BLIN_OK &&
               old == 0x1122334455667788ull && memcmp(copy, data, size) == 0);
+    else
+        CHECK(size - size / 2 < BLIN_HEADER_SIZE);
     free(copy);
     return 0;
 }

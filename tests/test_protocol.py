@@ -8,8 +8,20 @@ import pytest
 from vhubd import frames
 from vhubd.frames import MsgType
 from vhubd.protocol import (
-    Connection, Frame, Handshake, Ping, Pong, RemoteErrorEvent, Side, State, StreamChunk, StreamRun,
-    StreamStart, Violation, encode_frame, parse_error_payload,
+    Connection,
+    Frame,
+    Handshake,
+    Ping,
+    Pong,
+    RemoteErrorEvent,
+    Side,
+    State,
+    StreamChunk,
+    StreamRun,
+    StreamStart,
+    Violation,
+    encode_frame,
+    parse_error_payload,
 )
 
 HS = struct.pack("<IBBHIQ", 0x424C494E, 1, 0x01, 0, 0, 1)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import signal
 import sys
 
@@ -81,16 +80,22 @@ def build_parser() -> Parser:
     s.add_argument("--scrollback", type=_size, default=1 << 20)
     s.add_argument("--lossy-limit", type=_size, default=4 << 20)
     s.add_argument("--multiple-agents", action="store_true", help="allow several agents per session")
-    s.add_argument("--backend", default="auto", choices=["auto", "boxlite", "local", "external"],
+    s.add_argument("--backend", default="auto", choices=["auto", "boxlite", "qemu", "local", "external"],
                    help="how sessions boot (auto: boxlite where VMs can boot, else external)")
     s.add_argument("--state-dir", help="per-daemon state (BoxLite home, session dirs)")
     s.add_argument("--boot-timeout", type=_positive, default=120.0)
     s.add_argument("--idle-stop", type=_positive, metavar="SECONDS",
                    help="stop booted sessions with no clients and no agent traffic for this long")
-    s.add_argument("--image", help="BoxLite image: OCI reference or local OCI layout directory")
+    s.add_argument("--image", help="BoxLite image: OCI reference or local OCI layout directory; qemu: a guest "
+                                   "image directory (default: the one `blink build-guest` made)")
+    s.add_argument("--qemu-accel", default="auto", choices=["auto", "kvm", "tcg"],
+                   help="qemu backend: auto = KVM when a probe VM runs on it, else TCG")
     s.add_argument("--agent-command", help="local backend: command that runs the guest agent")
     s.add_argument("--once", action="store_true", help="Blink one-shot mode: one agent, first RPC, exit")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.add_argument("--log", default="auto", choices=["auto", "journal", "stderr"],
+                   help="journal: structured journald entries (needs systemd-python); auto: journal when "
+                        "stderr is systemd's journal stream (JOURNAL_STREAM), else stderr")
 
     def client(name: str, help: str, session: bool = True) -> Parser:
         c = sub.add_parser(name, help=help)
@@ -111,9 +116,18 @@ def build_parser() -> Parser:
     b.add_argument("--cpus", type=int)
     b.add_argument("--memory-mib", type=int)
     client("stop", "stop a session")
+    iu = sub.add_parser("install-units", help="install the systemd units (socket activation, Type=notify)")
+    iu.add_argument("--prefix", default="/", metavar="DIR",
+                    help="install under DIR/etc/systemd/system, DIR/etc/sysusers.d, DIR/etc/tmpfiles.d (default /)")
+    iu.add_argument("--variant", default="external", choices=["external", "local", "boxlite"],
+                    help="which backend the service runs (adds that backend's drop-in; default external)")
     im = sub.add_parser("build-image", help="build a local OCI layout with the guest agent baked in")
     im.add_argument("out", metavar="DIR")
     im.add_argument("--base", metavar="LAYOUT", help="local OCI layout to build on (one with python3)")
+    from .guest_image import add_arguments as _guest_args
+
+    _guest_args(sub.add_parser("build-guest", help="build the qemu backend's guest kernel + initramfs from "
+                                                   "Debian packages (cached in the state dir)"))
     t = client("tail", "print a session's output")
     t.add_argument("-f", "--follow", action="store_true")
     t.add_argument("--no-replay", action="store_true")
@@ -124,6 +138,18 @@ def build_parser() -> Parser:
     r.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD")
     r.add_argument("--cwd")
     r.add_argument("-e", "--env", action="append", default=[], metavar="K=V")
+    tt = r.add_mutually_exclusive_group()
+    tt.add_argument("-t", "--tty", action="store_true", default=None,
+                    help="run CMD on a terminal, this one in raw mode (default when stdin and stdout "
+                         "are terminals)")
+    tt.add_argument("-T", "--no-tty", dest="tty", action="store_false", help="plain pipes, even on a terminal")
+    r.add_argument("--escape", default="^]", metavar="CHAR",
+                   help="with -t: detach key, ^X or a character, 'none' to disable (default ^], Ctrl-])")
+    r.formatter_class = argparse.RawDescriptionHelpFormatter
+    r.description = "Run CMD in session NAME (booted on demand) and exit with its exit code."
+    r.epilog = ("With -t the command gets a terminal of the local window's size: keys (Ctrl-C too) go to\n"
+                "it, resizes follow. Ctrl-] (--escape) detaches: the local terminal is restored,\n"
+                "blink exits 0, the command keeps running in the session.")
     return p
 
 
@@ -135,6 +161,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     if args.command == "serve":
         return cmd_serve(args)
+    if args.command == "install-units":
+        return cmd_install_units(args)
+    if args.command == "build-guest":
+        from .guest_image import run as build_guest
+
+        return build_guest(args)
     if args.command == "build-image":
         from .backends.image import build_agent_layout
 
@@ -160,16 +192,40 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
-                        format="%(asctime)s vhubd %(levelname)s %(message)s")
+def setup_logging(level: str, mode: str = "auto") -> None:
+    from .systemd import configure_logging
+
+    configure_logging(mode, level)
+
+
+def cmd_install_units(args) -> int:
+    import os
+
+    from .systemd import install_units
+
+    try:
+        written = install_units(args.prefix, args.variant)
+    except (OSError, ValueError) as exc:
+        sys.stderr.write(f"blink install-units: error: {exc}\n")
+        return EXIT_FAIL
+    for path in written:
+        sys.stdout.write(f"{path}\n")
+    if os.path.realpath(args.prefix) == "/":
+        sys.stderr.write("next: systemd-sysusers; systemd-tmpfiles --create; systemctl daemon-reload; "
+                         "systemctl enable --now blink-vhub.socket blink-vhub-control.socket\n")
+    return 0
 
 
 def cmd_serve(args) -> int:
     from .daemon import DaemonConfig, serve
     from .server import ListenError, parse_tcp, vsock_address
+    from .systemd import ActivationError
 
-    setup_logging(args.log_level)
+    try:
+        setup_logging(args.log_level, args.log)
+    except ImportError:
+        sys.stderr.write("blink serve: error: --log journal needs systemd-python (pip install 'vhubd[systemd]')\n")
+        return EXIT_USAGE
     try:
         if args.tcp:
             parse_tcp(args.tcp)
@@ -189,11 +245,11 @@ def cmd_serve(args) -> int:
         rpc_timeout=args.rpc_timeout, max_connections=args.max_connections, scrollback=args.scrollback,
         lossy_limit=args.lossy_limit, allow_multiple_agents=args.multiple_agents, once=args.once,
         backend=args.backend, state_dir=args.state_dir, boot_timeout=args.boot_timeout,
-        idle_stop=args.idle_stop, image=args.image, agent_command=args.agent_command,
+        idle_stop=args.idle_stop, image=args.image, agent_command=args.agent_command, qemu_accel=args.qemu_accel,
     )
     try:
         return serve(cfg)
-    except ListenError as exc:
+    except (ListenError, ActivationError) as exc:
         sys.stderr.write(f"blink serve: error: {exc}\n")
         return EXIT_FAIL
     except Exception as exc:
@@ -363,6 +419,17 @@ async def cmd_run(args) -> int:
         params["env"] = env
     if args.cwd:
         params["cwd"] = args.cwd
+    use_tty = args.tty if args.tty is not None else sys.stdin.isatty() and sys.stdout.isatty()
+    if use_tty:
+        from .terminal import parse_escape, run_tty
+
+        try:
+            escape = parse_escape(args.escape)
+        except ValueError as exc:
+            sys.stderr.write(f"blink run: error: --escape: {exc}\n")
+            return EXIT_USAGE
+        return await run_tty(args.control, args.name, argv, env=env or None, cwd=args.cwd, escape=escape,
+                             timeout=args.timeout)
     out, err = sys.stdout.buffer, sys.stderr.buffer
     c = await _connect(args, session=args.name, subscribe=["stdout", "stderr", "events"], boot=True,
                        timeout=args.timeout or 10.0)

@@ -7,22 +7,41 @@
 
 ``serve={"method": handler}`` answers guest→host RPCs (handler may be async);
 a handler that raises ``RemoteError(code, message)`` answers an RpcError.
+
+Terminals (``agent.run`` with ``tty``), for a web terminal or a control plane:
+
+    term = await open_terminal("demo", ["sh"], rows=24, cols=80)
+    await term.write(b"echo hi\r")
+    await term.resize(40, 120)
+    async for chunk in term:      # raw terminal output until the program ends
+        ...
+    code = await term.wait()      # its exit status (-N: killed by signal N)
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import itertools
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import msgspec
 
 from .daemon import default_control_path
-from .errors import ConnectionClosed, RemoteError
+from .errors import ConnectionClosed, InvalidState, RemoteError
 from .frames import HEADER_SIZE, MsgType
 from .protocol import (
-    Connection, Frame, Handshake, RemoteErrorEvent, Side, StreamRun, Violation, encode_frame, error_payload,
+    Connection,
+    Frame,
+    Handshake,
+    RemoteErrorEvent,
+    Side,
+    StreamRun,
+    Violation,
+    encode_frame,
+    error_payload,
     parse_error_payload,
 )
 
@@ -70,6 +89,12 @@ class Client:
         self._tasks: set[asyncio.Task] = set()
         self.closed_reason: ConnectionClosed | None = None
         self.hello: dict = {}
+        self.session = "*"
+        self.subscribed: tuple = ()
+        self._terminals: dict[int, Terminal] = {}
+        self._opening = 0  # terminals whose agent.run is in flight: their early output waits here
+        self._early: list = []
+        self._route_only = False  # a client made by open_terminal: nobody reads its queue
 
     @classmethod
     async def connect(cls, path: str | None = None, *, session: str = "*", subscribe=(), serve=None,
@@ -84,6 +109,8 @@ class Client:
                                    "(is `blink serve` running?)", "unreachable") from None
         self = cls(reader, writer, queue_size)
         self._handlers = dict(serve or {})
+        self.session = session
+        self.subscribed = tuple(subscribe)
         hs = {"role": "client", "session": session, "subscribe": list(subscribe),
               "serve": list(self._handlers), "boot": boot, "replay": replay, "flow": flow, **(extra or {})}
         self._conn.send_handshake(_encode(hs))
@@ -116,7 +143,7 @@ class Client:
                     t = type(ev)
                     if t is StreamRun:
                         for mtype, _, rid, fdata in ev.frames():
-                            await self._queue.put(Output(KINDS[mtype], rid, bytes(fdata[HEADER_SIZE:])))
+                            await self._put(Output(KINDS[mtype], rid, bytes(fdata[HEADER_SIZE:])))
                     elif t is Frame:
                         await self._frame(ev)
                     elif t is Handshake:
@@ -142,15 +169,68 @@ class Client:
                 if not fut.done():
                     fut.set_exception(reason)
             self._pending.clear()
+            for term in list(self._terminals.values()):
+                term._fail(reason)
             try:
                 self._queue.put_nowait(_END)
             except asyncio.QueueFull:
                 pass
 
+    async def _put(self, item) -> None:
+        """Deliver an Output or Event: to its terminal if it has one, else to the queue."""
+        if (self._terminals or self._opening) and self._to_terminal(item, early_ok=True):
+            term = self._terminals.get(item.request_id) if type(item) is Output else None
+            if term is not None:
+                await term._wait_room()  # lossless: stop reading while its reader is behind
+            return
+        if not self._route_only:
+            await self._queue.put(item)
+
+    def _to_terminal(self, item, early_ok: bool) -> bool:
+        if type(item) is Output:
+            term = self._terminals.get(item.request_id) if item.kind == "stream" else None
+            if term is not None:
+                term._feed(item.data)
+                return True
+            if item.kind == "stream" and self._opening and early_ok:
+                self._early.append(item)
+                return True
+            return False
+        ev = item.data
+        kind = ev.get("type")
+        if kind == "execution_result":
+            term = self._terminals.get(ev.get("execution_id"))  # type: ignore[arg-type]
+            if term is not None:
+                term._finish(ev)
+                return True
+            if self._opening and early_ok:
+                self._early.append(item)
+                return True
+        elif kind == "state" and ev.get("state") in ("agent_lost", "stopped", "failed"):
+            why = ConnectionClosed(f"session {ev.get('session')} is {ev.get('state')}: {ev.get('reason') or ''}",
+                                   str(ev.get("state")))
+            for term in list(self._terminals.values()):
+                term._fail(why)
+        return False
+
+    def _release_early(self) -> None:
+        """A terminal open ended: its early output goes to it, the rest where it belongs."""
+        if self._opening:
+            keep = [item for item in self._early if not self._to_terminal(item, early_ok=False)]
+            self._early = keep
+            return
+        early, self._early = self._early, []
+        for item in early:
+            if not self._to_terminal(item, early_ok=False) and not self._route_only:
+                try:
+                    self._queue.put_nowait(item)
+                except asyncio.QueueFull:
+                    pass
+
     async def _frame(self, ev: Frame) -> None:
         mt = ev.msg_type
         if mt in KINDS:
-            await self._queue.put(Output(KINDS[mt], ev.request_id, bytes(ev.payload)))
+            await self._put(Output(KINDS[mt], ev.request_id, bytes(ev.payload)))
         elif mt == MsgType.RPC_RESPONSE or mt == MsgType.RPC_ERROR:
             fut = self._pending.pop(ev.request_id, None)
             if fut is not None and not fut.done():
@@ -162,7 +242,7 @@ class Client:
             req = _decode(bytes(ev.payload))
             method = req.get("method") or req.get("event")
             if method == "vhub.event" and ev.request_id == 0:
-                await self._queue.put(Event(req.get("params") or {}))
+                await self._put(Event(req.get("params") or {}))
                 return
             task = asyncio.ensure_future(self._serve_one(ev.request_id, method, req.get("params")))
             self._tasks.add(task)
@@ -217,6 +297,48 @@ class Client:
     async def resize(self, request_id: int, rows: int, cols: int) -> None:
         self._writer.write(encode_frame(MsgType.TTY_RESIZE, request_id, _encode({"rows": rows, "cols": cols})))
         await self._writer.drain()
+
+    async def open_terminal(self, argv: list[str], rows: int = 24, cols: int = 80, *, term: str | None = None,
+                            env: dict | None = None, cwd: str | None = None,
+                            timeout: float | None = 60.0) -> Terminal:
+        """Start ``argv`` on a pseudo-terminal in this client's session; this client
+        is its writer. Needs a client attached to one session and subscribed to
+        ``stream`` and ``events``. Raises RemoteError (``spawn_failed``...)."""
+        if self.session == "*" or not {"stream", "events"} <= set(self.subscribed):
+            raise InvalidState("open_terminal needs a client of one session subscribed to stream and events")
+        params: dict = {"argv": list(argv), "tty": True, "rows": rows, "cols": cols}
+        if term:
+            params["term"] = term
+        if env:
+            params["env"] = env
+        if cwd:
+            params["cwd"] = cwd
+        self._opening += 1
+        try:
+            res = await self.call("agent.run", params, timeout=timeout)
+            if not isinstance(res, dict) or type(res.get("execution_id")) is not int:
+                raise RemoteError("bad_result", f"agent.run answered {res!r}")
+            terminal = Terminal(self, res["execution_id"], res.get("pid"))
+            self._terminals[terminal.execution_id] = terminal
+        finally:
+            self._opening -= 1
+            self._release_early()
+        return terminal
+
+    def watch_terminal(self, execution_id: int) -> Terminal:
+        """Follow a terminal someone else started (output from now on; with
+        ``replay`` the scrollback came first). Its writes are dropped by the
+        daemon unless :meth:`Terminal.take_over` made this client the writer.
+        Its output already queued here (e.g. the scrollback replay) comes first."""
+        terminal = Terminal(self, execution_id, None)
+        self._terminals[execution_id] = terminal
+        queued = []
+        while not self._queue.empty():
+            queued.append(self._queue.get_nowait())
+        for item in queued:
+            if type(item) is not Output or not self._to_terminal(item, early_ok=False):
+                self._queue.put_nowait(item)
+        return terminal
 
     async def sessions(self) -> list:
         return await self.call("vhub.sessions")
@@ -273,6 +395,160 @@ class Client:
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
+
+
+class Terminal:
+    """One terminal execution seen from a client: output as an async iterator of
+    raw byte chunks, keyboard input, window size, exit status.
+
+    Output is buffered up to ``limit`` bytes; past that the client stops reading
+    from the daemon (lossless flow: the program waits), so read what you open.
+    """
+
+    def __init__(self, client: Client, execution_id: int, pid: int | None, *, owns_client: bool = False,
+                 limit: int = 1 << 20):
+        self.client = client
+        self.execution_id = execution_id
+        self.pid = pid
+        self.result: dict | None = None
+        self._owns = owns_client
+        self._limit = limit
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._size = 0
+        self._changed = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._error: BaseException | None = None
+        self._ended = False
+        self._closed = False
+        self._read_once = False
+
+    # -- fed by the client's read loop --
+    def _feed(self, data: bytes) -> None:
+        if self._closed or self._ended:
+            return
+        self._chunks.append(data)
+        self._size += len(data)
+        if self._size > self._limit:
+            self._room.clear()
+        self._changed.set()
+
+    async def _wait_room(self) -> None:
+        if not self._room.is_set():
+            await self._room.wait()
+
+    def _finish(self, result: dict) -> None:
+        if not self._ended:
+            self.result = result
+            self._ended = True
+            self._changed.set()
+        self.client._terminals.pop(self.execution_id, None)
+
+    def _fail(self, exc: BaseException) -> None:
+        if not self._ended:
+            self._error = exc
+            self._ended = True
+            self._changed.set()
+            self._room.set()
+        self.client._terminals.pop(self.execution_id, None)
+
+    # -- public API --
+    async def write(self, data: bytes) -> None:
+        """Send keyboard input (raw bytes: ``b"\\x03"`` is Ctrl-C)."""
+        if self._closed:
+            raise InvalidState("terminal closed")
+        view = memoryview(data)
+        for i in range(0, len(view), 65536):
+            await self.client.send_stream(self.execution_id, bytes(view[i:i + 65536]))
+
+    async def resize(self, rows: int, cols: int) -> None:
+        """Set the window size (the program gets SIGWINCH)."""
+        await self.client.resize(self.execution_id, rows, cols)
+
+    async def read(self) -> bytes:
+        """The next output chunk; ``b""`` once the program ended and all was read.
+        Raises ConnectionClosed if the daemon or the session went away first."""
+        self._read_once = True
+        while not self._chunks:
+            if self._ended or self._closed:
+                if self._error is not None:
+                    raise self._error
+                return b""
+            self._changed.clear()
+            await self._changed.wait()
+        data = self._chunks.popleft()
+        self._size -= len(data)
+        if self._size <= self._limit:
+            self._room.set()
+        return data
+
+    def __aiter__(self) -> Terminal:
+        return self
+
+    async def __anext__(self) -> bytes:
+        data = await self.read()
+        if not data:
+            raise StopAsyncIteration
+        return data
+
+    async def wait(self, timeout: float | None = None) -> int:
+        """Wait for the end; the exit status as ``subprocess`` reports it
+        (``-N``: killed by signal N). On a terminal whose output was never read,
+        the output is discarded meanwhile (so it cannot stall the end)."""
+        async def ended() -> None:
+            while not self._ended:
+                if not self._read_once:
+                    self._chunks.clear()
+                    self._size = 0
+                    self._room.set()
+                self._changed.clear()
+                await self._changed.wait()
+
+        await asyncio.wait_for(ended(), timeout)
+        if self.result is None:
+            raise self._error or ConnectionClosed("terminal closed")
+        return int(self.result.get("exit_code", -1))
+
+    async def kill(self, signal: int | str = "SIGTERM") -> None:
+        """Signal the program's process group."""
+        await self.client.call("agent.kill", {"execution_id": self.execution_id, "signal": signal})
+
+    async def take_over(self) -> None:
+        """Make this client the terminal's writer (the previous one's input is dropped)."""
+        await self.client.call("vhub.takeover", {"execution_id": self.execution_id})
+
+    async def close(self) -> None:
+        """Stop following the terminal (the program keeps running); closes the
+        client too when :func:`open_terminal` made it."""
+        self._closed = True
+        self._room.set()
+        self._changed.set()
+        self.client._terminals.pop(self.execution_id, None)
+        if self._owns:
+            await self.client.close()
+
+    async def __aenter__(self) -> Terminal:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+async def open_terminal(session: str, argv: list[str], rows: int = 24, cols: int = 80, *,
+                        path: str | None = None, term: str | None = None, env: dict | None = None,
+                        cwd: str | None = None, boot: bool = True, timeout: float | None = 60.0) -> Terminal:
+    """Connect a client of its own to ``session`` (booting it on demand) and start
+    ``argv`` there on a pseudo-terminal; closing the Terminal closes that client."""
+    client = await Client.connect(path, session=session, subscribe=["stream", "events"], boot=boot,
+                                  timeout=timeout or 10.0)
+    client._route_only = True
+    try:
+        terminal = await client.open_terminal(argv, rows, cols, term=term, env=env, cwd=cwd, timeout=timeout)
+    except BaseException:
+        await client.close()
+        raise
+    terminal._owns = True
+    return terminal
 
 
 async def subscribe(path: str | None, session: str, streams=("stdout", "stderr"), replay: bool = True,

@@ -68,6 +68,7 @@ class DaemonConfig:
     cut_through: int = 256 * 1024
     initial_buffer: int = 2048
     tick: float = 1.0
+    status_interval: float = 2.0  # how often systemd's STATUS= is refreshed (sent only when it changed)
     close_grace: float = 5.0
     drain_timeout: float = 5.0
     allow_multiple_agents: bool = False
@@ -77,6 +78,7 @@ class DaemonConfig:
     idle_stop: float | None = None
     image: str | None = None
     agent_command: str | None = None
+    qemu_accel: str = "auto"  # qemu backend: auto (KVM if a probe VM runs), kvm, tcg
     once: bool = False
 
     def relay_config(self) -> RelayConfig:
@@ -87,22 +89,41 @@ class DaemonConfig:
                            default_backend=self.backend)
 
 
-def make_listeners(cfg: DaemonConfig) -> list[ListenerSpec]:
+def make_listeners(cfg: DaemonConfig, inherited: dict | None = None) -> list[ListenerSpec]:
+    """The listeners: sockets passed by systemd (``inherited``, by fd name,
+    see ``systemd.FD_NAMES``) where given, else bound here from ``cfg``. An
+    inherited socket has no ``owned_path``: it is never unlinked or re-bound."""
+    inherited = dict(inherited or {})
     specs = []
+
+    def take(name: str, role: str, **kw) -> bool:
+        socks = inherited.pop(name, [])
+        for sock in socks:
+            specs.append(ListenerSpec(name, role, sock, activated=True, **kw))
+        if socks:
+            log.info("socket activation: %s listener from systemd (%s)", name,
+                     ", ".join(str(s.getsockname()) for s in socks))
+        return bool(socks)
+
     try:
-        if cfg.socket:
+        if not take("vhub", "guest") and cfg.socket:
             specs.append(ListenerSpec("vhub", "guest", bind_unix(cfg.socket, cfg.socket_mode),
                                       owned_path=cfg.socket))
-        if cfg.tcp:
+        if not take("tcp", "guest", token_required=True) and cfg.tcp:
             host, port = parse_tcp(cfg.tcp)
             specs.append(ListenerSpec("tcp", "guest", bind_tcp(host, port), token_required=True))
-        if cfg.vsock_port is not None:
+        if not take("vsock", "guest") and cfg.vsock_port is not None:
             specs.append(ListenerSpec("vsock", "guest", bind_vsock(cfg.vsock_port)))
-        control = cfg.control or default_control_path()
-        specs.append(ListenerSpec("control", "client", bind_unix(control, cfg.control_mode), owned_path=control))
+        if not take("control", "client"):
+            control = cfg.control or default_control_path()
+            specs.append(ListenerSpec("control", "client", bind_unix(control, cfg.control_mode),
+                                      owned_path=control))
     except Exception:
         for s in specs:
             s.sock.close()
+        for socks in inherited.values():
+            for sock in socks:
+                sock.close()
         raise
     return specs
 
@@ -122,19 +143,24 @@ def resolve_backend(cfg: DaemonConfig) -> str:
 
 
 async def run_daemon(cfg: DaemonConfig, ready: asyncio.Event | None = None) -> int:
+    from . import systemd as sd
     from .backends import make_backend
     from .boot import BootManager
 
     loop = asyncio.get_running_loop()
+    inherited = sd.activation_sockets()  # {} unless socket-activated; unsets LISTEN_*
     cfg.backend = resolve_backend(cfg)
-    if cfg.backend == "boxlite" and not cfg.tcp:
+    if cfg.backend == "boxlite" and not cfg.tcp and "tcp" not in inherited:
         cfg.tcp = "127.0.0.1:0"  # BoxLite guests reach the host over loopback TCP
     state_dir = cfg.state_dir or default_state_dir()
     relay = Relay(cfg.relay_config(), loop.call_later)
     server = Server(cfg, relay, loop)
-    specs = make_listeners(cfg)
+    relay.on_stats = lambda: {"connections": len(server.peers), "tasks": len(asyncio.all_tasks())}
+    specs = make_listeners(cfg, inherited)
     try:
-        backend = make_backend(cfg.backend, state_dir=state_dir, image=cfg.image, agent_command=cfg.agent_command)
+        extra = {"server": server, "accel": cfg.qemu_accel} if cfg.backend == "qemu" else {}
+        backend = make_backend(cfg.backend, state_dir=state_dir, image=cfg.image, agent_command=cfg.agent_command,
+                               **extra)
     except Exception as exc:
         for spec in specs:
             spec.sock.close()
@@ -143,19 +169,31 @@ async def run_daemon(cfg: DaemonConfig, ready: asyncio.Event | None = None) -> i
         port = next(s.sock.getsockname()[1] for s in specs if s.name == "tcp")
         addr = f"tcp://host.boxlite.internal:{port}"
     else:
-        addr = f"unix:{cfg.socket}"
+        guest = next((s for s in specs if s.name == "vhub"), None)
+        addr = f"unix:{guest.owned_path or guest.sock.getsockname() if guest else cfg.socket}"
     boots = BootManager(relay, backend, state_dir=state_dir, agent_addr=addr, boot_timeout=cfg.boot_timeout,
                         idle_stop=cfg.idle_stop)
     await server.start(specs)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    names = ", ".join(f"{s.name}={s.owned_path or s.sock.getsockname()}" for s in specs)
-    log.info("vhubd ready pid=%d listeners: %s; backend=%s codec=%s", os.getpid(), names, cfg.backend,
-             _codec_name())
+    sd.install_debug_hang(loop)  # watchdog test hook, off unless VHUBD_DEBUG_HANG_ON_SIGUSR2 is set
+    names = ", ".join(f"{s.name}={s.owned_path or s.sock.getsockname()}{' (systemd)' if s.activated else ''}"
+                      for s in specs)
+    log.info("vhubd ready pid=%d listeners: %s; backend=%s codec=%s systemd=%s", os.getpid(), names, cfg.backend,
+             _codec_name(), sd.IMPL.name)
+
+    def status() -> str:
+        return (f"{len(relay.registry)} sessions, {len(relay.guests)} agents, {len(relay.clients)} clients, "
+                f"{len(server.peers)} connections")
+
+    notifier = sd.Notifier(status_interval=cfg.status_interval)
+    notifier.ready(status())  # every listener is live and the backend initialised
+    notifier.start(loop, status)
     if ready is not None:
         ready.set()
     await stop.wait()
+    notifier.stopping(f"draining {len(server.peers)} connections")
     log.info("shutting down: draining %d connections", len(server.peers))
     await boots.close()
     await server.shutdown(cfg.drain_timeout)
@@ -183,9 +221,16 @@ async def run_once(cfg: DaemonConfig) -> int:
     """Blink's ``blink-cli serve``: one guest, answer its handshake, copy its
     output to our stdout/stderr, answer the first RpcRequest with ``{}``,
     print that request's payload as one line, exit 0."""
+    from . import systemd as sd
+
     loop = asyncio.get_running_loop()
+    inherited = sd.activation_sockets()
+    guest = inherited.pop("vhub", [])
+    for socks in inherited.values():
+        for extra in socks:
+            extra.close()
     path = cfg.socket or DEFAULT_SOCKET
-    sock = bind_unix(path, cfg.socket_mode)
+    sock = guest[0] if guest else bind_unix(path, cfg.socket_mode)
     accepted: asyncio.Future = loop.create_future()
 
     def on_client(reader, writer):
@@ -252,10 +297,11 @@ async def run_once(cfg: DaemonConfig) -> int:
                 writer.write(b"".join(pending))
     finally:
         server.close()
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+        if not guest:  # a socket from systemd is never unlinked
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
 
 def serve(cfg: DaemonConfig) -> int:

@@ -19,13 +19,22 @@ from __future__ import annotations
 
 import enum
 import sys
+import threading
 
 import msgspec
 
 from . import codec, errors
 from .frames import (
-    DEFAULT_MAX_PAYLOAD, HEADER_SIZE, OK, PENDING_HEADER, PENDING_MORE, PENDING_NONE,
-    PENDING_PAYLOAD, PONG_PAYLOAD, STREAM_MASK, STREAM_TYPES, MsgType,
+    DEFAULT_MAX_PAYLOAD,
+    HEADER_SIZE,
+    OK,
+    PENDING_HEADER,
+    PENDING_MORE,
+    PENDING_PAYLOAD,
+    PONG_PAYLOAD,
+    STREAM_MASK,
+    STREAM_TYPES,
+    MsgType,
 )
 
 _getrefcount = sys.getrefcount
@@ -34,6 +43,8 @@ _SPARE_FREE = _getrefcount(_probe[0])  # refcount of a list-held bytearray with 
 del _probe
 _json_encode = msgspec.json.encode
 _json_decode = msgspec.json.decode
+
+RESERVE_AHEAD = 64 * 1024  # what a partial frame may make us allocate beyond 2x its received bytes
 
 HT = int(MsgType.HANDSHAKE)
 HB = int(MsgType.HEARTBEAT)
@@ -202,6 +213,23 @@ def parse_error_payload(payload) -> tuple[str, str]:
     return "error", bytes(payload[:200]).decode("utf-8", "replace")
 
 
+_scanners = threading.local()
+
+
+def shared_scanner(impl):
+    """The batch scanner of ``impl`` for this thread, shared by every
+    Connection: a scan's headers are read before the next scan starts, and a
+    scanner per connection (4096 headers, 160 KiB) made every idle connection
+    cost that much."""
+    cache = getattr(_scanners, "cache", None)
+    if cache is None:
+        cache = _scanners.cache = {}
+    sc = cache.get(impl)
+    if sc is None:
+        sc = cache[impl] = impl.Scanner(4096)
+    return sc
+
+
 # --- the receive buffer -------------------------------------------------------
 
 class ReceiveBuffer:
@@ -327,7 +355,7 @@ class Connection:
         self.state = State.HANDSHAKE
         self.rx = ReceiveBuffer(initial_buffer, max(cut_through, initial_buffer))
         self._codec = codec_impl or codec
-        self._scanner = self._codec.Scanner(4096)
+        self._scanner = shared_scanner(self._codec)
         self._out: list[bytes] = []
         self._remaining = 0  # payload bytes of a cut-through frame still to come
         self._handshake_sent = False
@@ -455,7 +483,10 @@ class Connection:
                 self.frames_received += 1
                 rx.start = rx.end
             else:
-                rx.reserve(total)  # the whole frame will fit when it arrives
+                # room for the whole frame, but never much more than the peer
+                # has actually sent: a bare header claiming 16 MiB must not
+                # make us allocate 16 MiB (memory follows bytes received)
+                rx.reserve(min(total, max(2 * (rx.end - rx.start), RESERVE_AHEAD)))
         elif pending == PENDING_HEADER:
             rx.reserve(HEADER_SIZE)
         return False

@@ -5,8 +5,10 @@ rewriting both ways, fan-out of stream frames to subscribers and the
 scrollback ring, daemon calls (``vhub.*``), timeouts and backpressure
 decisions. It works on *peers*: objects with ``conn`` (a protocol.Connection),
 ``write(data)``, ``close()``, ``pause_reading()``, ``resume_reading()``,
-``write_buffer_size()`` and ``label``. It never touches sockets itself; the
-server module gives it peers and a ``call_later``.
+``write_buffer_size()``, ``write_frame_part(data, last)`` (the bytes of a
+cut-through frame; other writes to that peer wait until its last part) and
+``label``. It never touches sockets itself; the server module gives it peers
+and a ``call_later``.
 """
 
 from __future__ import annotations
@@ -14,15 +16,23 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import msgspec
 
 from . import codec, frames
 from .frames import HEADER_SIZE, MsgType
 from .protocol import (
-    Frame, Handshake, Ping, Pong, RemoteErrorEvent, StreamChunk, StreamRun, StreamStart, Violation,
-    encode_frame, error_payload,
+    Frame,
+    Handshake,
+    RemoteErrorEvent,
+    StreamChunk,
+    StreamRun,
+    StreamStart,
+    Violation,
+    encode_frame,
+    error_payload,
 )
 from .sessions import InvalidName, Session, SessionRegistry, State, new_token, validate_name
 
@@ -113,16 +123,21 @@ class Relay:
                  backends: Any = None, on_stats: Callable | None = None):
         self.config = config
         self.call_later = call_later
+        self.on_stats = on_stats  # extra vhub.stats figures from the I/O layer (connections, tasks)
         self.registry = SessionRegistry(config.scrollback, on_change=self._state_changed)
         self.guests: set = set()
+        self.session_guests: dict = {}  # Session -> its guest peers (agent and attached): what backpressure pauses
         self.clients: set = set()
         self.star_clients: set = set()  # clients attached to "*"
         self.started = time.time()
         self.counters: dict[str, int] = {
             "guests_accepted": 0, "clients_accepted": 0, "refused": 0, "violations": 0,
             "frames_in": 0, "stream_frames": 0, "stream_bytes": 0, "rpc_forwarded": 0,
-            "rpc_timeouts": 0, "slow_consumers": 0,
+            "rpc_timeouts": 0, "slow_consumers": 0, "tty_input_dropped": 0,
         }
+        # terminal executions (agent.run with tty): (session, execution id) -> the one
+        # client whose StreamData/TtyResize reach the agent (None: the seat is free)
+        self.tty_writers: dict[tuple[str, int], Any] = {}
         self.backends = backends  # sessions issue: boot on demand
         if config.anonymous_session:
             sess = self.registry.create(config.anonymous_session, "external", anonymous=True)
@@ -140,7 +155,14 @@ class Relay:
         name: str | None
         info: dict = {}
         if fixed_session is not None:
+            # the transport names the session (a VM's own vsock device): whatever the
+            # payload claims, only its agent details and the attach flag count
             name = fixed_session
+            try:
+                decoded = _decode(payload) if payload.strip() else {}
+                info = decoded if isinstance(decoded, dict) else {}
+            except msgspec.DecodeError:
+                info = {}
         elif not payload.strip():
             name = None
         else:
@@ -186,8 +208,11 @@ class Relay:
                 return self._refuse(peer, "session_required", "attach needs a session and its token")
             peer.rs.session = sess
             peer.rs.attached = True
+            self.session_guests.setdefault(sess, set()).add(peer)
             peer.conn.accept(frames.READY_PAYLOAD, ev.request_id)
             peer.flush()
+            if any(sess in c.rs.sessions_blocked for c in (*sess.clients, *self.star_clients)):
+                peer.pause_reading()  # lossless subscribers are full: it waits like the agent
             self.counters["guests_accepted"] += 1
             log.info("guest attached session=%s peer=%s", sess.name, peer.label)
             return True
@@ -198,6 +223,7 @@ class Relay:
         peer.rs.session = sess
         peer.rs.ack = bool(info.get("ack")) and isinstance(info.get("ack"), bool)
         sess.agent = peer
+        self.session_guests.setdefault(sess, set()).add(peer)
         sess.agent_info = {k: info[k] for k in ("agent", "pid", "version") if k in info}
         sess.agent_info["peer"] = peer.label
         sess.last_activity = time.monotonic()
@@ -228,7 +254,15 @@ class Relay:
         if sess is None:
             return
         sess.last_activity = time.monotonic()
-        for ev in events:
+        for i, ev in enumerate(events):
+            ct = sess.cut_through
+            if ct is not None and ct.source is not peer:
+                # another guest of this session (attached, or --multiple-agents) is in the
+                # middle of a cut-through frame: its subscribers must not get these bytes
+                # inside that frame's payload. Hold them (and this guest) until it ends.
+                ct.waiting.append((peer, events[i:]))
+                peer.pause_reading()
+                break
             t = type(ev)
             if t is StreamRun:
                 self._fan_out(sess, ev.data, ev.type_mask, ev)
@@ -244,7 +278,7 @@ class Relay:
                     self._answer(peer, ev)
                 # TtyResize / unknown-direction frames from a guest: ignored
             elif t is StreamStart:
-                self._cut_through_start(sess, ev)
+                self._cut_through_start(sess, ev, peer)
                 peer.rs.stream_frames += 1
             elif t is StreamChunk:
                 self._cut_through_chunk(sess, ev)
@@ -283,6 +317,12 @@ class Relay:
             return
         self._fail_inflight(peer, "agent_lost", f"the agent disconnected: {reason}")
         sess = rs.session
+        if sess is not None and sess in self.session_guests:
+            self.session_guests[sess].discard(peer)
+            if not self.session_guests[sess]:
+                del self.session_guests[sess]
+        if sess is not None and sess.cut_through is not None and sess.cut_through.source is peer:
+            self._cut_through_lost(sess, peer)
         if sess is not None and sess.agent is peer:
             sess.agent = None
             if sess.state is State.READY:
@@ -300,8 +340,7 @@ class Relay:
 
     def _fan_out(self, sess: Session, data: memoryview, mask: int, run: StreamRun | None) -> None:
         self.counters["stream_bytes"] += len(data)
-        ring = sess.scrollback
-        ring.append(bytes(data) if len(data) <= ring.capacity else bytes(newest_frames(data, ring.capacity)))
+        sess.scrollback.append(data)
         for c in sess.clients:
             self._deliver(c, data, mask, run)
         for c in self.star_clients:
@@ -327,13 +366,14 @@ class Relay:
             c.abort_with_error("slow_consumer", "subscriber too slow: its output buffer passed "
                                                 f"{self.config.lossy_limit} bytes")
 
-    def _cut_through_start(self, sess: Session, ev: StreamStart) -> None:
+    def _cut_through_start(self, sess: Session, ev: StreamStart, source=None) -> None:
         mask = frames.TYPE_BIT[ev.msg_type]
         targets = [c for c in self._subscribers(sess) if c.rs.subscribe_mask & mask and c.rs.joined]
         ct = sess.cut_through = CutThrough(targets, ev, sess.scrollback.capacity - HEADER_SIZE)
+        ct.source = source
         self.counters["stream_bytes"] += len(ev.data)
         for c in targets:
-            c.write(ev.data)
+            c.write_frame_part(ev.data, False)
             self._check_lossy(c)
         ct.keep_tail(ev.data[HEADER_SIZE:])
 
@@ -342,16 +382,41 @@ class Relay:
         self.counters["stream_bytes"] += len(ev.data)
         for c in ct.targets:
             if not c.closed:
-                c.write(ev.data)
+                c.write_frame_part(ev.data, ev.remaining == 0)
                 self._check_lossy(c, at_boundary=ev.remaining == 0)
         ct.keep_tail(ev.data)
         if ev.remaining == 0:
             frame = ct.frame_for_scrollback()
             if frame:
                 sess.scrollback.append(frame)
-            sess.cut_through = None
-            for c in list(sess.clients) + list(self.star_clients):
-                c.rs.joined = True
+            self._end_cut_through(sess)
+
+    def _end_cut_through(self, sess: Session) -> None:
+        """The frame in flight is over: everyone joins again, and what other
+        guests sent meanwhile goes out now, in order."""
+        ct, sess.cut_through = sess.cut_through, None
+        for c in list(sess.clients) + list(self.star_clients):
+            c.rs.joined = True
+        waiting, ct.waiting = ct.waiting, []
+        for peer, events in waiting:  # a guest that left meanwhile still had these frames accepted
+            self.guest_events(peer, events)  # may start the next cut-through frame, or wait again
+            now = sess.cut_through
+            held = now is not None and any(p is peer for p, _ in now.waiting)
+            if not held and not any(sess in c.rs.sessions_blocked for c in (*sess.clients, *self.star_clients)):
+                peer.resume_reading()
+
+    def _cut_through_lost(self, sess: Session, peer) -> None:
+        """The guest sending a cut-through frame is gone mid-frame: its
+        subscribers hold a partial frame that can never be completed (and an
+        Error frame would land inside its payload), so they are closed; the
+        rest of the frame was never accepted and the scrollback does not keep it."""
+        ct = sess.cut_through
+        for c in ct.targets:
+            if not c.closed:
+                log.warning("closing subscriber peer=%s: the guest %s left in the middle of a frame",
+                            c.label, peer.label)
+                c.close()
+        self._end_cut_through(sess)
 
     def _check_lossy(self, c, at_boundary: bool = False) -> None:
         if c.rs.lossy and c.write_buffer_size() > self.config.lossy_limit:
@@ -386,6 +451,8 @@ class Relay:
             return
         if method == "execution_result" and "method" not in req:
             sess.last_result = req
+            if self.tty_writers and type(req.get("execution_id")) is int:
+                self.tty_writers.pop((sess.name, req["execution_id"]), None)
             self._publish(sess, {"type": "execution_result", **req})
             if rid:
                 peer.write(rpc_result_frame(rid, {}))
@@ -442,6 +509,9 @@ class Relay:
             timer.cancel()
         if origin.closed:
             return
+        if peer.rs.role == "guest" and ev.msg_type == RPC_RESPONSE and len(ev.data) < 512 \
+                and b'"tty"' in bytes(ev.payload):
+            self._terminal_started(peer, origin, ev)
         codec.rewrite_request_id(ev.data, 0, origin_id)
         origin.write(ev.data)
 
@@ -458,7 +528,7 @@ class Relay:
         peer.rs = PeerState("client")
         self.clients.add(peer)
 
-    def client_handshake(self, peer, ev: Handshake) -> bool:
+    def client_handshake(self, peer, ev: Handshake) -> bool | None:
         try:
             hs = _decode(bytes(ev.payload)) if bytes(ev.payload).strip() else {}
             if not isinstance(hs, dict):
@@ -563,8 +633,42 @@ class Relay:
 
     def _to_agent(self, peer, ev) -> None:
         sess = peer.rs.session
-        if sess is not None and sess.agent is not None:
+        if sess is None or sess.agent is None:
+            return
+        if not self.tty_writers:
             sess.agent.write(ev.data)
+        elif type(ev) is Frame:
+            if self._may_write(peer, sess, ev.request_id):
+                sess.agent.write(ev.data)
+        else:
+            for _, _, rid, data in ev.frames():
+                if self._may_write(peer, sess, rid):
+                    sess.agent.write(data)
+
+    # ---------------------------------------------------------------- terminals: one writer
+    def _terminal_started(self, guest, origin, ev: Frame) -> None:
+        """An agent answered ``{"execution_id": N, "tty": true}``: the client that
+        started terminal N is its writer."""
+        try:
+            res = ev.json()
+        except Exception:
+            return
+        if isinstance(res, dict) and res.get("tty") is True and type(res.get("execution_id")) is int \
+                and guest.rs.session is not None:
+            self.tty_writers[(guest.rs.session.name, res["execution_id"])] = origin
+
+    def _may_write(self, peer, sess: Session, rid: int) -> bool:
+        """Input for a terminal reaches the agent only from its writer; a free seat
+        (the writer left) goes to the first client that types. Other stream ids pass."""
+        key = (sess.name, rid)
+        writer = self.tty_writers.get(key, peer)
+        if writer is peer:
+            return True
+        if writer is None or writer.closed:
+            self.tty_writers[key] = peer
+            return True
+        self.counters["tty_input_dropped"] += 1
+        return False
 
     def _client_rpc(self, peer, ev: Frame) -> None:
         rid = ev.request_id
@@ -615,6 +719,9 @@ class Relay:
         if rs is None:
             return
         self._fail_inflight(peer, "handler_lost", f"the host client {peer.label} serving this call disconnected")
+        for key, writer in self.tty_writers.items():
+            if writer is peer:
+                self.tty_writers[key] = None
         if rs.session is not None:
             rs.session.clients.discard(peer)
             rs.session.last_activity = time.monotonic()
@@ -623,8 +730,10 @@ class Relay:
             self.backends.client_gone(rs.session)
 
     # ---------------------------------------------------------------- backpressure
-    def writer_paused(self, peer) -> None:
-        """A destination's transport is above its high-water mark."""
+    def writer_paused(self, peer, frame_in_flight: bool = False) -> None:
+        """A destination's transport is above its high-water mark (or, with
+        ``frame_in_flight``, what waits behind a cut-through frame to it is:
+        then the guest sending that frame goes on, so that it can end)."""
         rs = getattr(peer, "rs", None)
         if rs is None:
             return
@@ -634,8 +743,9 @@ class Relay:
             sessions = list(self.registry) if rs.all_sessions else [rs.session] if rs.session else []
             for s in sessions:
                 rs.sessions_blocked.add(s)
-                if s.agent is not None:
-                    s.agent.pause_reading()
+                for g in self.session_guests.get(s, ()):
+                    if not (frame_in_flight and s.cut_through is not None and s.cut_through.source is g):
+                        g.pause_reading()
         else:
             sess = rs.session
             if sess is not None:
@@ -649,9 +759,9 @@ class Relay:
         if rs.role == "client":
             blocked, rs.sessions_blocked = rs.sessions_blocked, set()
             for s in blocked:
-                if s.agent is not None and not any(
-                        s in c.rs.sessions_blocked for c in list(s.clients) + list(self.star_clients)):
-                    s.agent.resume_reading()
+                if not any(s in c.rs.sessions_blocked for c in list(s.clients) + list(self.star_clients)):
+                    for g in self.session_guests.get(s, ()):
+                        g.resume_reading()
         else:
             sess = rs.session
             if sess is not None:
@@ -689,7 +799,10 @@ class Relay:
             return [s.info() for s in self.registry]
         if method == "vhub.stats":
             return {**self.daemon_info(), "counters": dict(self.counters),
-                    "scrollback_bytes": sum(s.scrollback.size for s in self.registry)}
+                    "scrollback_bytes": sum(s.scrollback.size for s in self.registry),
+                    "inflight_rpcs": sum(len(p.rs.inflight) for p in (*self.guests, *self.clients)
+                                         if p.rs is not None),
+                    **(self.on_stats() if self.on_stats is not None else {})}
         if method == "vhub.info":
             name = params.get("session")
             if name is None:
@@ -705,7 +818,7 @@ class Relay:
         if method == "vhub.register":
             name = params.get("session")
             try:
-                validate_name(name)
+                name = validate_name(name)
             except InvalidName as exc:
                 raise RpcFailure(exc.code, str(exc)) from None
             sess = self.registry.get(name)
@@ -731,6 +844,13 @@ class Relay:
             else:
                 self.backends.stop_call(peer, rid, sess_name)
             return _DEFERRED
+        if method == "vhub.takeover":
+            eid = params.get("execution_id")
+            sess = peer.rs.session
+            if sess is None or type(eid) is not int or (sess.name, eid) not in self.tty_writers:
+                raise RpcFailure("no_such_terminal", f"no terminal execution {eid!r} in this client's session")
+            self.tty_writers[(sess.name, eid)] = peer
+            return {"session": sess.name, "execution_id": eid, "writer": True}
         raise RpcFailure("no_such_method", f"unknown daemon call {method!r}")
 
     def _session_param(self, params: dict) -> Session:
@@ -746,10 +866,12 @@ class CutThrough:
     ``keep`` payload bytes for the scrollback (nothing when the ring is too
     small to hold any of it)."""
 
-    __slots__ = ("targets", "head", "keep", "parts", "size")
+    __slots__ = ("targets", "head", "keep", "parts", "size", "source", "waiting")
 
     def __init__(self, targets: list, ev: StreamStart, room: int):
         self.targets = targets
+        self.source = None  # the guest peer sending it
+        self.waiting: list = []  # (peer, events) of other guests of the session, held until it ends
         self.head = bytearray(ev.data[:HEADER_SIZE])
         self.keep = max(0, min(ev.length, room))
         self.parts: list[bytes] = []
@@ -790,16 +912,6 @@ def _version() -> str:
     from . import __version__
 
     return __version__
-
-
-def newest_frames(data: memoryview, limit: int) -> memoryview:
-    """The longest tail of whole frames of ``data`` (complete frames only)
-    that fits in ``limit`` bytes: what a small scrollback ring can keep of a
-    batch larger than itself."""
-    off, end = 0, len(data)
-    while end - off > limit:
-        off += HEADER_SIZE + int.from_bytes(data[off + 8:off + 12], "little")
-    return data[off:]
 
 
 def run_of(chunk: bytes) -> StreamRun:

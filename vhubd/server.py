@@ -18,6 +18,7 @@ import os
 import socket
 import stat
 import struct
+import sys
 import time
 
 from . import frames
@@ -26,18 +27,22 @@ from .relay import Relay
 
 log = logging.getLogger("vhubd")
 _monotonic = time.monotonic
+# Slowloris: a peer in the middle of a frame must finish it, or send at least
+# this many bytes a second, over each stall_timeout window (not only "some byte").
+MIN_FRAME_RATE = 1024
 
 
 class ListenerSpec:
     """What a listener accepts: ``role`` guest|client, tokens, a fixed session."""
 
     def __init__(self, name: str, role: str, sock: socket.socket, *, token_required: bool = False,
-                 owned_path: str | None = None, fixed_session: str | None = None):
+                 owned_path: str | None = None, fixed_session: str | None = None, activated: bool = False):
         self.name = name
         self.role = role
         self.sock = sock
         self.token_required = token_required
         self.owned_path = owned_path  # a path we bound ourselves (and so remove at exit)
+        self.activated = activated  # passed by systemd: never unlinked or re-bound (owned_path is None)
         self.fixed_session = fixed_session
         self.server: asyncio.AbstractServer | None = None
 
@@ -50,8 +55,11 @@ class Peer(asyncio.BufferedProtocol):
         self.spec = spec
         self.relay = hub.relay
         self.transport: asyncio.Transport | None = None
+        # only guest output is forwarded cut-through; a client's StreamData goes to
+        # one agent as a whole frame (the relay has no cut-through path towards agents)
         self.conn = Connection(Side.SERVER, max_payload=hub.config.max_payload,
-                               cut_through=hub.config.cut_through, initial_buffer=hub.config.initial_buffer)
+                               cut_through=hub.config.cut_through if spec.role == "guest" else 1 << 62,
+                               initial_buffer=hub.config.initial_buffer)
         self.handshaken = False
         self.closed = False
         self.label = "?"
@@ -61,8 +69,16 @@ class Peer(asyncio.BufferedProtocol):
         self.last_ping = now
         self.ping_id = 0
         self.read_paused = False
+        self.write_paused = False  # the transport is above its high-water mark
+        # while a cut-through frame is being written to this peer, everything else
+        # written to it (pings, pongs, RPC answers, events) waits here: inside the
+        # frame's payload it would corrupt the stream
+        self.held: list | None = None
+        self.held_bytes = 0
+        self.held_paused = False
         self.awaiting_boot = False
         self.rs = None
+        self.frame_mark: tuple[float, int, int] | None = None  # (since, bytes, frames) while mid-frame
 
     # -- asyncio callbacks (never raise) --
     def connection_made(self, transport) -> None:
@@ -158,19 +174,54 @@ class Peer(asyncio.BufferedProtocol):
         self.transport = None
 
     def pause_writing(self) -> None:
+        self.write_paused = True
         self.relay.writer_paused(self)
 
     def resume_writing(self) -> None:
+        self.write_paused = False
         self.relay.writer_resumed(self)
 
     # -- what the relay calls --
     def write(self, data) -> None:
         if self.transport is not None and not self.closed:
+            if self.held is not None:
+                self._hold(data)
+                return
             self.transport.write(data)
+
+    def write_frame_part(self, data, last: bool) -> None:
+        """Bytes of a cut-through frame: written now; any other write waits
+        until the ``last`` part is out."""
+        if self.transport is None or self.closed:
+            return
+        if self.held is None:
+            self.held = []
+        self.transport.write(data)
+        if last:
+            held, self.held, self.held_bytes = self.held, None, 0
+            if held:
+                self.transport.writelines(held)
+            if self.held_paused:
+                self.held_paused = False
+                if not self.write_paused:
+                    self.relay.writer_resumed(self)
+
+    def _hold(self, data) -> None:
+        self.held.append(bytes(data))
+        self.held_bytes += len(data)
+        if self.held_bytes > self.hub.config.high_water:
+            # backpressure counts what waits here too (a '*' subscriber gets other
+            # sessions' output): pause its sources, except the frame in flight
+            self.held_paused = True
+            self.relay.writer_paused(self, frame_in_flight=True)
 
     def flush(self) -> None:
         out = self.conn.data_to_send()
         if out and self.transport is not None:
+            if self.held is not None and not self.closed:
+                for d in out:
+                    self._hold(d)
+                return
             self.transport.writelines(out)
 
     def close(self) -> None:
@@ -186,14 +237,16 @@ class Peer(asyncio.BufferedProtocol):
     def abort_with_error(self, code: str, message: str) -> None:
         if self.closed or self.transport is None:
             return
-        self.transport.write(encode_frame(frames.MsgType.ERROR, 0, error_payload(code, message)))
+        if self.held is None:  # never inside a cut-through frame's payload
+            self.transport.write(encode_frame(frames.MsgType.ERROR, 0, error_payload(code, message)))
         self.closed = True
         self.transport.close()
-        self.hub.loop.call_later(1.0, self._abort)
+        self.hub.loop.call_later(self.hub.config.close_grace, self._abort)
 
     def pause_reading(self) -> None:
         if not self.read_paused and self.transport is not None and not self.closed:
             self.read_paused = True
+            self.frame_mark = None  # a paused peer's slowness is ours
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
@@ -203,7 +256,7 @@ class Peer(asyncio.BufferedProtocol):
             self.transport.resume_reading()
 
     def write_buffer_size(self) -> int:
-        return self.transport.get_write_buffer_size() if self.transport is not None else 0
+        return (self.transport.get_write_buffer_size() if self.transport is not None else 0) + self.held_bytes
 
     def set_write_limits(self, high: int) -> None:
         if self.transport is not None:
@@ -219,10 +272,13 @@ class Peer(asyncio.BufferedProtocol):
                 self._timeout("handshake_timeout", f"no handshake within {cfg.handshake_timeout:g} s")
             return
         if self.read_paused:
+            self.frame_mark = None
             return  # we stopped reading it (backpressure): its silence is ours, not a stall
         idle = now - self.last_rx
         if self.conn.mid_frame and idle > cfg.stall_timeout:
             self._timeout("stalled", f"no bytes for {cfg.stall_timeout:g} s in the middle of a frame")
+            return
+        if self._dripping(now, cfg.stall_timeout):
             return
         if cfg.heartbeat_interval > 0:
             if self.conn.pongs_received and idle > cfg.dead_after:
@@ -234,6 +290,27 @@ class Peer(asyncio.BufferedProtocol):
                 self.write(encode_frame(frames.MsgType.HEARTBEAT, self.ping_id))
         if idle > 2.0 and not self.conn.mid_frame:
             self.conn.rx.shrink()
+
+    def _dripping(self, now: float, window: float) -> bool:
+        """Close a peer that keeps one frame open by dripping bytes (slowloris):
+        no frame finished and under MIN_FRAME_RATE for a whole window."""
+        conn = self.conn
+        if not conn.mid_frame:
+            self.frame_mark = None
+            return False
+        mark = self.frame_mark
+        if mark is None or mark[2] != conn.frames_received:
+            self.frame_mark = (now, conn.bytes_received, conn.frames_received)
+            return False
+        since, got = now - mark[0], conn.bytes_received - mark[1]
+        if since <= window:
+            return False
+        if got < MIN_FRAME_RATE * since:
+            self._timeout("stalled", f"a frame open for {since:.0f} s at {got / since:.0f} bytes/s "
+                                     f"(the minimum mid-frame is {MIN_FRAME_RATE} bytes/s)")
+            return True
+        self.frame_mark = (now, conn.bytes_received, conn.frames_received)
+        return False
 
     def _timeout(self, code: str, message: str) -> None:
         log.warning("closing peer=%s code=%s %s", self.label, code, message)
@@ -257,7 +334,11 @@ class Server:
         for spec in specs:
             factory = functools.partial(Peer, self, spec)
             if spec.sock.family == socket.AF_UNIX:
-                spec.server = await self.loop.create_unix_server(factory, sock=spec.sock, backlog=1024)
+                kw: dict = {}
+                if spec.owned_path is None and sys.version_info >= (3, 13) \
+                        and isinstance(self.loop, asyncio.BaseEventLoop):
+                    kw["cleanup_socket"] = False  # asyncio >= 3.13 would unlink a path systemd gave us
+                spec.server = await self.loop.create_unix_server(factory, sock=spec.sock, backlog=1024, **kw)
             else:
                 spec.server = await self.loop.create_server(factory, sock=spec.sock, backlog=1024)
             self.listeners.append(spec)

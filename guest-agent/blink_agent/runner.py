@@ -119,6 +119,14 @@ class ExecutionManager:
         self.hub.serve("agent.kill", self.rpc_kill)
         self.hub.serve("agent.ping", self.rpc_ping)
         self.hub.serve("agent.info", self.rpc_info)
+        if self.hub.on_stream is None:
+            self.hub.on_stream = self.on_stream
+
+    def on_stream(self, msg_type: int, request_id: int, payload: bytes) -> None:
+        """Host StreamData (keyboard input) / TtyResize for a terminal execution."""
+        from . import pty
+
+        pty.deliver(self, msg_type, request_id, payload)
 
     # -- RPC methods ---------------------------------------------------------------
 
@@ -152,8 +160,40 @@ class ExecutionManager:
             isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0
         ):
             raise _bad_params("timeout must be a positive number of seconds")
+        if params.get("tty"):
+            if stdin_data is not None:
+                raise _bad_params("stdin does not combine with tty: send keyboard input as StreamData")
+            return await self.start_tty(argv, params, env=env_over, cwd=cwd, timeout=timeout)
         execution = await self.start(argv, env=env_over, cwd=cwd, stdin=stdin_data, timeout=timeout)
         return {"execution_id": execution.id, "pid": execution.pid}
+
+    async def start_tty(
+        self,
+        argv: list[str],
+        params: dict[str, Any],
+        *,
+        env: dict[str, str | None] | None,
+        cwd: str | None,
+        timeout: float | None,
+    ) -> dict[str, Any]:
+        """``agent.run`` with ``"tty": true``: see :mod:`blink_agent.pty`."""
+        from . import pty
+
+        rows, cols, term = pty.parse_params(params)
+        execution = await pty.start_tty(
+            self, argv, env=self._env(env), cwd=cwd, rows=rows, cols=cols, term=term, timeout=timeout
+        )
+        return {"execution_id": execution.id, "pid": execution.pid, "tty": True}
+
+    @staticmethod
+    def _env(env: dict[str, str | None] | None) -> dict[str, str]:
+        full_env = dict(os.environ, VHUB_ATTACH="1")
+        for key, value in (env or {}).items():
+            if value is None:
+                full_env.pop(key, None)
+            else:
+                full_env[key] = value
+        return full_env
 
     def rpc_kill(self, params: Any) -> dict[str, Any]:
         if (
@@ -197,13 +237,7 @@ class ExecutionManager:
         execution_id: int | None = None,
     ) -> Execution:
         """Spawn ``argv`` and start relaying; raises ``RpcError("spawn_failed")``."""
-        full_env = dict(os.environ, VHUB_ATTACH="1")
-        if env:
-            for key, value in env.items():
-                if value is None:
-                    full_env.pop(key, None)
-                else:
-                    full_env[key] = value
+        full_env = self._env(env)
         if stdin is not None:
             stdin_mode: Any = asyncio.subprocess.PIPE
         elif inherit_stdin:
@@ -286,6 +320,10 @@ class ExecutionManager:
                 timer.cancel()
             if feeder is not None and not feeder.done():
                 feeder.cancel()
+        await self.finish(execution, code)
+
+    async def finish(self, execution: Execution, code: int, **extra: Any) -> None:
+        """The process exited with ``code`` and its output is relayed: report the result."""
         sig = -code if code < 0 else None
         result = {
             "event": "execution_result",
@@ -294,6 +332,7 @@ class ExecutionManager:
             "signal": sig,
             "stdout_bytes": execution.stdout_bytes,
             "stderr_bytes": execution.stderr_bytes,
+            **extra,
         }
         execution.result = result
         if not execution.exited.done():

@@ -62,4 +62,8 @@ def make_backend(name: str, *, state_dir: str, **kw) -> Backend:
         return external.ExternalBackend()
     if name == "boxlite":
         return boxlite.BoxliteBackend(os.path.join(state_dir, "boxlite"), image=kw.get("image"))
-    raise BackendError(f"unknown backend {name!r}: choose boxlite, local, external or auto")
+    if name == "qemu":
+        from . import qemu
+
+        return qemu.QemuBackend(state_dir, **kw)
+    raise BackendError(f"unknown backend {name!r}: choose boxlite, qemu, local, external or auto")

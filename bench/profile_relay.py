@@ -1,0 +1,130 @@
+"""Profile the daemon during one stream or RPC case (not a test).
+
+    python bench/profile_relay.py stream 65536 --seconds 10 [--codec python] [--py-spy out.svg|out.txt]
+    python bench/profile_relay.py rpc 64 --seconds 10 --py-spy /tmp/rpc.txt
+    python bench/profile_relay.py --top /tmp/rpc.txt      # self/inclusive % per function:line
+
+Starts a daemon, keeps the guest -> daemon -> subscriber stream (or the RPC
+loop at the given concurrency) going for ``--seconds``, and, with ``--py-spy``,
+samples the daemon with ``py-spy record`` (``.svg`` flame graph, or ``.txt``
+for a raw collapsed-stack file; summarise it with ``--top``). For C-level
+costs, attach ``perf record -g -p <daemon pid>`` while it runs.
+
+A/B a change without touching the checkout: copy ``vhubd/`` (with its built
+``_blin*.so``) to DIR, patch it there, and run with ``VHUB_BENCH_TREE=DIR``
+(the daemon is started from DIR; the same variable works for ``pytest bench``):
+
+    VHUB_BENCH_TREE=/tmp/patched python bench/profile_relay.py rpc 64 --seconds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from _harness import Daemon, StreamReceiver, Worker, client_handshake  # noqa: E402
+
+
+def top(collapsed: str, n: int = 25) -> None:
+    """Self and inclusive sample counts per function from a collapsed-stack file."""
+    own: collections.Counter = collections.Counter()
+    incl: collections.Counter = collections.Counter()
+    total = 0
+    with open(collapsed) as f:
+        for line in f:
+            stack, _, count = line.rstrip().rpartition(" ")
+            if not count.isdigit():
+                continue
+            c = int(count)
+            total += c
+            frames = stack.split(";")
+            own[frames[-1]] += c
+            for fr in set(frames):
+                incl[fr] += c
+    print(f"{total} samples")
+    print("-- self --")
+    for fr, c in own.most_common(n):
+        print(f"{100 * c / total:5.1f}%  {fr}")
+    print("-- inclusive --")
+    for fr, c in incl.most_common(n):
+        print(f"{100 * c / total:5.1f}%  {fr}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("kind", nargs="?", choices=["stream", "rpc"], default="stream")
+    ap.add_argument("size", nargs="?", type=int, default=64, help="stream payload bytes, or RPC concurrency")
+    ap.add_argument("--seconds", type=float, default=10)
+    ap.add_argument("--codec", default="c")
+    ap.add_argument("--py-spy", dest="pyspy", help="output file (.svg or .txt collapsed)")
+    ap.add_argument("--rate", type=int, default=250)
+    ap.add_argument("--top", help="summarise a collapsed-stack file and exit")
+    ap.add_argument("--daemon-arg", action="append", default=[], help="extra `vhubd serve` argument")
+    ap.add_argument("--native", action="store_true", help="py-spy --native (C frames too)")
+    args = ap.parse_args()
+    if args.top:
+        top(args.top)
+        return 0
+    tmp = tempfile.mkdtemp(prefix="vprof")
+    d = Daemon(tmp, {"VHUBD_CODEC": args.codec}, *args.daemon_arg).start()
+    print(f"daemon pid {d.pid} codec {d.codec()}", flush=True)
+    guest = Worker("guest")
+    handler = Worker("handler") if args.kind == "rpc" else None
+    spy = None
+    if args.pyspy:
+        fmt = ["--format", "raw"] if args.pyspy.endswith(".txt") else []
+        spy = subprocess.Popen(["py-spy", "record", "--pid", str(d.pid), "--rate", str(args.rate),
+                                "--duration", str(int(args.seconds)), "-o", args.pyspy, *([] if args.native else ["--nonblocking"]), *fmt,
+                                *(["--native"] if args.native else [])])
+    deadline = time.monotonic() + args.seconds
+    moved = 0
+    t0 = time.monotonic()
+    try:
+        if args.kind == "stream":
+            count = max(1, (32 << 20) // args.size) if args.size >= 1024 else 200_000
+            built = guest.call(cmd="build", payload=args.size, count=count)
+            rx = StreamReceiver()
+            while time.monotonic() < deadline:
+                sink = client_handshake(d.control, {"role": "client", "session": "default", "subscribe": ["stdout"]})
+                while not guest.call(cmd="connect", path=d.socket, handshake=True).get("ok"):
+                    time.sleep(0.01)
+                guest.send(cmd="send")
+                got, crc = rx.receive(sink, built["nbytes"])
+                guest.read()
+                sink.close()
+                assert (got, crc) == (built["nbytes"], built["crc"]), "stream corrupted"
+                moved += args.size * count
+            dt = time.monotonic() - t0
+            print(f"{moved / dt / 1e6:.1f} MB/s payload over {dt:.1f} s")
+        else:
+            handler.call(cmd="serve", path=d.control, mode="vhubd")
+            n = 20_000
+            while time.monotonic() < deadline:
+                while not guest.call(cmd="connect", path=d.socket, handshake=True).get("ok"):
+                    time.sleep(0.01)
+                r = guest.call(cmd="rpc", n=n, conc=args.size)
+                moved += n
+            dt = time.monotonic() - t0
+            print(f"{moved / dt:.0f} RPC/s over {dt:.1f} s (last round {n / r['seconds']:.0f}/s)")
+            handler.send(cmd="stop")
+            handler.read()
+    finally:
+        if spy is not None:
+            spy.wait(60)
+        guest.close()
+        if handler is not None:
+            handler.close()
+        d.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Shared by the QEMU tests and benchmarks: find (or build) the guest image,
+find QEMU, and say clearly why a test cannot run when one is missing."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from vhubd import guest_image
+
+
+def guest_cache_dir() -> str:
+    """Where the guest image lives: $BLINK_GUEST_CACHE, else the default
+    state dir's (where `./dev setup` / `blink build-guest` put it)."""
+    env = os.environ.get("BLINK_GUEST_CACHE")
+    if env:
+        return env
+    from vhubd.daemon import default_state_dir
+
+    return guest_image.default_cache_dir(default_state_dir())
+
+
+def require_guest_image() -> guest_image.GuestImage:
+    """The guest image, built if needed; skips (with the reason) when QEMU or
+    the Debian tooling to build the image is missing."""
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86_64 is not installed (Debian: apt-get install qemu-system-x86; ./dev setup)")
+    cache = guest_cache_dir()
+    try:
+        return guest_image.find(cache)
+    except guest_image.GuestImageError:
+        pass
+    try:
+        return guest_image.build(cache)
+    except (guest_image.GuestImageError, OSError) as exc:
+        pytest.skip(f"no guest image in {cache} and it cannot be built here: {exc}")
+
+
+def qemu_pids() -> set[int]:
+    """Every QEMU process on the host (the tests' own have -name vhub-*)."""
+    pids = set()
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if argv and argv[0].endswith(b"qemu-system-x86_64") and b"-name" in argv:
+                name = argv[argv.index(b"-name") + 1]
+                if name.startswith(b"vhub-"):
+                    pids.add(int(d))
+    return pids
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[1].split()[0] != "Z"
+    except OSError:
+        return False
