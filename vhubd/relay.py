@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import time
 from collections.abc import Callable
 from typing import Any
@@ -48,6 +49,11 @@ KIND_MASK = {"stdout": frames.TYPE_BIT[MsgType.STDOUT], "stderr": frames.TYPE_BI
              "stream": frames.TYPE_BIT[MsgType.STREAM_DATA]}
 ALL_STREAMS = frames.STREAM_MASK
 GUEST_TO_AGENT_TYPES = frozenset({int(MsgType.STREAM_DATA), int(MsgType.TTY_RESIZE)})
+
+
+# The forwarded RPC's request_id is rewritten in place with struct: for one
+# 8-byte store a cffi call costs 4-8x more than the work (bench/RESULTS.md).
+_set_request_id = struct.Struct("<Q").pack_into
 
 
 class Config:
@@ -84,7 +90,7 @@ class PeerState:
         self.serve_exact: set[str] = set()
         self.serve_prefix: tuple[str, ...] = ()
         self.lossy = False
-        self.inflight: dict[int, tuple] = {}  # our id on this peer -> (origin peer, origin id, timer)
+        self.inflight: dict[int, tuple] = {}  # our id on this peer -> (origin peer, origin id, deadline)
         self.next_id = 1
         self.sessions_blocked: set = set()
         self.all_sessions = False
@@ -139,6 +145,7 @@ class Relay:
         # client whose StreamData/TtyResize reach the agent (None: the seat is free)
         self.tty_writers: dict[tuple[str, int], Any] = {}
         self.backends = backends  # sessions issue: boot on demand
+        self._expiry: Any = None  # the one timer for RPC deadlines
         if config.anonymous_session:
             sess = self.registry.create(config.anonymous_session, "external", anonymous=True)
             self.registry.set_state(sess, State.WAITING_AGENT, "waiting for an agent")
@@ -484,10 +491,36 @@ class Relay:
             dest.write(ev.data)
             return
         new_id = dest.rs.new_id()
-        codec.rewrite_request_id(ev.data, 0, new_id)
-        timer = self.call_later(self.config.rpc_timeout, lambda: self._timeout(dest, new_id))
-        dest.rs.inflight[new_id] = (origin, origin_id, timer)
+        _set_request_id(ev.data, 12, new_id)
+        # a deadline per call and one relay timer for the earliest (not a timer per call)
+        dest.rs.inflight[new_id] = (origin, origin_id, time.monotonic() + self.config.rpc_timeout)
+        if self._expiry is None:
+            self._expiry = self.call_later(self.config.rpc_timeout, self._expire_due)
         dest.write(ev.data)
+
+    def _expire_due(self) -> None:
+        self._expiry = None
+        now = time.monotonic()
+        self.expire_rpcs(now)
+        nxt = min((next(iter(p.rs.inflight.values()))[2] for p in (*self.guests, *self.clients)
+                   if p.rs is not None and p.rs.inflight), default=None)
+        if nxt is not None:
+            self._expiry = self.call_later(max(0.0, nxt - now) + 0.001, self._expire_due)
+
+    def expire_rpcs(self, now: float) -> None:
+        """Answer ``timeout`` for calls past their deadline. Entries go in with
+        one constant timeout, so each peer's dict is in deadline order."""
+        for peer in (*self.guests, *self.clients):
+            rs = peer.rs
+            if rs is None or not rs.inflight:
+                continue
+            late = []
+            for rid, entry in rs.inflight.items():
+                if entry[2] > now:
+                    break
+                late.append(rid)
+            for rid in late:
+                self._timeout(peer, rid)
 
     def _timeout(self, dest, rid: int) -> None:
         entry = dest.rs.inflight.pop(rid, None)
@@ -504,22 +537,18 @@ class Relay:
         entry = peer.rs.inflight.pop(ev.request_id, None)
         if entry is None:
             return  # late (after a timeout) or unknown: dropped
-        origin, origin_id, timer = entry
-        if timer is not None:
-            timer.cancel()
+        origin, origin_id, _ = entry
         if origin.closed:
             return
         if peer.rs.role == "guest" and ev.msg_type == RPC_RESPONSE and len(ev.data) < 512 \
                 and b'"tty"' in bytes(ev.payload):
             self._terminal_started(peer, origin, ev)
-        codec.rewrite_request_id(ev.data, 0, origin_id)
+        _set_request_id(ev.data, 12, origin_id)
         origin.write(ev.data)
 
     def _fail_inflight(self, peer, code: str, message: str) -> None:
         inflight, peer.rs.inflight = peer.rs.inflight, {}
-        for origin, origin_id, timer in inflight.values():
-            if timer is not None:
-                timer.cancel()
+        for origin, origin_id, _ in inflight.values():
             if not origin.closed:
                 origin.write(rpc_error_frame(origin_id, code, message))
 
