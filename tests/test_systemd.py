@@ -427,9 +427,17 @@ def test_install_units_variant_dropin(tmp_path, variant):
 def test_install_units_makes_code_under_home_visible(tmp_path, monkeypatch):
     monkeypatch.setattr(sd, "code_paths", lambda: ["/root/.pyenv/versions/3.11.7", "/srv/app"])
     sd.install_units(str(tmp_path), "external", ["/root/.pyenv/versions/3.11.7/bin/blink"])
-    conf = (tmp_path / "etc/systemd/system/blink-vhub.service.d/code-in-home.conf").read_text()
+    conf = (tmp_path / "etc/systemd/system/blink-vhub.service.d/code-paths.conf").read_text()
     assert "ProtectHome=tmpfs" in conf and "BindReadOnlyPaths=/root/.pyenv/versions/3.11.7\n" in conf
     assert "/srv/app" not in conf
+
+
+def test_install_units_makes_code_under_tmp_visible(tmp_path, monkeypatch):
+    """A checkout under /tmp (a CI clone, say) is hidden by PrivateTmp=yes."""
+    monkeypatch.setattr(sd, "code_paths", lambda: ["/usr", "/tmp/ci/clone"])
+    sd.install_units(str(tmp_path), "external", ["/tmp/ci/clone/.venv/bin/blink"])
+    conf = (tmp_path / "etc/systemd/system/blink-vhub.service.d/code-paths.conf").read_text()
+    assert "BindReadOnlyPaths=/tmp/ci/clone\n" in conf and "ProtectHome=tmpfs" not in conf
 
 
 def test_install_units_cli(tmp_path):

@@ -437,6 +437,7 @@ def configure_logging(mode: str = "auto", level: str = "info") -> str:
 UNIT_FILES = ("blink-vhub.socket", "blink-vhub-control.socket", "blink-vhub.service")
 VARIANTS = ("external", "local", "boxlite")
 _HOME_DIRS = ("/home", "/root", "/run/user")
+_TMP_DIRS = ("/tmp", "/var/tmp")  # hidden by PrivateTmp=yes
 
 
 def units_source() -> str | None:
@@ -463,8 +464,12 @@ def blink_command() -> list[str]:
     return [os.path.abspath(sys.executable), "-m", "vhubd"]
 
 
+def _under(path: str, dirs: tuple[str, ...]) -> bool:
+    return any(path == h or path.startswith(h + "/") for h in dirs)
+
+
 def _under_home(path: str) -> bool:
-    return any(path == h or path.startswith(h + "/") for h in _HOME_DIRS)
+    return _under(path, _HOME_DIRS)
 
 
 def code_paths() -> list[str]:
@@ -490,9 +495,10 @@ def _exec_start(text: str, exe: str) -> str:
 def install_units(prefix: str = "/", variant: str = "external", command: list[str] | None = None) -> list[str]:
     """Write the units under ``prefix`` (``etc/systemd/system``,
     ``etc/sysusers.d``, ``etc/tmpfiles.d``) with ExecStart= pointing at this
-    installation; returns the paths written. Code under /home or /root is
-    made visible to the hardened service (ProtectHome=tmpfs +
-    BindReadOnlyPaths=) by a drop-in."""
+    installation; returns the paths written. Code under /home, /root, /tmp or
+    /var/tmp (which ProtectHome=/PrivateTmp= hide) is made visible to the
+    hardened service, read-only, by a drop-in (ProtectHome=tmpfs where needed
+    + BindReadOnlyPaths=)."""
     import shlex
 
     if variant not in VARIANTS:
@@ -525,13 +531,16 @@ def install_units(prefix: str = "/", variant: str = "external", command: list[st
         with open(os.path.join(src, "variants", f"{variant}.conf")) as f:  # a drop-in for blink-vhub.service
             text = f.read()
         write(os.path.join(dropin, f"{variant}.conf"), _exec_start(text, exe))
-    home = [p for p in code_paths() if _under_home(p)]
-    if any(_under_home(os.path.realpath(c)) for c in command if c.startswith("/")) or home:
-        write(os.path.join(dropin, "code-in-home.conf"),
-              "# Written by `blink install-units`: this vhubd runs from under a home directory,\n"
-              "# which ProtectHome=yes would hide. Only these paths are shown, read-only.\n"
-              "[Service]\nProtectHome=tmpfs\n"
-              + "".join(f"BindReadOnlyPaths={p}\n" for p in home))
+    hidden_dirs = _HOME_DIRS + _TMP_DIRS
+    hidden = [p for p in code_paths() if _under(p, hidden_dirs)]
+    in_home = any(_under_home(p) for p in hidden) or any(
+        _under_home(os.path.realpath(c)) for c in command if c.startswith("/"))
+    if hidden or in_home:
+        write(os.path.join(dropin, "code-paths.conf"),
+              "# Written by `blink install-units`: this vhubd runs from under a home or temporary\n"
+              "# directory, which ProtectHome=yes / PrivateTmp=yes would hide. Only these paths are\n"
+              "# shown, read-only.\n[Service]\n" + ("ProtectHome=tmpfs\n" if in_home else "")
+              + "".join(f"BindReadOnlyPaths={p}\n" for p in hidden))
     for kind in ("sysusers.d", "tmpfiles.d"):
         with open(os.path.join(src, kind, "blink-vhub.conf")) as f:
             write(os.path.join(prefix, "etc", kind, "blink-vhub.conf"), f.read())
