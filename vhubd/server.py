@@ -207,6 +207,7 @@ class Peer(asyncio.BufferedProtocol):
                     self.relay.writer_resumed(self)
 
     def _hold(self, data) -> None:
+        assert self.held is not None  # only while a cut-through frame is in flight
         self.held.append(bytes(data))
         self.held_bytes += len(data)
         if self.held_bytes > self.hub.config.high_water:

@@ -107,10 +107,10 @@ class Scrollback:
                 self.size -= len(old)
                 self.dropped += len(old)
             else:
-                kept = bytes(newest_frames(memoryview(old), len(old) - excess))
-                self.chunks[0] = kept
-                self.size -= len(old) - len(kept)
-                self.dropped += len(old) - len(kept)
+                rest = bytes(newest_frames(memoryview(old), len(old) - excess))
+                self.chunks[0] = rest
+                self.size -= len(old) - len(rest)
+                self.dropped += len(old) - len(rest)
 
     def replay(self) -> list[bytes]:
         return list(self.chunks)
