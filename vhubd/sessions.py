@@ -61,7 +61,8 @@ def validate_name(name: object) -> str:
 
 
 def new_token() -> str:
-    return secrets.token_urlsafe(24)
+    """192 random bits as hex: no '-' that a command line could take for a flag."""
+    return secrets.token_hex(24)
 
 
 class Scrollback:
