@@ -13,7 +13,6 @@ from reliability import HEADER_SIZE, Raw, T, frm, hdr, parse_frames
 from vhubd.frames import DEFAULT_MAX_PAYLOAD
 from vhubd.protocol import Connection, Frame, Handshake, Side
 
-
 _envs: list = []
 
 
@@ -92,6 +91,34 @@ def test_idle_connections_are_cheap(tmp_path):
         await env.finish()
         assert per_conn < 40, f"{per_conn:.0f} KiB per idle connection"
         assert not env.failures, env.failures
+
+    run(body())
+
+
+def test_refused_peers_are_released_at_once(tmp_path):
+    """server.Peer.close armed a 5 s abort timer that kept every refused or
+    closed peer (about 4 KiB) alive for 5 s after it was gone: a flood of
+    refused handshakes held 6 MiB per 2,000. connection_lost now cancels it."""
+
+    async def body():
+        env = await env_of(tmp_path)
+        sem = asyncio.Semaphore(200)
+
+        async def refused(i):
+            async with sem:
+                p = await Raw.open(env.d.socket)
+                res = await p.handshake({"session": "fz-0", "token": "0" * 32}, rid=i + 1)
+                await p.close()
+                assert res == ("error", "bad_token"), res
+
+        await asyncio.gather(*(refused(i) for i in range(200)))  # warm up
+        rss0 = env.d.rss_kib()
+        for _ in range(3):
+            await asyncio.gather(*(refused(i) for i in range(2000)))
+        await asyncio.sleep(0.5)
+        growth_mib = (env.d.rss_kib() - rss0) / 1024
+        await env.finish()
+        assert growth_mib < 4, f"RSS grew {growth_mib:.1f} MiB over 6,000 refused handshakes"
 
     run(body())
 

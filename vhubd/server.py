@@ -79,6 +79,7 @@ class Peer(asyncio.BufferedProtocol):
         self.awaiting_boot = False
         self.rs = None
         self.frame_mark: tuple[float, int, int] | None = None  # (since, bytes, frames) while mid-frame
+        self.abort_timer: asyncio.TimerHandle | None = None  # after close(): abort if the close hangs
 
     # -- asyncio callbacks (never raise) --
     def connection_made(self, transport) -> None:
@@ -159,6 +160,9 @@ class Peer(asyncio.BufferedProtocol):
         return False
 
     def connection_lost(self, exc) -> None:
+        if self.abort_timer is not None:  # gone already: the timer would keep this peer alive for nothing
+            self.abort_timer.cancel()
+            self.abort_timer = None
         if self.closed and self.transport is None:
             return
         self.closed = True
@@ -229,7 +233,7 @@ class Peer(asyncio.BufferedProtocol):
         if self.transport is not None and not self.closed:
             self.closed = True
             self.transport.close()
-            self.hub.loop.call_later(self.hub.config.close_grace, self._abort)
+            self.abort_timer = self.hub.loop.call_later(self.hub.config.close_grace, self._abort)
 
     def _abort(self) -> None:
         if self.transport is not None:
@@ -242,7 +246,7 @@ class Peer(asyncio.BufferedProtocol):
             self.transport.write(encode_frame(frames.MsgType.ERROR, 0, error_payload(code, message)))
         self.closed = True
         self.transport.close()
-        self.hub.loop.call_later(self.hub.config.close_grace, self._abort)
+        self.abort_timer = self.hub.loop.call_later(self.hub.config.close_grace, self._abort)
 
     def pause_reading(self) -> None:
         if not self.read_paused and self.transport is not None and not self.closed:
