@@ -1761,7 +1761,8 @@ def render(report: dict) -> str:
         "",
         f"Regenerate with `{report['command']}` (this one ran {report['minutes']:.0f} minutes on {report['host']}, "
         f"{report['date']}); it rewrites this section. CI runs the same checks at small sizes through the normal "
-        "test suite (`tests/test_fuzz_*.py`, `tests/test_hardening*.py`, about a minute).",
+        "test suite (`tests/test_fuzz_*.py`, `tests/test_hardening*.py`, about a minute). `./dev setup` installs "
+        "what the fuzzing needs (`clang`, `libclang-rt-dev`).",
         "",
         "**Codec fuzzing.** `csrc/fuzz_blin.c` under libFuzzer (clang `-fsanitize=fuzzer,address,undefined`, "
         "value profiling, a BLIN dictionary), seeded with valid, truncated and mutated frames (`tests/corpus.py`). "
