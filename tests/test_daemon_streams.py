@@ -11,7 +11,6 @@ import random
 import socket
 import threading
 
-import pytest
 from daemon_testing import AsyncPeer, RawClient, T, client, frame, run, wait_until
 from vhub_testing import RawGuest, error_of, wait_for
 

@@ -7,7 +7,6 @@ import shutil
 import subprocess
 
 import pytest
-
 from corpus import seeds
 
 CSRC = pathlib.Path(__file__).resolve().parent.parent / "csrc"
