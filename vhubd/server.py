@@ -425,15 +425,23 @@ def bind_unix(path: str, mode: int | None = None) -> socket.socket:
         os.makedirs(parent, exist_ok=True)
     except OSError as exc:
         raise ListenError(f"cannot create {parent}: {exc.strerror}") from None
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    return _listen(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM), path, path,
+                   chmod=(lambda: os.chmod(path, mode)) if mode is not None else None)
+
+
+def _listen(sock: socket.socket, address, what: str, chmod=None, reuse: bool = False) -> socket.socket:
+    """Bind and listen (non-blocking); an OSError becomes one ListenError line
+    and the socket is closed."""
     try:
-        sock.bind(path)
-        if mode is not None:
-            os.chmod(path, mode)
+        if reuse:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        if chmod is not None:
+            chmod()
         sock.listen(1024)
     except OSError as exc:
         sock.close()
-        raise ListenError(f"cannot listen on {path}: {exc.strerror}") from None
+        raise ListenError(f"cannot listen on {what}: {exc.strerror}") from None
     sock.setblocking(False)
     return sock
 
@@ -443,29 +451,20 @@ def parse_tcp(value: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"--tcp wants HOST:PORT, got {value!r}")
     host = host.strip("[]") or "127.0.0.1"
+    if host == "localhost":
+        return "127.0.0.1", int(port)
     try:
-        if not ipaddress.ip_address(host).is_loopback:
-            raise ValueError(f"--tcp must be a loopback address (127.0.0.0/8 or ::1), got {host}")
-    except ValueError as exc:
-        if host != "localhost":
-            raise ValueError(str(exc) if "loopback" in str(exc) else
-                             f"--tcp wants a numeric loopback address, got {host!r}") from None
-        host = "127.0.0.1"
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"--tcp wants a numeric loopback address, got {host!r}") from None
+    if not addr.is_loopback:
+        raise ValueError(f"--tcp must be a loopback address (127.0.0.0/8 or ::1), got {host}")
     return host, int(port)
 
 
 def bind_tcp(host: str, port: int) -> socket.socket:
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(fam, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(1024)
-    except OSError as exc:
-        sock.close()
-        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    sock.setblocking(False)
-    return sock
+    return _listen(socket.socket(fam, socket.SOCK_STREAM), (host, port), f"{host}:{port}", reuse=True)
 
 
 def vsock_address(port: int) -> tuple[int, int]:
@@ -479,15 +478,7 @@ def vsock_address(port: int) -> tuple[int, int]:
 def bind_vsock(port: int) -> socket.socket:  # pragma: no cover - never run on dev hosts
     if not hasattr(socket, "AF_VSOCK"):
         raise ListenError("this Python has no AF_VSOCK support")
-    sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-    try:
-        sock.bind(vsock_address(port))
-        sock.listen(1024)
-    except OSError as exc:
-        sock.close()
-        raise ListenError(f"cannot listen on vsock port {port}: {exc.strerror}") from None
-    sock.setblocking(False)
-    return sock
+    return _listen(socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM), vsock_address(port), f"vsock port {port}")
 
 
 def peer_label(transport, listener: str) -> str:
