@@ -17,7 +17,7 @@ def guest_cache_dir() -> str:
     env = os.environ.get("BLINK_GUEST_CACHE")
     if env:
         return env
-    from vhubd.daemon import default_state_dir
+    from vhubd.paths import default_state_dir
 
     return guest_image.default_cache_dir(default_state_dir())
 

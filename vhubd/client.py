@@ -29,7 +29,7 @@ from typing import Any
 
 import msgspec
 
-from .daemon import default_control_path
+from .paths import default_control_path
 from .errors import ConnectionClosed, InvalidState, RemoteError
 from .frames import HEADER_SIZE, MsgType
 from .protocol import (

@@ -16,35 +16,10 @@ from . import frames
 from .protocol import Connection, Frame, Handshake, RemoteErrorEvent, Side, StreamRun, Violation, encode_frame
 from .relay import Config as RelayConfig
 from .relay import Relay
+from .paths import DEFAULT_SOCKET, default_control_path, default_state_dir  # noqa: F401 (re-exported)
 from .server import ListenerSpec, Server, bind_tcp, bind_unix, bind_vsock, parse_tcp
 
 log = logging.getLogger("vhubd")
-
-DEFAULT_SOCKET = "/tmp/blink-vhub.sock"
-
-
-def default_state_dir() -> str:
-    env = os.environ.get("BLINK_STATE_DIR") or os.environ.get("STATE_DIRECTORY")
-    if env:
-        return env.split(":")[0]
-    if os.geteuid() == 0:
-        return "/var/lib/blink"
-    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-    return os.path.join(base, "blink")
-
-
-def default_control_path() -> str:
-    """The control socket every client command uses unless told otherwise."""
-    env = os.environ.get("BLINK_CONTROL")
-    if env:
-        return env
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime:
-        return os.path.join(runtime, "blink", "control.sock")
-    if os.geteuid() == 0:
-        return "/run/blink/control.sock"
-    return f"/tmp/blink-{os.geteuid()}/control.sock"
-
 
 @dataclasses.dataclass
 class DaemonConfig:

@@ -691,7 +691,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     """``blink build-guest``: build (or find up to date) and print the image directory."""
-    from .daemon import default_state_dir
+    from .paths import default_state_dir
 
     cache = args.out or default_cache_dir(args.state_dir or default_state_dir())
     try:

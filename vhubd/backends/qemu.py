@@ -174,6 +174,12 @@ class QemuBackend(Backend):
             if self.accel_choice == "kvm":
                 raise BackendError("--qemu-accel kvm, but /dev/kvm is missing or not accessible")
             return "tcg", "no usable /dev/kvm"
+        if os.path.isdir("/sys/module/kvm_pvm"):
+            # the nested kvm-pvm device runs the probe's real-mode firmware but no stock kernel
+            if self.accel_choice == "kvm":
+                raise BackendError("--qemu-accel kvm, but /dev/kvm is the nested kvm-pvm device, which cannot "
+                                   "boot a stock guest kernel")
+            return "tcg", "/dev/kvm is the nested kvm-pvm device, which cannot boot a stock guest kernel"
         fw = os.path.join(self.state_dir, "qemu-probe.bin")
         os.makedirs(self.state_dir, exist_ok=True)
         with open(fw, "wb") as f:
