@@ -29,9 +29,9 @@ from typing import Any
 
 import msgspec
 
-from .paths import default_control_path
 from .errors import ConnectionClosed, InvalidState, RemoteError
 from .frames import HEADER_SIZE, MsgType
+from .paths import default_control_path
 from .protocol import (
     Connection,
     Frame,

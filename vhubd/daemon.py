@@ -13,10 +13,11 @@ import sys
 import uvloop
 
 from . import frames
+from .errors import BackendStartError, OnceError
+from .paths import DEFAULT_SOCKET, default_control_path, default_state_dir  # noqa: F401 (re-exported)
 from .protocol import Connection, Frame, Handshake, RemoteErrorEvent, Side, StreamRun, Violation, encode_frame
 from .relay import Config as RelayConfig
 from .relay import Relay
-from .paths import DEFAULT_SOCKET, default_control_path, default_state_dir  # noqa: F401 (re-exported)
 from .server import ListenerSpec, Server, bind_tcp, bind_unix, bind_vsock, parse_tcp
 
 log = logging.getLogger("vhubd")
@@ -183,14 +184,6 @@ def _codec_name() -> str:
 
 
 # --- Blink one-shot mode ----------------------------------------------------------
-
-class OnceError(Exception):
-    pass
-
-
-class BackendStartError(Exception):
-    pass
-
 
 async def run_once(cfg: DaemonConfig) -> int:
     """Blink's ``blink-cli serve``: one guest, answer its handshake, copy its

@@ -41,6 +41,8 @@ import subprocess
 import sys
 import tempfile
 
+from .errors import GuestImageError
+
 BUILDER_VERSION = "1"
 KERNEL_META = "linux-image-cloud-amd64"
 PYTHON_META = "python3-minimal"
@@ -54,10 +56,6 @@ STDLIB_EXCLUDE = ("test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2
                   "_pydecimal", "decimal", "tarfile", "zipfile", "lzma", "bz2", "ssl", "http", "email",
                   "urllib", "xml", "html", "xmlrpc", "ftplib", "smtplib", "imaplib", "poplib", "nntplib",
                   "mailbox", "webbrowser", "pickletools", "multiprocessing", "readline", "ctypes")
-
-
-class GuestImageError(Exception):
-    """The guest image cannot be built or found; the message says what to do."""
 
 
 @dataclasses.dataclass

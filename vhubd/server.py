@@ -22,6 +22,7 @@ import sys
 import time
 
 from . import frames
+from .errors import ListenError
 from .protocol import Connection, Handshake, Side, State, Violation, encode_frame, error_payload
 from .relay import Relay
 
@@ -393,10 +394,6 @@ class Server:
 
 
 # --- socket creation (OSError translated into ListenError) --------------------------
-
-class ListenError(Exception):
-    """A listener could not be set up; the message is one clear line."""
-
 
 def bind_unix(path: str, mode: int | None = None) -> socket.socket:
     """Bind a Unix stream socket at ``path``, replacing a stale socket file but

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import codec
+from .errors import InvalidName
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 
@@ -40,10 +41,6 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     S.STOPPING: frozenset({S.STOPPED, S.FAILED}),
     S.FAILED: frozenset({S.BOOTING, S.STOPPED, S.READY, S.WAITING_AGENT, S.STOPPING}),
 }
-
-
-class InvalidName(ValueError):
-    code = "bad_session_name"
 
 
 def newest_frames(data: memoryview, limit: int) -> memoryview:

@@ -31,6 +31,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .errors import ActivationError
+
 LISTEN_FDS_START = 3
 
 #: FileDescriptorName= values the daemon understands, and what each one is.
@@ -40,10 +42,6 @@ FD_NAMES = {
     "tcp": "the guest loopback TCP listener (AF_INET/AF_INET6 stream on a loopback address; token required)",
     "vsock": "the guest AF_VSOCK listener",
 }
-
-
-class ActivationError(Exception):
-    """The service manager passed sockets the daemon cannot use; one clear line."""
 
 
 # --- the two implementations ------------------------------------------------------

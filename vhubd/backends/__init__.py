@@ -10,9 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-
-class BackendError(Exception):
-    """A backend failed; the message is the backend's own words."""
+from ..errors import BackendError
 
 
 @dataclasses.dataclass

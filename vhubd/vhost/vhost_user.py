@@ -20,7 +20,8 @@ import os
 import struct
 from collections.abc import Sequence
 
-from .virtq import GuestMemory, GuestMemoryError, SplitQueue, VirtqError
+from ..errors import GuestMemoryError, VhostUserError, VirtqError
+from .virtq import GuestMemory, SplitQueue
 
 log = logging.getLogger("vhubd")
 
@@ -106,11 +107,6 @@ class Request(enum.IntEnum):
 # requests whose answer is a message of the same type (not a REPLY_ACK)
 _REPLIES = frozenset({Request.GET_FEATURES, Request.GET_PROTOCOL_FEATURES, Request.GET_VRING_BASE,
                       Request.GET_CONFIG, Request.GET_QUEUE_NUM, Request.GET_MAX_MEM_SLOTS, Request.GET_STATUS})
-
-
-class VhostUserError(Exception):
-    """The front-end sent something we cannot work with; the connection
-    should be dropped (as QEMU's own back-ends do)."""
 
 
 class Message:

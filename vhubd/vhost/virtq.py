@@ -21,6 +21,8 @@ import os
 import struct
 from collections.abc import Sequence
 
+from ..errors import GuestMemoryError, VirtqError
+
 VRING_DESC_F_NEXT = 1
 VRING_DESC_F_WRITE = 2
 VRING_DESC_F_INDIRECT = 4
@@ -31,14 +33,6 @@ MAX_QUEUE_SIZE = 32768
 _DESC = struct.Struct("<QIHH")
 _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
-
-
-class GuestMemoryError(ValueError):
-    """An address outside every region (the guest's or the VMM's fault)."""
-
-
-class VirtqError(ValueError):
-    """A malformed ring or descriptor chain (the guest's fault)."""
 
 
 class MemoryRegion:

@@ -26,6 +26,8 @@ import struct
 from collections import deque
 from typing import Any, NamedTuple
 
+from ..errors import PacketError
+
 HEADER = struct.Struct("<QQIIIHHIII")
 HEADER_SIZE = HEADER.size  # 44
 assert HEADER_SIZE == 44
@@ -49,10 +51,6 @@ class Op(enum.IntEnum):
     RW = 5
     CREDIT_UPDATE = 6
     CREDIT_REQUEST = 7
-
-
-class PacketError(ValueError):
-    """A packet that cannot be parsed (the guest's fault)."""
 
 
 class Header(NamedTuple):
