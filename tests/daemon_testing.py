@@ -134,8 +134,8 @@ class AsyncPeer:
             return
         for ev in self.conn.receive_data(data):
             if isinstance(ev, StreamRun):
-                for t, f, r, d in ev.frames():
-                    self.pending.append(Frame(t, f, r, memoryview(bytes(d))))
+                for f in ev.frames():
+                    self.pending.append(Frame(f.msg_type, f.flags, f.request_id, memoryview(bytes(f.data))))
             elif isinstance(ev, Frame):
                 self.pending.append(Frame(ev.msg_type, ev.flags, ev.request_id, memoryview(bytes(ev.data))))
             else:

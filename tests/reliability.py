@@ -218,8 +218,8 @@ class _Collect:
     def add(self, ev) -> None:
         t = type(ev)
         if t is StreamRun:
-            for mt, fl, rid, d in ev.frames():
-                self.items.append(("frame", mt, fl, rid, bytes(d)))
+            for f in ev.frames():
+                self.items.append(("frame", f.msg_type, f.flags, f.request_id, bytes(f.data)))
         elif t is Frame:
             self.items.append(("frame", ev.msg_type, ev.flags, ev.request_id, bytes(ev.data)))
         elif t is StreamStart:
@@ -531,11 +531,11 @@ class StreamHasher:
             if t is StreamRun and not ev.type_mask & ~self.mask:
                 self.h.update(ev.data)
                 self.n += len(ev.data)
-            elif t is StreamRun or (t is Frame and ev.msg_type in self.kinds):
-                for mt, _, _, d in (ev.frames() if t is StreamRun else [(ev.msg_type, 0, 0, ev.data)]):
-                    if mt in self.kinds:
-                        self.h.update(d)
-                        self.n += len(d)
+            elif t is StreamRun:
+                for f in ev.frames():
+                    if f.msg_type in self.kinds:
+                        self.h.update(f.data)
+                        self.n += len(f.data)
         return b"".join(self.conn.data_to_send())
 
     def hexdigest(self) -> str:
@@ -1513,9 +1513,9 @@ async def shared_session(env: Env, mib: int, guests: int = 4) -> dict:
 
         def feed(d):
             for ev in conn.receive_data(d):
-                items = ev.frames() if type(ev) is StreamRun else [(ev.msg_type, 0, ev.request_id, ev.data)] \
-                    if type(ev) is Frame else []
-                for mt, _, rid, data in items:
+                items = ev.frames() if type(ev) is StreamRun else [ev] if type(ev) is Frame else []
+                for f in items:
+                    mt, rid, data = f.msg_type, f.request_id, f.data
                     if mt == T.RPC_RESPONSE:
                         calls["answered"] += 1
                     if mt in (T.STDOUT, T.STDERR):

@@ -208,7 +208,7 @@ def test_split_feeding_matches_whole(data):
             for ev in c.receive_data(ch):
                 name = type(ev).__name__
                 if name == "StreamRun":
-                    seen += [("F", t, r, bytes(d)) for t, _, r, d in ev.frames()]
+                    seen += [("F", f.msg_type, f.request_id, bytes(f.data)) for f in ev.frames()]
                 elif name == "Frame":
                     seen.append(("F", ev.msg_type, ev.request_id, bytes(ev.data)))
                 elif name == "Violation":

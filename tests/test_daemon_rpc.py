@@ -180,7 +180,7 @@ def test_daemon_calls(daemon):
         for method, params, code in [("vhub.register", {"session": "default"}, "session_exists"),
                                      ("vhub.register", {"session": "Bad Name"}, "bad_session_name"),
                                      ("vhub.info", {"session": "ghost"}, "unknown_session"),
-                                     ("vhub.nope", {}, "no_such_method"),
+                                     ("vhub.nope", {}, "no_handler"),
                                      ("vhub.sessions", [1], "bad_params")]:
             with pytest.raises(RemoteError) as exc:
                 await other.call(method, params)

@@ -43,7 +43,7 @@ def stream_frames(raw: bytes):
         if type(ev) is Frame:
             out.append((ev.msg_type, ev.request_id, bytes(ev.payload)))
         elif hasattr(ev, "frames"):
-            out += [(mt, rid, bytes(d[HEADER_SIZE:])) for mt, _, rid, d in ev.frames()]
+            out += [(f.msg_type, f.request_id, bytes(f.payload)) for f in ev.frames()]
         else:
             assert type(ev).__name__ in ("Ping", "Pong"), ev  # a Violation: the stream is corrupt
     return out

@@ -36,7 +36,7 @@ def frames_of(events):
     out = []
     for ev in events:
         if isinstance(ev, StreamRun):
-            out += [(t, r, bytes(d[20:])) for t, _, r, d in ev.frames()]
+            out += [(f.msg_type, f.request_id, bytes(f.payload)) for f in ev.frames()]
         elif isinstance(ev, Frame):
             out.append((ev.msg_type, ev.request_id, bytes(ev.payload)))
     return out

@@ -243,16 +243,16 @@ def test_guest_handshake_lands_in_the_relay_with_a_fixed_session():
     from vhubd.daemon import DaemonConfig
     from vhubd.protocol import encode_frame
     from vhubd.relay import Relay
-    from vhubd.server import ListenerSpec, Peer, Server
+    from vhubd.server import Server
+    from vhubd.sessions import SessionRegistry
 
     async def main():
         loop = asyncio.get_running_loop()
         cfg = DaemonConfig()
-        relay = Relay(cfg.relay_config(), loop.call_later)
+        relay = Relay(cfg.relay_config(), SessionRegistry(), loop.call_later)
         server = Server(cfg, relay, loop)
-        spec = ListenerSpec("qemu-vm1", "guest", None, fixed_session="vm1")
         relay.registry.create("vm1", "qemu")
-        svc, fe, _, _ = await started(protocol_factory=lambda: Peer(server, spec))
+        svc, fe, _, _ = await started(protocol_factory=server.guest_protocol("qemu-vm1", "vm1"))
         fe.send_packet(Op.REQUEST, 2000)
         hs = encode_frame(frames.MsgType.HANDSHAKE, 1, b'{"session": "someone-else", "token": "", "agent": "t"}')
         fe.send_packet(Op.RW, 2000, hs)

@@ -4,7 +4,9 @@ Single-flight per session: concurrent requests share one boot future. The
 boot timeout covers the backend's start and the agent's handshake; every
 failure reaches every waiter as ``boot_failed`` with the backend's words,
 the session becomes ``failed``, and the sandbox is stopped so nothing is left
-running. The relay calls the hooks (agent_ready, request_boot, ...).
+running. It knows sessions only through the registry (it watches their
+states: an agent that connects resolves its boot) and answers with futures;
+the relay waits on those, and never the other way round.
 """
 
 from __future__ import annotations
@@ -15,18 +17,16 @@ import os
 import time
 
 from .backends import Backend, BackendError, BootSpec
-from .errors import BootFailed
-from .relay import RpcFailure, rpc_error_frame, rpc_result_frame
-from .sessions import Session, State, new_token, validate_name
+from .errors import BootFailed, CallFailed
+from .sessions import Session, SessionRegistry, State, new_token, validate_name
 
 log = logging.getLogger("vhubd")
 
 
 class BootManager:
-    def __init__(self, relay, backend: Backend, *, state_dir: str, agent_addr: str, boot_timeout: float = 120.0,
-                 idle_stop: float | None = None):
-        self.relay = relay
-        self.registry = relay.registry
+    def __init__(self, registry: SessionRegistry, backend: Backend, *, state_dir: str, agent_addr: str,
+                 boot_timeout: float = 120.0, idle_stop: float | None = None):
+        self.registry = registry
         self.backend = backend
         self.state_dir = state_dir
         self.agent_addr = agent_addr
@@ -37,7 +37,7 @@ class BootManager:
         self.stops: dict[str, asyncio.Task] = {}
         self.booted: set[str] = set()  # sessions whose sandbox we started
         self.boot_count = 0
-        relay.backends = self
+        registry.watch(self._state_changed)
 
     # -- boot --
     def boot(self, name: str, params: dict | None = None) -> asyncio.Future:
@@ -127,75 +127,27 @@ class BootManager:
     async def _stop(self, name: str) -> dict:
         sess = self.registry.get(name)
         if sess is None:
-            raise RpcFailure("unknown_session", f"no session named {name!r}")
+            raise CallFailed("unknown_session", f"no session named {name!r}")
         boot = self.boots.get(name)
         if boot is not None:
             boot.cancel()
         if sess.state in (State.STOPPED,):
             return {"session": name, "state": "stopped"}
-        self.registry.set_state(sess, State.STOPPING, "stop requested")
-        if sess.agent is not None:
-            sess.agent.abort_with_error("session_stopped", f"session {name!r} is stopping")
+        self.registry.set_state(sess, State.STOPPING, "stop requested")  # the relay closes its agent
         await self.backend.stop(name)
         self.booted.discard(name)
         self.registry.set_state(sess, State.STOPPED, "stopped")
         log.info("session stopped session=%s", name)
         return {"session": name, "state": "stopped"}
 
-    # -- relay hooks --
-    def agent_ready(self, sess: Session) -> None:
-        w = self.waiters.get(sess.name)
-        if w is not None and not w.done():
-            w.set_result(True)
-
-    def agent_lost(self, sess: Session) -> None:
-        sess.last_activity = time.monotonic()
-
-    def client_gone(self, sess: Session) -> None:
-        sess.last_activity = time.monotonic()
-
-    def request_boot(self, sess: Session, peer, params: dict) -> None:
-        """A client handshake with "boot": true; the answer waits for the boot."""
-        fut = self.boot(sess.name, params)
-
-        def done(f: asyncio.Future) -> None:
-            if peer.closed:
-                return
-            exc = f.exception() if not f.cancelled() else BootFailed("boot cancelled (session stopping)")
-            self.relay.finish_client_handshake(peer, str(exc) if exc else None)
-
-        fut.add_done_callback(done)
-
-    def boot_call(self, peer, rid: int, name: str, params: dict) -> None:
-        fut = self.boot(name, params)
-
-        def done(f: asyncio.Future) -> None:
-            if peer.closed or not rid:
-                return
-            if f.cancelled():
-                peer.write(rpc_error_frame(rid, "boot_failed", "boot cancelled (session stopping)"))
-            elif f.exception() is not None:
-                peer.write(rpc_error_frame(rid, "boot_failed", str(f.exception())))
-            else:
-                peer.write(rpc_result_frame(rid, f.result()))
-
-        fut.add_done_callback(done)
-
-    def stop_call(self, peer, rid: int, name: str) -> None:
-        task = self.stop(name)
-
-        def done(t: asyncio.Task) -> None:
-            if peer.closed or not rid:
-                return
-            exc = t.exception() if not t.cancelled() else None
-            if isinstance(exc, RpcFailure):
-                peer.write(rpc_error_frame(rid, exc.code, exc.message))
-            elif exc is not None:
-                peer.write(rpc_error_frame(rid, "stop_failed", str(exc)))
-            else:
-                peer.write(rpc_result_frame(rid, t.result()))
-
-        task.add_done_callback(done)
+    def _state_changed(self, sess: Session, old: State) -> None:
+        """An agent connected: the boot waiting for it is done."""
+        if sess.state is State.READY:
+            w = self.waiters.get(sess.name)
+            if w is not None and not w.done():
+                w.set_result(True)
+        elif sess.state is State.AGENT_LOST:
+            sess.last_activity = time.monotonic()
 
     def tick(self) -> None:
         if not self.idle_stop:

@@ -30,7 +30,7 @@ from typing import Any
 import msgspec
 
 from .errors import ConnectionClosed, InvalidState, RemoteError
-from .frames import HEADER_SIZE, MsgType
+from .frames import MsgType
 from .paths import default_control_path
 from .protocol import (
     Connection,
@@ -40,9 +40,9 @@ from .protocol import (
     Side,
     StreamRun,
     Violation,
-    encode_frame,
-    error_payload,
     parse_error_payload,
+    rpc_error,
+    rpc_result,
 )
 
 _encode = msgspec.json.encode
@@ -142,8 +142,8 @@ class Client:
                 for ev in self._conn.receive_data(data):
                     t = type(ev)
                     if t is StreamRun:
-                        for mtype, _, rid, fdata in ev.frames():
-                            await self._put(Output(KINDS[mtype], rid, bytes(fdata[HEADER_SIZE:])))
+                        for f in ev.frames():
+                            await self._put(Output(KINDS[f.msg_type], f.request_id, bytes(f.payload)))
                     elif t is Frame:
                         await self._frame(ev)
                     elif t is Handshake:
@@ -229,9 +229,7 @@ class Client:
 
     async def _frame(self, ev: Frame) -> None:
         mt = ev.msg_type
-        if mt in KINDS:
-            await self._put(Output(KINDS[mt], ev.request_id, bytes(ev.payload)))
-        elif mt == MsgType.RPC_RESPONSE or mt == MsgType.RPC_ERROR:
+        if mt == MsgType.RPC_RESPONSE or mt == MsgType.RPC_ERROR:
             fut = self._pending.pop(ev.request_id, None)
             if fut is not None and not fut.done():
                 if mt == MsgType.RPC_RESPONSE:
@@ -261,13 +259,14 @@ class Client:
             result = fn(params)
             if inspect.isawaitable(result):
                 result = await result
-            frame = encode_frame(MsgType.RPC_RESPONSE, rid, _encode(result))
+            frame = rpc_result(rid, result)
         except RemoteError as exc:
-            frame = encode_frame(MsgType.RPC_ERROR, rid, error_payload(exc.code, exc.message))
+            frame = rpc_error(rid, exc.code, exc.message)
         except Exception as exc:  # a handler bug answers an error, never hangs the guest
-            frame = encode_frame(MsgType.RPC_ERROR, rid, error_payload("handler_error", f"{type(exc).__name__}: {exc}"))
+            frame = rpc_error(rid, "handler_failed", f"{type(exc).__name__}: {exc}")
         if rid and not self._writer.is_closing():
-            self._writer.write(frame)
+            self._conn.send_frame(frame)
+            self._flush()
 
     # -- public API --
     async def call(self, method: str, params: Any = None, *, session: str | None = None,
@@ -275,27 +274,31 @@ class Client:
         if self.closed_reason is not None:
             raise self.closed_reason
         rid = next(self._ids)
-        req: dict = {"method": method, "params": params if params is not None else {}}
-        if session is not None:
-            req["session"] = session
         fut = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
-        self._writer.write(encode_frame(MsgType.RPC_REQUEST, rid, _encode(req)))
+        if session is not None:
+            self._conn.request(rid, method, params, session=session)
+        else:
+            self._conn.request(rid, method, params)
+        self._flush()
         try:
             return await asyncio.wait_for(fut, timeout)
         finally:
             self._pending.pop(rid, None)
 
     async def notify(self, method: str, params: Any = None) -> None:
-        self._writer.write(encode_frame(MsgType.RPC_REQUEST, 0, _encode({"method": method, "params": params})))
+        self._conn.request(0, method, params)
+        self._flush()
         await self._writer.drain()
 
     async def send_stream(self, request_id: int, data: bytes) -> None:
-        self._writer.write(encode_frame(MsgType.STREAM_DATA, request_id, data))
+        self._conn.send(MsgType.STREAM_DATA, request_id, data)
+        self._flush()
         await self._writer.drain()
 
     async def resize(self, request_id: int, rows: int, cols: int) -> None:
-        self._writer.write(encode_frame(MsgType.TTY_RESIZE, request_id, _encode({"rows": rows, "cols": cols})))
+        self._conn.send(MsgType.TTY_RESIZE, request_id, _encode({"rows": rows, "cols": cols}))
+        self._flush()
         await self._writer.drain()
 
     async def open_terminal(self, argv: list[str], rows: int = 24, cols: int = 80, *, term: str | None = None,

@@ -15,10 +15,11 @@ import uvloop
 from . import frames
 from .errors import BackendStartError, OnceError
 from .paths import DEFAULT_SOCKET, default_control_path, default_state_dir  # noqa: F401 (re-exported)
-from .protocol import Connection, Frame, Handshake, RemoteErrorEvent, Side, StreamRun, Violation, encode_frame
+from .protocol import Connection, Frame, Handshake, RemoteErrorEvent, Side, StreamRun, Violation
 from .relay import Config as RelayConfig
 from .relay import Relay
 from .server import ListenerSpec, Server, bind_tcp, bind_unix, bind_vsock, parse_tcp
+from .sessions import SessionRegistry
 
 log = logging.getLogger("vhubd")
 
@@ -129,14 +130,17 @@ async def run_daemon(cfg: DaemonConfig, ready: asyncio.Event | None = None) -> i
     if cfg.backend == "boxlite" and not cfg.tcp and "tcp" not in inherited:
         cfg.tcp = "127.0.0.1:0"  # BoxLite guests reach the host over loopback TCP
     state_dir = cfg.state_dir or default_state_dir()
-    relay = Relay(cfg.relay_config(), loop.call_later)
-    server = Server(cfg, relay, loop)
-    relay.on_stats = lambda: {"connections": len(server.peers), "tasks": len(asyncio.all_tasks())}
     specs = make_listeners(cfg, inherited)
+    server: Server | None = None
+
+    def guest_protocol(name: str, session: str):  # for backends that are a VM's vsock device
+        assert server is not None
+        return server.guest_protocol(name, session)
+
     try:
-        extra = {"server": server, "accel": cfg.qemu_accel} if cfg.backend == "qemu" else {}
+        extra = {"accel": cfg.qemu_accel} if cfg.backend == "qemu" else {}
         backend = make_backend(cfg.backend, state_dir=state_dir, image=cfg.image, agent_command=cfg.agent_command,
-                               **extra)
+                               guest_protocol=guest_protocol, **extra)
     except Exception as exc:
         for spec in specs:
             spec.sock.close()
@@ -147,9 +151,14 @@ async def run_daemon(cfg: DaemonConfig, ready: asyncio.Event | None = None) -> i
     else:
         guest = next((s for s in specs if s.name == "vhub"), None)
         addr = f"unix:{guest.owned_path or guest.sock.getsockname() if guest else cfg.socket}"
-    boots = BootManager(relay, backend, state_dir=state_dir, agent_addr=addr, boot_timeout=cfg.boot_timeout,
+    registry = SessionRegistry(cfg.scrollback)
+    boots = BootManager(registry, backend, state_dir=state_dir, agent_addr=addr, boot_timeout=cfg.boot_timeout,
                         idle_stop=cfg.idle_stop)
+    relay = Relay(cfg.relay_config(), registry, loop.call_later, boots=boots)
+    server = Server(cfg, relay, loop)
+    relay.on_stats = lambda: {"connections": len(server.peers), "tasks": len(asyncio.all_tasks())}
     await server.start(specs)
+    ticker = loop.create_task(_every(cfg.tick, boots.tick))
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -171,10 +180,20 @@ async def run_daemon(cfg: DaemonConfig, ready: asyncio.Event | None = None) -> i
     await stop.wait()
     notifier.stopping(f"draining {len(server.peers)} connections")
     log.info("shutting down: draining %d connections", len(server.peers))
+    ticker.cancel()
     await boots.close()
     await server.shutdown(cfg.drain_timeout)
     log.info("stopped")
     return 0
+
+
+async def _every(seconds: float, fn) -> None:
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            fn()
+        except Exception:
+            log.exception("periodic %s failed", getattr(fn, "__qualname__", fn))
 
 
 def _codec_name() -> str:
@@ -233,19 +252,14 @@ async def run_once(cfg: DaemonConfig) -> int:
                     handshaken = True
                     events += conn.resume()
                 elif t is StreamRun:
-                    for mtype, _, _, fdata in ev.frames():
-                        (err if mtype == frames.MsgType.STDERR else out).write(fdata[frames.HEADER_SIZE:])
+                    for f in ev.frames():
+                        (err if f.msg_type == frames.MsgType.STDERR else out).write(f.payload)
                     out.flush()
                     err.flush()
                 elif t is Frame:
-                    if ev.msg_type in frames.STREAM_TYPES:
-                        (err if ev.msg_type == frames.MsgType.STDERR else out).write(bytes(ev.payload))
-                        out.flush()
-                        err.flush()
-                        continue
                     if ev.msg_type == frames.MsgType.RPC_REQUEST:
+                        conn.respond(ev.request_id, {})
                         writer.write(b"".join(conn.data_to_send()))
-                        writer.write(encode_frame(frames.MsgType.RPC_RESPONSE, ev.request_id, b"{}"))
                         await writer.drain()
                         out.write(bytes(ev.payload) + b"\n")
                         out.flush()

@@ -13,6 +13,22 @@ buffer. A buffer that still has live slices (a transport that has not yet
 written them, say) is *pinned*: the connection never overwrites it and reads
 into a fresh one instead (a live slice keeps its bytearray alive). Plain
 ``receive_data(bytes)`` feeds the same path for callers that have bytes.
+
+Events, one shape per kind of frame:
+
+- ``StreamRun``: every Stdout/Stderr/StreamData frame arrives in a run of
+  consecutive stream frames (``count`` >= 1), as one slice of the receive
+  buffer (headers included) that a relay forwards with one write; iterate
+  ``run.frames()`` for the frames, each a ``Frame``.
+- ``Frame``: any other frame after the handshake (RPC, TtyResize).
+- ``StreamStart`` + ``StreamChunk``s: a stream frame larger than the
+  connection's ``cut_through`` size, forwarded while it arrives (only the
+  daemon's guest connections enable it).
+- ``Handshake``, ``Ping``, ``Pong``, ``RemoteErrorEvent``, ``Violation``.
+
+Every frame the package sends is built here: ``encode_frame`` and the
+builders below it (``rpc_request``, ``rpc_result``, ``rpc_error``,
+``notification``, ``error_frame``, ``heartbeat``).
 """
 
 from __future__ import annotations
@@ -34,6 +50,7 @@ from .frames import (
     PONG_PAYLOAD,
     STREAM_MASK,
     STREAM_TYPES,
+    TYPE_BIT,
     MsgType,
 )
 
@@ -49,6 +66,9 @@ RESERVE_AHEAD = 64 * 1024  # what a partial frame may make us allocate beyond 2x
 HT = int(MsgType.HANDSHAKE)
 HB = int(MsgType.HEARTBEAT)
 ER = int(MsgType.ERROR)
+RQ = int(MsgType.RPC_REQUEST)
+RS = int(MsgType.RPC_RESPONSE)
+RE = int(MsgType.RPC_ERROR)
 
 
 # --- events -----------------------------------------------------------------
@@ -104,14 +124,17 @@ class StreamRun:
         self.count = count
         self.type_mask = type_mask
 
-    def frames(self):
-        """(msg_type, flags, request_id, header+payload slice) of each frame."""
+    def frames(self) -> list[Frame]:
+        """The run's frames, each a ``Frame`` whose ``data`` is a slice of the run."""
         sc = codec.Scanner(max(self.count, 1))
         sc.scan(self.data)
         flat = sc.headers()
         data = self.data
-        return [(flat[i + 1], flat[i + 2], flat[i + 4], data[flat[i]:flat[i] + HEADER_SIZE + flat[i + 3]])
+        return [Frame(flat[i + 1], flat[i + 2], flat[i + 4], data[flat[i]:flat[i] + HEADER_SIZE + flat[i + 3]])
                 for i in range(0, len(flat), 5)]
+
+    def __repr__(self) -> str:
+        return f"StreamRun(count={self.count}, bytes={len(self.data)})"
 
 
 class StreamStart:
@@ -200,6 +223,34 @@ def encode_frame(msg_type: int, request_id: int, payload=b"", flags: int = 0) ->
 
 def error_payload(code: str, message: str) -> bytes:
     return _json_encode({"code": code, "message": message})
+
+
+def rpc_request(request_id: int, method: str, params=None, **extra) -> bytes:
+    """An RpcRequest (request_id 0: a notification); ``extra`` keys go beside method/params."""
+    body = {"method": method, "params": {} if params is None else params, **extra}
+    return encode_frame(RQ, request_id, _json_encode(body))
+
+
+def rpc_result(request_id: int, result) -> bytes:
+    return encode_frame(RS, request_id, _json_encode(result))
+
+
+def rpc_error(request_id: int, code: str, message: str) -> bytes:
+    return encode_frame(RE, request_id, error_payload(code, message))
+
+
+def notification(method: str, params) -> bytes:
+    """An RpcRequest with request_id 0: no answer expected."""
+    return encode_frame(RQ, 0, _json_encode({"method": method, "params": params}))
+
+
+def error_frame(code: str, message: str, request_id: int = 0) -> bytes:
+    """An Error frame: sent right before a connection is closed."""
+    return encode_frame(ER, request_id, error_payload(code, message))
+
+
+def heartbeat(request_id: int, pong: bool = False) -> bytes:
+    return encode_frame(HB, request_id, PONG_PAYLOAD if pong else b"")
 
 
 def parse_error_payload(payload) -> tuple[str, str]:
@@ -370,6 +421,22 @@ class Connection:
             raise errors.InvalidState("connection is closed")
         self._out.append(encode_frame(msg_type, request_id, payload, flags))
 
+    def request(self, request_id: int, method: str, params=None, **extra) -> None:
+        """Queue an RpcRequest (request_id 0: a notification)."""
+        self.send_frame(rpc_request(request_id, method, params, **extra))
+
+    def respond(self, request_id: int, result) -> None:
+        self.send_frame(rpc_result(request_id, result))
+
+    def respond_error(self, request_id: int, code: str, message: str) -> None:
+        self.send_frame(rpc_error(request_id, code, message))
+
+    def send_frame(self, frame: bytes) -> None:
+        """Queue a frame built by one of the builders above."""
+        if self.state is State.CLOSED:
+            raise errors.InvalidState("connection is closed")
+        self._out.append(frame)
+
     def send_handshake(self, payload=b"", request_id: int = 1) -> None:
         if self.side is not Side.CLIENT or self._handshake_sent:
             raise errors.InvalidState("only a client sends the first handshake, once")
@@ -392,11 +459,11 @@ class Connection:
     def fail(self, code: str, message: str, request_id: int = 0) -> None:
         """Queue an Error frame and close."""
         if self.state is not State.CLOSED:
-            self._out.append(encode_frame(ER, request_id, error_payload(code, message)))
+            self._out.append(error_frame(code, message, request_id))
             self.state = State.CLOSED
 
     def ping(self, request_id: int = 0) -> None:
-        self.send(HB, request_id)
+        self.send_frame(heartbeat(request_id))
 
     def data_to_send(self) -> list[bytes]:
         out, self._out = self._out, []
@@ -493,11 +560,25 @@ class Connection:
 
     def _frames(self, events: list, buf, flat: list) -> int:
         """Turn scanned headers into events; returns the offset where it
-        stopped early (server side, after the peer's handshake), else -1."""
+        stopped early (server side, after the peer's handshake), else -1.
+        Consecutive stream frames become one StreamRun."""
         mv = memoryview(buf)
+        run_start = run_end = run_count = run_mask = 0
         for i in range(0, len(flat), 5):
             off, mtype, flags, length, rid = flat[i:i + 5]
-            data = mv[off:off + HEADER_SIZE + length]
+            end = off + HEADER_SIZE + length
+            if mtype in STREAM_TYPES and self.state is State.OPEN:
+                if not run_count:
+                    run_start = off
+                run_end = end
+                run_count += 1
+                run_mask |= TYPE_BIT[mtype]
+                self.frames_received += 1
+                continue
+            if run_count:
+                events.append(StreamRun(mv[run_start:run_end], run_count, run_mask))
+                run_count = run_mask = 0
+            data = mv[off:end]
             if self.state is State.HANDSHAKE:
                 if mtype == ER:
                     code, message = parse_error_payload(data[HEADER_SIZE:])
@@ -523,7 +604,7 @@ class Connection:
                     events.append(Pong(rid))
                 else:
                     if self.answer_pings:
-                        self._out.append(encode_frame(HB, rid, PONG_PAYLOAD))
+                        self._out.append(heartbeat(rid, pong=True))
                     events.append(Ping(rid))
             elif mtype == ER:
                 code, message = parse_error_payload(data[HEADER_SIZE:])
@@ -532,6 +613,8 @@ class Connection:
                 return -1
             else:
                 events.append(Frame(mtype, flags, rid, data))
+        if run_count:
+            events.append(StreamRun(mv[run_start:run_end], run_count, run_mask))
         return -1
 
     def _describe(self, status: int, buf, off: int) -> errors.ProtocolError:

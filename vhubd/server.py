@@ -21,10 +21,9 @@ import struct
 import sys
 import time
 
-from . import frames
 from .errors import ListenError
-from .protocol import Connection, Handshake, Side, State, Violation, encode_frame, error_payload
-from .relay import Relay
+from .protocol import Connection, Handshake, Side, State, Violation, error_frame, heartbeat
+from .relay import Accept, Decision, Limits, Member, Refuse, Relay
 
 log = logging.getLogger("vhubd")
 _monotonic = time.monotonic
@@ -48,21 +47,39 @@ class ListenerSpec:
         self.server: asyncio.AbstractServer | None = None
 
 
-class Peer(asyncio.BufferedProtocol):
-    """One accepted connection."""
+class DeviceListener:
+    """Guest connections that a VM's own vsock device delivers: the device
+    names the session, so no token is asked."""
 
-    def __init__(self, hub: Server, spec: ListenerSpec):
+    role = "guest"
+    token_required = False
+
+    def __init__(self, name: str, session: str):
+        self.name = name
+        self.fixed_session: str | None = session
+
+
+class Peer(asyncio.BufferedProtocol):
+    """One accepted connection: pumps bytes between its transport and its
+    sans-I/O ``Connection``, and is the relay's ``Port`` for it."""
+
+    def __init__(self, hub: Server, spec: ListenerSpec | DeviceListener):
         self.hub = hub
         self.spec = spec
         self.relay = hub.relay
+        self.limits: Limits = hub.limits
         self.transport: asyncio.Transport | None = None
         # only guest output is forwarded cut-through; a client's StreamData goes to
         # one agent as a whole frame (the relay has no cut-through path towards agents)
         self.conn = Connection(Side.SERVER, max_payload=hub.config.max_payload,
                                cut_through=hub.config.cut_through if spec.role == "guest" else 1 << 62,
                                initial_buffer=hub.config.initial_buffer)
+        self.member: Member | None = None  # the relay's view of this peer, once admitted (or deferred)
+        self.on_events = self.relay.guest_events if spec.role == "guest" else self.relay.client_events
         self.handshaken = False
+        self.hs_request_id = 0
         self.closed = False
+        self.lossy = False
         self.label = "?"
         now = _monotonic()
         self.connected_at = now
@@ -78,7 +95,6 @@ class Peer(asyncio.BufferedProtocol):
         self.held_bytes = 0
         self.held_paused = False
         self.awaiting_boot = False
-        self.rs = None
         self.frame_mark: tuple[float, int, int] | None = None  # (since, bytes, frames) while mid-frame
         self.abort_timer: asyncio.TimerHandle | None = None  # after close(): abort if the close hangs
 
@@ -86,7 +102,7 @@ class Peer(asyncio.BufferedProtocol):
     def connection_made(self, transport) -> None:
         self.transport = transport
         self.label = peer_label(transport, self.spec.name)
-        transport.set_write_buffer_limits(high=self.hub.config.high_water)
+        transport.set_write_buffer_limits(high=self.limits.high_water)
         self.hub.peers.add(self)
         if len(self.hub.peers) > self.hub.config.max_connections:
             log.warning("refused peer=%s: too many connections (%d)", self.label, self.hub.config.max_connections)
@@ -95,10 +111,6 @@ class Peer(asyncio.BufferedProtocol):
             self.flush()
             self.close()
             return
-        if self.spec.role == "guest":
-            self.relay.guest_connected(self)
-        else:
-            self.relay.client_connected(self)
         log.debug("connected peer=%s", self.label)
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -110,10 +122,7 @@ class Peer(asyncio.BufferedProtocol):
             events = self.conn.buffer_updated(nbytes)
             if events:
                 if self.handshaken:
-                    if self.spec.role == "guest":
-                        self.relay.guest_events(self, events)
-                    else:
-                        self.relay.client_events(self, events)
+                    self.on_events(self.member, events)  # type: ignore[arg-type]
                 else:
                     self._before_handshake(events)
             if self.conn._out:
@@ -129,16 +138,13 @@ class Peer(asyncio.BufferedProtocol):
     def _before_handshake(self, events: list) -> None:
         for ev in events:
             if type(ev) is Handshake:
-                ok: bool | None
+                self.hs_request_id = ev.request_id
+                payload = bytes(ev.payload)
                 if self.spec.role == "guest":
-                    ok = self.relay.guest_handshake(self, ev, token_required=self.spec.token_required,
-                                                    fixed_session=self.spec.fixed_session)
+                    decision = self.relay.guest_handshake(self, self.spec, payload)
                 else:
-                    ok = self.relay.client_handshake(self, ev)
-                if ok is None:
-                    self.awaiting_boot = True  # the relay answers when the boot ends
-                elif ok:
-                    self.handshake_done()
+                    decision = self.relay.client_handshake(self, payload)
+                self._carry_out(decision)
                 return
             if type(ev) is Violation:
                 self.relay.counters["violations"] += 1
@@ -146,15 +152,42 @@ class Peer(asyncio.BufferedProtocol):
                             ev.error.code, ev.error.message)
                 return
 
-    def handshake_done(self) -> None:
-        """The handshake was answered: deliver what the peer sent meanwhile."""
-        self.handshaken = True
-        self.awaiting_boot = False
-        more = self.conn.resume()
-        if more:
-            (self.relay.guest_events if self.spec.role == "guest" else self.relay.client_events)(self, more)
-        if self.conn._out:
+    def _carry_out(self, decision: Decision) -> None:
+        """Answer the handshake as the relay decided."""
+        t = type(decision)
+        if t is Accept:
+            member = decision.member  # type: ignore[union-attr]
+            self.conn.accept(decision.payload, self.hs_request_id)  # type: ignore[union-attr]
             self.flush()
+            self.member = member
+            self.awaiting_boot = False
+            self.handshaken = True
+            if member.lossy:
+                self.lossy = True
+                if self.transport is not None:  # lossy: never pauses anyone; its own bound drops it
+                    self.transport.set_write_buffer_limits(high=2 * self.limits.lossy_limit)
+            self.relay.admitted(member)
+            more = self.conn.resume()  # what the peer sent behind its handshake
+            if more:
+                self.on_events(member, more)
+            if self.conn._out:
+                self.flush()
+        elif t is Refuse:
+            self.conn.fail(decision.code, decision.message)  # type: ignore[union-attr]
+            self.flush()
+            self.close()
+        else:
+            self.member = decision.member  # type: ignore[union-attr]
+            self.awaiting_boot = True  # settled by complete() when the boot ends
+
+    def complete(self, decision: Accept | Refuse) -> None:
+        if self.closed or self.transport is None:
+            return
+        try:
+            self._carry_out(decision)
+        except Exception:
+            log.exception("internal error completing the handshake of peer=%s", self.label)
+            self.close("internal_error", "the daemon hit an internal error on this connection")
 
     def eof_received(self):
         self.conn.receive_eof()
@@ -168,33 +201,36 @@ class Peer(asyncio.BufferedProtocol):
             return
         self.closed = True
         self.hub.peers.discard(self)
-        if self.rs is not None:
+        if self.member is not None:
             try:
-                if self.spec.role == "guest":
-                    self.relay.guest_lost(self, "connection closed" if exc is None else str(exc))
-                else:
-                    self.relay.client_lost(self)
+                self.relay.lost(self.member, "connection closed" if exc is None else str(exc))
             except Exception:
                 log.exception("internal error while dropping peer=%s", self.label)
         self.transport = None
 
     def pause_writing(self) -> None:
         self.write_paused = True
-        self.relay.writer_paused(self)
+        if self.member is not None:
+            self.relay.write_paused(self.member)
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        self.relay.writer_resumed(self)
+        if self.member is not None:
+            self.relay.write_resumed(self.member)
 
-    # -- what the relay calls --
+    # -- the Port: what the relay calls --
     def write(self, data) -> None:
         if self.transport is not None and not self.closed:
             if self.held is not None:
                 self._hold(data)
-                return
-            self.transport.write(data)
+            else:
+                self.transport.write(data)
+            if self.lossy and self.buffered() > self.limits.lossy_limit:
+                self._slow_consumer(True)
 
-    def write_frame_part(self, data, last: bool) -> None:
+    send = write  # a frame the daemon made: the same path, the same bounds
+
+    def write_part(self, data, last: bool) -> None:
         """Bytes of a cut-through frame: written now; any other write waits
         until the ``last`` part is out."""
         if self.transport is None or self.closed:
@@ -208,18 +244,28 @@ class Peer(asyncio.BufferedProtocol):
                 self.transport.writelines(held)
             if self.held_paused:
                 self.held_paused = False
-                if not self.write_paused:
-                    self.relay.writer_resumed(self)
+                if not self.write_paused and self.member is not None:
+                    self.relay.write_resumed(self.member)
+        if self.lossy and self.buffered() > self.limits.lossy_limit:
+            self._slow_consumer(last)
+
+    def _slow_consumer(self, at_boundary: bool) -> None:
+        self.relay.counters["slow_consumers"] += 1
+        log.warning("slow consumer dropped peer=%s buffered=%d (mid-frame: %s)", self.label, self.buffered(),
+                    not at_boundary)
+        # mid-frame, close() sends no Error: it would land inside the frame's payload
+        self.close("slow_consumer", f"subscriber too slow: its output buffer passed {self.limits.lossy_limit} bytes")
 
     def _hold(self, data) -> None:
         assert self.held is not None  # only while a cut-through frame is in flight
         self.held.append(bytes(data))
         self.held_bytes += len(data)
-        if self.held_bytes > self.hub.config.high_water:
+        if self.held_bytes > self.limits.high_water and not self.held_paused:
             # backpressure counts what waits here too (a '*' subscriber gets other
             # sessions' output): pause its sources, except the frame in flight
             self.held_paused = True
-            self.relay.writer_paused(self, frame_in_flight=True)
+            if self.member is not None:
+                self.relay.write_paused(self.member, frame_in_flight=True)
 
     def flush(self) -> None:
         out = self.conn.data_to_send()
@@ -230,24 +276,18 @@ class Peer(asyncio.BufferedProtocol):
                 return
             self.transport.writelines(out)
 
-    def close(self) -> None:
-        if self.transport is not None and not self.closed:
-            self.closed = True
-            self.transport.close()
-            self.abort_timer = self.hub.loop.call_later(self.hub.config.close_grace, self._abort)
+    def close(self, code: str | None = None, message: str = "") -> None:
+        if self.closed or self.transport is None:
+            return
+        if code is not None and self.held is None:  # never inside a cut-through frame's payload
+            self.transport.write(error_frame(code, message))
+        self.closed = True
+        self.transport.close()  # flushes what is buffered first
+        self.abort_timer = self.hub.loop.call_later(self.hub.config.close_grace, self._abort)
 
     def _abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
-
-    def abort_with_error(self, code: str, message: str) -> None:
-        if self.closed or self.transport is None:
-            return
-        if self.held is None:  # never inside a cut-through frame's payload
-            self.transport.write(encode_frame(frames.MsgType.ERROR, 0, error_payload(code, message)))
-        self.closed = True
-        self.transport.close()
-        self.abort_timer = self.hub.loop.call_later(self.hub.config.close_grace, self._abort)
 
     def pause_reading(self) -> None:
         if not self.read_paused and self.transport is not None and not self.closed:
@@ -261,12 +301,8 @@ class Peer(asyncio.BufferedProtocol):
             self.last_rx = _monotonic()  # the time spent paused does not count as idle
             self.transport.resume_reading()
 
-    def write_buffer_size(self) -> int:
+    def buffered(self) -> int:
         return (self.transport.get_write_buffer_size() if self.transport is not None else 0) + self.held_bytes
-
-    def set_write_limits(self, high: int) -> None:
-        if self.transport is not None:
-            self.transport.set_write_buffer_limits(high=high)
 
     # -- the tick --
     def tick(self, now: float) -> None:
@@ -293,7 +329,7 @@ class Peer(asyncio.BufferedProtocol):
             if idle >= cfg.heartbeat_interval and now - self.last_ping >= cfg.heartbeat_interval:
                 self.ping_id += 1
                 self.last_ping = now
-                self.write(encode_frame(frames.MsgType.HEARTBEAT, self.ping_id))
+                self.write(heartbeat(self.ping_id))
         if idle > 2.0 and not self.conn.mid_frame:
             self.conn.rx.shrink()
 
@@ -328,10 +364,11 @@ class Peer(asyncio.BufferedProtocol):
 class Server:
     """Listeners + peers + the relay."""
 
-    def __init__(self, config, relay: Relay, loop: asyncio.AbstractEventLoop):
+    def __init__(self, config, relay: Relay, loop: asyncio.AbstractEventLoop, limits: Limits | None = None):
         self.config = config
         self.relay = relay
         self.loop = loop
+        self.limits = limits or Limits(high_water=config.high_water, lossy_limit=config.lossy_limit)
         self.peers: set[Peer] = set()
         self.listeners: list[ListenerSpec] = []
         self._tick_handle: asyncio.TimerHandle | None = None
@@ -350,6 +387,11 @@ class Server:
             self.listeners.append(spec)
         self._schedule_tick()
 
+    def guest_protocol(self, name: str, session: str):
+        """A protocol factory for guest connections that a transport of its own
+        (a VM's vsock device) delivers for ``session``: no token, the session is fixed."""
+        return functools.partial(Peer, self, DeviceListener(name, session))
+
     def _schedule_tick(self) -> None:
         self._tick_handle = self.loop.call_later(self.config.tick, self._tick)
 
@@ -360,8 +402,6 @@ class Server:
                 p.tick(now)
             except Exception:
                 log.exception("tick failed for peer=%s", p.label)
-        if self.relay.backends is not None:
-            self.relay.backends.tick()
         self._schedule_tick()
 
     async def shutdown(self, drain: float = 5.0) -> None:

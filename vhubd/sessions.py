@@ -127,15 +127,16 @@ class Session:
         self.reason = ""
         self.created = time.time()
         self.changed = self.created
-        self.agent: Any = None  # the guest peer bound to this session
+        self.agent: Any = None  # the guest member bound to this session
         self.agent_info: dict = {}
-        self.clients: set = set()  # client peers attached to this session
+        self.clients: set = set()  # client members attached to this session
+        self.guests: set = set()  # its guest members (the agent and attached programs): what backpressure pauses
         self.scrollback = Scrollback(scrollback)
         self.last_result: dict | None = None
         self.last_activity = time.monotonic()
         self.stats: collections.Counter[str] = collections.Counter()
         self.boot_params: dict = {}
-        self.cut_through: Any = None  # relay.CutThrough while a large frame is in flight
+        self.cut_through: Any = None  # relay.streams.CutThrough while a large frame is in flight
 
     def check_token(self, token: object) -> bool:
         if self.token is None:
@@ -165,7 +166,11 @@ class SessionRegistry:
     def __init__(self, scrollback: int = 1 << 20, on_change: Callable[[Session, State], None] | None = None):
         self.sessions: dict[str, Session] = {}
         self.scrollback = scrollback
-        self.on_change = on_change
+        self.watchers: list[Callable[[Session, State], None]] = [on_change] if on_change else []
+
+    def watch(self, fn: Callable[[Session, State], None]) -> None:
+        """Call ``fn(session, old_state)`` after every state change."""
+        self.watchers.append(fn)
 
     def get(self, name: str) -> Session | None:
         return self.sessions.get(name)
@@ -189,8 +194,8 @@ class SessionRegistry:
         sess.state = state
         sess.reason = reason
         sess.changed = time.time()
-        if self.on_change:
-            self.on_change(sess, old)
+        for fn in self.watchers:
+            fn(sess, old)
 
     def remove(self, name: str) -> None:
         self.sessions.pop(name, None)

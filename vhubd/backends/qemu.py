@@ -6,7 +6,8 @@ really runs guest code here, TCG otherwise) with the guest image of
 serve``) and a ``vhost-user-vsock-device`` whose vhost-user socket is one end
 of a socketpair; the daemon serves the other end (``vhubd.vhost``). The guest
 agent dials vsock CID 2 port 10000 and lands, through the daemon's ordinary
-guest ``Peer``, in this session: the device identifies the session, no token.
+guest connection (``guest_protocol``, given by the daemon), in this session: the device identifies the
+session, no token.
 
 QEMU runs in its own process group with PR_SET_PDEATHSIG=SIGKILL, so a daemon
 that dies without cleaning up takes its VMs with it; ``stop`` sends SIGTERM to
@@ -25,6 +26,7 @@ import shutil
 import signal
 import socket
 import time
+from collections.abc import Callable
 
 from .. import guest_image
 from ..vhost.service import VhostUserVsockService
@@ -126,7 +128,9 @@ class QemuBackend(Backend):
     sandbox = True
 
     def __init__(self, state_dir: str, *, image: str | None = None, accel: str = "auto", qemu: str | None = None,
-                 memory_mib: int = DEFAULT_MEMORY_MIB, cpus: int = DEFAULT_CPUS, server=None, **_: object):
+                 memory_mib: int = DEFAULT_MEMORY_MIB, cpus: int = DEFAULT_CPUS,
+                 guest_protocol: Callable[[str, str], Callable[[], asyncio.BaseProtocol]] | None = None,
+                 **_: object):
         self.state_dir = state_dir
         self.image_dir = image
         if accel not in ("auto", "kvm", "tcg"):
@@ -138,15 +142,11 @@ class QemuBackend(Backend):
         self.qemu: str = found
         self.memory_mib = memory_mib
         self.cpus = cpus
-        self.server = server
+        self.guest_protocol = guest_protocol  # (listener name, session) -> protocol factory
         self.vms: dict[str, QemuVm] = {}
         self._accel: tuple[str, str] | None = None
         self._accel_lock = asyncio.Lock()
         self._next_cid = FIRST_CID
-
-    def attach(self, server) -> None:
-        """The daemon's server: guest connections become its Peers."""
-        self.server = server
 
     # -- what to boot --
     def image(self, override: str | None = None) -> guest_image.GuestImage:
@@ -236,8 +236,8 @@ class QemuBackend(Backend):
 
     # -- Backend --
     async def start(self, spec: BootSpec):
-        if self.server is None:
-            raise BackendError("the qemu backend is not attached to a daemon")
+        if self.guest_protocol is None:
+            raise BackendError("the qemu backend was made without a daemon to serve its guests")
         if spec.session in self.vms:
             await self.stop(spec.session)
         img = self.image(spec.image)
@@ -246,7 +246,8 @@ class QemuBackend(Backend):
         cid = self._cid()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            device = VhostUserVsockService(ours, guest_cid=cid, protocol_factory=self._factory(spec.session),
+            device = VhostUserVsockService(ours, guest_cid=cid,
+                                           protocol_factory=self.guest_protocol(f"qemu-{spec.session}", spec.session),
                                            label=f"qemu-{spec.session}")
             cmd = self.command(img, spec, accel, theirs.fileno(), cid)
             with open(os.path.join(spec.workdir, "qemu.log"), "wb") as errf:
@@ -269,13 +270,6 @@ class QemuBackend(Backend):
         log.info("qemu started session=%s pid=%d cid=%d accel=%s (%s) kernel=%s", spec.session, proc.pid, cid,
                  accel, why, img.kernel_release)
         return vm
-
-    def _factory(self, session: str):
-        from ..server import ListenerSpec, Peer
-
-        spec = ListenerSpec(f"qemu-{session}", "guest", None, fixed_session=session)  # type: ignore[arg-type]
-        server = self.server
-        return lambda: Peer(server, spec)
 
     async def stop(self, session: str) -> None:
         vm = self.vms.pop(session, None)

@@ -1,0 +1,130 @@
+"""The daemon's own calls: ``vhub.*`` RpcRequests from host clients.
+
+Each call returns its result, raises ``CallFailed`` (answered as an
+RpcError), or returns ``DEFERRED`` when the answer comes later (boot, stop).
+Parameters and results are documented in docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from ..errors import CallFailed, InvalidName
+from ..protocol import rpc_error, rpc_result
+from ..sessions import Session, State, new_token, validate_name
+from .members import Member
+from .rpc import DEFERRED
+
+if TYPE_CHECKING:
+    from .core import Relay
+
+
+class DaemonCalls:
+    def __init__(self, relay: Relay):
+        self.relay = relay
+        self.table = {
+            "vhub.ping": self.ping, "vhub.sessions": self.sessions, "vhub.stats": self.stats,
+            "vhub.info": self.info, "vhub.register": self.register, "vhub.boot": self.boot,
+            "vhub.stop": self.stop, "vhub.takeover": self.takeover,
+        }
+
+    def call(self, member: Member, method: str, params: Any, rid: int) -> Any:
+        if not isinstance(params, dict):
+            raise CallFailed("bad_params", f"{method} takes an object of params")
+        fn = self.table.get(method)
+        if fn is None:
+            raise CallFailed("no_handler", f"unknown daemon call {method!r}")
+        return fn(member, params, rid)
+
+    # ---------------------------------------------------------------- answered now
+    def ping(self, member: Member, params: dict, rid: int) -> dict:
+        return {"pong": True, "time": time.time()}
+
+    def sessions(self, member: Member, params: dict, rid: int) -> list:
+        return [s.info() for s in self.relay.registry]
+
+    def stats(self, member: Member, params: dict, rid: int) -> dict:
+        relay = self.relay
+        return {**relay.daemon_info(), "counters": dict(relay.counters),
+                "scrollback_bytes": sum(s.scrollback.size for s in relay.registry),
+                "inflight_rpcs": relay.rpc.inflight_count(),
+                **(relay.on_stats() if relay.on_stats is not None else {})}
+
+    def info(self, member: Member, params: dict, rid: int) -> dict:
+        relay = self.relay
+        if params.get("session") is None:
+            sess = member.session
+            if sess is None:
+                return relay.daemon_info()
+        else:
+            sess = self.session_param(params)
+        return {**sess.info(), "daemon": relay.daemon_info(), "sandbox": sess.backend not in ("local",),
+                **({"warning": "local backend: the agent is a host process, NOT a sandbox"}
+                   if sess.backend == "local" else {})}
+
+    def register(self, member: Member, params: dict, rid: int) -> dict:
+        registry = self.relay.registry
+        name = self.name_param(params)
+        sess = registry.get(name)
+        if sess is None:
+            sess = registry.create(name, "external", token=new_token())
+        elif sess.anonymous:
+            raise CallFailed("session_exists", f"{name!r} is the anonymous session")
+        elif sess.token is None:
+            sess.token = new_token()
+        if sess.state in (State.STOPPED, State.FAILED):
+            registry.set_state(sess, State.WAITING_AGENT, "registered; waiting for an agent")
+        return {"session": sess.name, "token": sess.token}
+
+    def takeover(self, member: Member, params: dict, rid: int) -> dict:
+        return self.relay.terminals.take_over(member, params.get("execution_id"))
+
+    # ---------------------------------------------------------------- answered later
+    def boot(self, member: Member, params: dict, rid: int) -> object:
+        boots = self._boots("vhub.boot")
+        fut = boots.boot(self.name_param(params), params)
+        fut.add_done_callback(lambda f: self._answer(member, rid, f, "boot_failed"))
+        return DEFERRED
+
+    def stop(self, member: Member, params: dict, rid: int) -> object:
+        boots = self._boots("vhub.stop")
+        fut = boots.stop(self.name_param(params))
+        fut.add_done_callback(lambda f: self._answer(member, rid, f, "stop_failed"))
+        return DEFERRED
+
+    def _boots(self, method: str) -> Any:
+        if self.relay.boots is None:
+            raise CallFailed("not_supported", f"{method}: this daemon has no session backends")
+        return self.relay.boots
+
+    @staticmethod
+    def _answer(member: Member, rid: int, fut: Any, code: str) -> None:
+        if member.port.closed or not rid:
+            return
+        if fut.cancelled():
+            what = "boot" if code == "boot_failed" else "stop"
+            member.port.send(rpc_error(rid, code, f"{what} cancelled (session stopping)"))
+            return
+        exc = fut.exception()
+        if isinstance(exc, CallFailed):
+            member.port.send(rpc_error(rid, exc.code, exc.message))
+        elif exc is not None:
+            member.port.send(rpc_error(rid, code, str(exc)))
+        else:
+            member.port.send(rpc_result(rid, fut.result()))
+
+    # ---------------------------------------------------------------- params
+    @staticmethod
+    def name_param(params: dict) -> str:
+        try:
+            return validate_name(params.get("session"))
+        except InvalidName as exc:
+            raise CallFailed(exc.code, str(exc)) from None
+
+    def session_param(self, params: dict) -> Session:
+        name = params.get("session")
+        sess = self.relay.registry.get(name) if isinstance(name, str) else None
+        if sess is None:
+            raise CallFailed("unknown_session", f"no session named {name!r}")
+        return sess

@@ -1,0 +1,238 @@
+"""Guest output to subscribers: fan-out, cut-through, scrollback, acks and
+backpressure.
+
+A batch of stream frames (a ``StreamRun``) goes to every subscriber of its
+session and of "*" as the same slice of the guest's receive buffer, and once
+into the session's scrollback ring. A frame too large to buffer whole arrives
+as ``StreamStart`` + ``StreamChunk``s and is forwarded as it comes
+(cut-through); meanwhile nothing else may reach those subscribers, so other
+guests of the session wait, and a client that joins mid-frame joins after it.
+
+Backpressure: a lossless subscriber whose transport is full pauses every
+guest of the sessions it follows until it drains. Acks (``vhub.ack``) tell a
+guest how many stream frames every lossless subscriber's kernel buffer has
+taken, so an agent keeps the rest across a daemon restart.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from .. import codec, frames
+from ..frames import HEADER_SIZE
+from ..protocol import StreamChunk, StreamRun, StreamStart, notification
+from ..sessions import Session
+from .members import Member
+
+if TYPE_CHECKING:
+    from .core import Relay
+
+log = logging.getLogger("vhubd")
+TYPE_BIT = frames.TYPE_BIT
+ACK_RETRY = 0.01  # seconds between checks while a lossless subscriber still holds unsent bytes
+
+
+class CutThrough:
+    """A large stream frame in flight: who gets its parts, and the last
+    ``keep`` payload bytes for the scrollback (nothing when the ring is too
+    small to hold any of it)."""
+
+    __slots__ = ("targets", "head", "keep", "parts", "size", "source", "waiting")
+
+    def __init__(self, targets: list, ev: StreamStart, room: int, source: Member):
+        self.targets = targets
+        self.source = source  # the guest sending it
+        self.waiting: list = []  # (member, events) of other guests of the session, held until it ends
+        self.head = bytearray(ev.data[:HEADER_SIZE])
+        self.keep = max(0, min(ev.length, room))
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def keep_tail(self, data: memoryview) -> None:
+        keep = self.keep
+        if not keep:
+            return
+        if len(data) >= keep:
+            self.parts = [bytes(data[len(data) - keep:])]
+            self.size = keep
+            return
+        self.parts.append(bytes(data))
+        self.size += len(data)
+        while self.size - len(self.parts[0]) >= keep:
+            self.size -= len(self.parts.pop(0))
+
+    def frame_for_scrollback(self) -> bytes:
+        if not self.keep:
+            return b""
+        body = b"".join(self.parts)[-self.keep:]
+        self.head[8:12] = len(body).to_bytes(4, "little")
+        return bytes(self.head) + body
+
+
+def run_of(chunk: bytes) -> StreamRun:
+    """Complete stream frames (a scrollback chunk) as a StreamRun."""
+    sc = codec.Scanner(max(1, len(chunk) // HEADER_SIZE))
+    count, _, _, _, _, mask = sc.scan(chunk)
+    return StreamRun(memoryview(chunk), count, mask)
+
+
+class Streams:
+    def __init__(self, relay: Relay):
+        self.relay = relay
+        self.counters = relay.counters
+
+    # ---------------------------------------------------------------- fan-out
+    def subscribers(self, sess: Session) -> list[Member]:
+        return [c for c in (*sess.clients, *self.relay.star_clients) if c.subscribe_mask]
+
+    def fan_out(self, sess: Session, run: StreamRun) -> None:
+        self.counters["stream_bytes"] += len(run.data)
+        self.counters["stream_frames"] += run.count
+        sess.scrollback.append(run.data)
+        deliver = self.deliver
+        for c in sess.clients:
+            deliver(c, run)
+        for c in self.relay.star_clients:
+            deliver(c, run)
+
+    @staticmethod
+    def deliver(c: Member, run: StreamRun) -> None:
+        want = c.subscribe_mask
+        if not want or not c.joined:
+            return
+        mask = run.type_mask
+        if mask & ~want == 0:
+            c.port.write(run.data)
+        elif mask & want:
+            # a mixed run and a partial subscription: the frames this client wants
+            write = c.port.write
+            for f in run.frames():
+                if TYPE_BIT[f.msg_type] & want:
+                    write(f.data)
+
+    def replay(self, member: Member) -> None:
+        """The scrollback of the member's session (or of every session, for "*")."""
+        sessions = [member.session] if member.session is not None else list(self.relay.registry)
+        for s in sessions:
+            for chunk in s.scrollback.replay():
+                self.deliver(member, run_of(chunk))
+
+    # ---------------------------------------------------------------- cut-through
+    def cut_through_start(self, sess: Session, ev: StreamStart, source: Member) -> None:
+        bit = TYPE_BIT[ev.msg_type]
+        targets = [c for c in self.subscribers(sess) if c.subscribe_mask & bit and c.joined]
+        ct = sess.cut_through = CutThrough(targets, ev, sess.scrollback.capacity - HEADER_SIZE, source)
+        self.counters["stream_bytes"] += len(ev.data)
+        self.counters["stream_frames"] += 1
+        for c in targets:
+            c.port.write_part(ev.data, False)
+        ct.keep_tail(ev.data[HEADER_SIZE:])
+
+    def cut_through_chunk(self, sess: Session, ev: StreamChunk) -> None:
+        ct = sess.cut_through
+        last = ev.remaining == 0
+        self.counters["stream_bytes"] += len(ev.data)
+        for c in ct.targets:
+            if not c.port.closed:
+                c.port.write_part(ev.data, last)
+        ct.keep_tail(ev.data)
+        if last:
+            frame = ct.frame_for_scrollback()
+            if frame:
+                sess.scrollback.append(frame)
+            self._end_cut_through(sess)
+
+    def hold_behind(self, ct: CutThrough, member: Member, events: list) -> None:
+        """Another guest's events arrived mid cut-through frame: they wait (and it does)."""
+        ct.waiting.append((member, events))
+        member.port.pause_reading()
+
+    def _end_cut_through(self, sess: Session) -> None:
+        """The frame in flight is over: everyone joins again, and what other
+        guests sent meanwhile goes out now, in order."""
+        ct, sess.cut_through = sess.cut_through, None
+        for c in (*sess.clients, *self.relay.star_clients):
+            c.joined = True
+        waiting, ct.waiting = ct.waiting, []
+        for member, events in waiting:  # a guest that left meanwhile still had these frames accepted
+            self.relay.guest_events(member, events)  # may start the next cut-through frame, or wait again
+            now = sess.cut_through
+            held = now is not None and any(m is member for m, _ in now.waiting)
+            if not held and not self.session_blocked(sess):
+                member.port.resume_reading()
+
+    def cut_through_lost(self, sess: Session, member: Member) -> None:
+        """The guest sending a cut-through frame is gone mid-frame: its
+        subscribers hold a partial frame that can never be completed (and an
+        Error frame would land inside its payload), so they are closed; the
+        rest of the frame was never accepted and the scrollback does not keep it."""
+        for c in sess.cut_through.targets:
+            if not c.port.closed:
+                log.warning("closing subscriber peer=%s: the guest %s left in the middle of a frame",
+                            c.label, member.label)
+                c.port.close()
+        self._end_cut_through(sess)
+
+    # ---------------------------------------------------------------- acks
+    def hello(self, member: Member) -> None:
+        member.port.send(notification("vhub.hello", {"ack": True}))
+
+    def schedule_ack(self, member: Member) -> None:
+        member.ack_pending = True
+        self.relay.call_later(0, lambda: self._send_ack(member))
+
+    def _send_ack(self, member: Member) -> None:
+        """Ack stream frames once every lossless destination has taken them
+        (the kernel then owns the bytes: a daemon crash cannot lose them)."""
+        member.ack_pending = False
+        sess = member.session
+        if sess is None or member.port.closed:
+            return
+        for c in self.subscribers(sess):
+            if not c.lossy and c.port.buffered():
+                member.ack_pending = True
+                self.relay.call_later(ACK_RETRY, lambda: self._send_ack(member))
+                return
+        if member.stream_frames != member.acked:
+            member.acked = member.stream_frames
+            member.port.send(notification("vhub.ack", {"frames": member.acked}))
+
+    # ---------------------------------------------------------------- backpressure
+    def session_blocked(self, sess: Session) -> bool:
+        """A lossless subscriber of ``sess`` is full: its guests must not be read."""
+        return any(sess in c.sessions_blocked for c in (*sess.clients, *self.relay.star_clients))
+
+    def write_paused(self, member: Member, frame_in_flight: bool = False) -> None:
+        """A destination's transport is above its high-water mark (or, with
+        ``frame_in_flight``, what waits behind a cut-through frame to it is:
+        then the guest sending that frame goes on, so that it can end)."""
+        if member.role == "client":
+            if member.lossy:
+                return
+            sessions: Any = self.relay.registry if member.all_sessions else (
+                [member.session] if member.session is not None else [])
+            for s in sessions:
+                member.sessions_blocked.add(s)
+                ct = s.cut_through
+                for g in s.guests:
+                    if not (frame_in_flight and ct is not None and ct.source is g):
+                        g.port.pause_reading()
+        else:
+            sess = member.session
+            if sess is not None:
+                for c in sess.clients:
+                    c.port.pause_reading()
+
+    def write_resumed(self, member: Member) -> None:
+        if member.role == "client":
+            blocked, member.sessions_blocked = member.sessions_blocked, set()
+            for s in blocked:
+                if not self.session_blocked(s):
+                    for g in s.guests:
+                        g.port.resume_reading()
+        else:
+            sess = member.session
+            if sess is not None:
+                for c in sess.clients:
+                    c.port.resume_reading()
