@@ -26,7 +26,7 @@ import signal
 import socket
 import time
 
-from .. import guest_image
+from .. import guest as guest_image
 from ..vhost.service import VhostUserVsockService
 from . import Backend, BackendError, BootSpec
 
