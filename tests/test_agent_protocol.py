@@ -11,6 +11,7 @@ import test_agent_peer  # noqa: F401  (puts guest-agent/ on sys.path)
 # blink_agent is importable once test_agent_peer has put guest-agent/ on sys.path.
 import blink_agent
 from blink_agent import protocol as P
+from blink_agent.errors import CODE_ALIASES, canonical_code
 from blink_agent.wire import FrameDecoder, MsgType, encode_frame
 
 
@@ -151,7 +152,7 @@ def test_outgoing_shapes():
     conn.send_request(3, "m", {"x": 1})
     conn.send_event(4, {"event": "execution_result", "execution_id": 1})
     conn.send_response(5, {"ok": True})
-    conn.send_error(6, "no_such_method", "nope")
+    conn.send_error(6, "no_such_method", "nope")  # an old spelling goes out canonical
     conn.send_ping(7)
     frames = sent(conn)
     assert [(f.msg_type, f.request_id) for f in frames] == [
@@ -162,5 +163,31 @@ def test_outgoing_shapes():
         (0x02, 7),
     ]
     assert json.loads(frames[0].payload) == {"method": "m", "params": {"x": 1}}
-    assert json.loads(frames[3].payload) == {"code": "no_such_method", "message": "nope"}
+    assert json.loads(frames[3].payload) == {"code": "no_handler", "message": "nope"}
     assert frames[4].payload == b""
+
+
+def test_received_error_codes_are_canonical():
+    """One wire code per meaning: old spellings from older peers arrive as the new one."""
+    assert CODE_ALIASES == {"handler_error": "handler_failed", "no_such_method": "no_handler"}
+    assert canonical_code("no_such_method") == "no_handler"
+    assert canonical_code("denied") == "denied"
+    conn = P.AgentConnection(b"")
+    conn.receive_data(encode_frame(MsgType.Handshake, 1, b"blink-vhub-ready"))
+    events = conn.receive_data(
+        encode_frame(MsgType.RpcError, 3, j({"code": "no_such_method", "message": "m1"}))
+        + encode_frame(MsgType.RpcError, 4, j({"code": "handler_error", "message": "m2"}))
+        + encode_frame(MsgType.RpcError, 5, j({"code": "no_handler", "message": "m3"}))
+        + encode_frame(MsgType.RpcError, 6, j({"code": "denied", "message": "m4"}))
+    )
+    assert events == [
+        P.ErrorReply(3, "no_handler", "m1"),
+        P.ErrorReply(4, "handler_failed", "m2"),
+        P.ErrorReply(5, "no_handler", "m3"),
+        P.ErrorReply(6, "denied", "m4"),
+    ]
+    conn.data_to_send()
+    conn.send_error(7, "handler_error", "x")
+    [frame] = sent(conn)
+    assert json.loads(frame.payload)["code"] == "handler_failed"
+

@@ -775,7 +775,7 @@ class AsyncHub:
         fn = self._handlers.get(req.method)
         if fn is None:
             if req.request_id:
-                self._reply_error(link, req.request_id, "no_such_method", f"no handler for {req.method!r}")
+                self._reply_error(link, req.request_id, "no_handler", f"no handler for {req.method!r}")
             else:
                 log.debug("notification %r ignored: no handler", req.method)
             return

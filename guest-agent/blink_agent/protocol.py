@@ -7,6 +7,8 @@ notifications and protocol violations. The I/O layer feeds received bytes to
 :meth:`AgentConnection.data_to_send`. Nothing here touches a socket or a loop.
 
 States: ``handshake`` (ours sent, waiting for the daemon's) -> ``open`` -> ``closed``.
+RpcError codes have one spelling per meaning both ways
+(:func:`~blink_agent.errors.canonical_code`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import os
 from typing import Any, NamedTuple, Union
 
 from ._version import __version__
-from .errors import ProtocolError
+from .errors import ProtocolError, canonical_code
 from .wire import DEFAULT_MAX_PAYLOAD, FrameDecoder, MsgType, encode_frame
 
 __all__ = [
@@ -108,6 +110,9 @@ class Response(NamedTuple):
 
 
 class ErrorReply(NamedTuple):
+    """An RpcError answering one of our calls; ``code`` is canonical
+    (``no_such_method`` arrives as ``no_handler``, ``handler_error`` as ``handler_failed``)."""
+
     request_id: int
     code: str
     message: str
@@ -209,7 +214,10 @@ class AgentConnection:
         self._queue(MsgType.RpcResponse, request_id, _dumps(result))
 
     def send_error(self, request_id: int, code: str, message: str) -> None:
-        self._queue(MsgType.RpcError, request_id, _dumps({"code": code, "message": message}))
+        """Queue an RpcError; an old spelling of ``code`` goes out as the canonical one."""
+        self._queue(
+            MsgType.RpcError, request_id, _dumps({"code": canonical_code(code), "message": message})
+        )
 
     def send_ping(self, request_id: int) -> None:
         self._queue(MsgType.Heartbeat, request_id, b"")
@@ -278,7 +286,7 @@ class AgentConnection:
             return [Response(request_id, result)]
         if msg_type == MsgType.RpcError:
             code, message = _error_fields(payload)
-            return [ErrorReply(request_id, code, message)]
+            return [ErrorReply(request_id, canonical_code(code), message)]
         if msg_type in (MsgType.StreamData, MsgType.TtyResize):
             return [StreamIn(msg_type, request_id, payload)]
         if msg_type == MsgType.Handshake:
