@@ -12,6 +12,7 @@ import test_agent_peer  # noqa: F401  (puts guest-agent/ on sys.path)
 import blink_agent
 from blink_agent import protocol as P
 from blink_agent.errors import CODE_ALIASES, canonical_code
+from blink_agent.outbox import OutFrame
 from blink_agent.wire import FrameDecoder, MsgType, encode_frame
 
 
@@ -191,3 +192,18 @@ def test_received_error_codes_are_canonical():
     [frame] = sent(conn)
     assert json.loads(frame.payload)["code"] == "handler_failed"
 
+
+def test_stream_header_and_chunks_are_the_frames():
+    """The zero-copy path writes exactly what encode_frame would have built."""
+    assert P.stream_header(MsgType.Stdout, 7, 3) + b"abc" == encode_frame(MsgType.Stdout, 7, b"abc")
+    payload = b"x" * 70000
+    frames = [
+        OutFrame(MsgType.RpcRequest, 0, b'{"event":"output_dropped","bytes":9}'),
+        OutFrame(MsgType.Stdout, 1, payload),
+        OutFrame(MsgType.StreamData, 2, b""),
+    ]
+    chunks, nbytes = P.stream_chunks(frames)
+    whole = b"".join(encode_frame(*f) for f in frames)
+    assert b"".join(chunks) == whole and nbytes == len(whole)
+    assert chunks[3] is payload  # not copied
+    assert list(FrameDecoder().feed(b"".join(chunks)))[1].payload == payload

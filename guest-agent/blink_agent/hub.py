@@ -27,7 +27,7 @@ from . import protocol as P
 from .address import Address, parse_address
 from .errors import CallTimeout, ConnectionLost, HandshakeRejected, ProtocolError, RpcError
 from .outbox import DEFAULT_BUFFER_BYTES, Outbox, parse_size
-from .wire import DEFAULT_MAX_PAYLOAD, MsgType, encode_header
+from .wire import DEFAULT_MAX_PAYLOAD, MsgType
 
 __all__ = ["AsyncHub", "Hub", "connect", "aconnect", "backoff_delays", "STREAM_CHUNK"]
 
@@ -680,13 +680,7 @@ class AsyncHub:
             await self._wait_until(lambda: outbox.has_unsent() or self._link is not link, None)
             if self._link is not link:
                 return "connection replaced"
-            frames = outbox.take()
-            chunks: list[bytes] = []
-            nbytes = 0
-            for frame in frames:
-                chunks.append(encode_header(frame.msg_type, frame.request_id, len(frame.payload)))
-                chunks.append(frame.payload)
-                nbytes += 20 + len(frame.payload)
+            chunks, nbytes = P.stream_chunks(outbox.take())
             link.write_many(chunks, nbytes)
             self._broadcast()
             try:

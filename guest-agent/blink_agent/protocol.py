@@ -7,24 +7,30 @@ notifications and protocol violations. The I/O layer feeds received bytes to
 :meth:`AgentConnection.data_to_send`. Nothing here touches a socket or a loop.
 
 States: ``handshake`` (ours sent, waiting for the daemon's) -> ``open`` -> ``closed``.
-RpcError codes have one spelling per meaning both ways
-(:func:`~blink_agent.errors.canonical_code`).
+
+This module is also the agent's one frame producer: every frame the agent sends is
+built here, either queued by :class:`AgentConnection` or, for the buffered output
+that the I/O layer writes header and payload apart (zero copy), as the header from
+:func:`stream_header` / the chunks from :func:`stream_chunks`. RpcError codes have one
+spelling per meaning both ways (:func:`~blink_agent.errors.canonical_code`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, NamedTuple, Union
+from typing import Any, Iterable, NamedTuple, Union
 
 from ._version import __version__
 from .errors import ProtocolError, canonical_code
-from .wire import DEFAULT_MAX_PAYLOAD, FrameDecoder, MsgType, encode_frame
+from .wire import DEFAULT_MAX_PAYLOAD, HEADER_SIZE, FrameDecoder, MsgType, encode_frame, encode_header
 
 __all__ = [
     "READY_PAYLOAD",
     "PONG",
     "handshake_payload",
+    "stream_header",
+    "stream_chunks",
     "AgentConnection",
     "Ready",
     "Rejected",
@@ -71,6 +77,26 @@ def handshake_payload(
 
 def _dumps(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def stream_header(msg_type: int, request_id: int, payload_len: int) -> bytes:
+    """The 20 header bytes of one buffered output frame (Stdout, Stderr, StreamData,
+    or the ``output_dropped`` notification), for a writer that sends the payload
+    after it without copying it into one buffer."""
+    return encode_header(msg_type, request_id, payload_len)
+
+
+def stream_chunks(frames: Iterable[tuple[int, int, bytes]]) -> tuple[list[bytes], int]:
+    """Header, payload, header, payload... for ``writelines`` from ``(msg_type,
+    request_id, payload)`` frames (``OutFrame``), and the number of bytes they make.
+    Payloads are not copied."""
+    chunks: list[bytes] = []
+    nbytes = 0
+    for msg_type, request_id, payload in frames:
+        chunks.append(stream_header(msg_type, request_id, len(payload)))
+        chunks.append(payload)
+        nbytes += HEADER_SIZE + len(payload)
+    return chunks, nbytes
 
 
 # -- events -------------------------------------------------------------------------
