@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from vhubd import guest_image
+from vhubd import guest as guest_image
 
 
 def guest_cache_dir() -> str:

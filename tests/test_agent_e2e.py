@@ -117,7 +117,7 @@ def test_builtin_methods_and_errors(peer, tmp_path, agents):
     assert set(info) == {"pid", "python", "uptime", "version", "hostname", "executions"}
     assert info["pid"] == agent.pid and info["executions"] == [] and info["uptime"] >= 0
     err = error_of(conn.call(12, "no.such", {"x": 1}))
-    assert err["code"] == "no_such_method"
+    assert err["code"] == "no_handler"
     # Notifications (id 0) are never answered, even unknown ones.
     conn.request(0, "no.such")
     conn.request(0, "agent.ping")

@@ -21,7 +21,8 @@ from blink_agent.wire import MsgType
 
 class ScriptedHost:
     """Accepts agent connections in a thread and answers guest->host calls:
-    ``echo`` -> params, ``fail`` -> RpcError, ``slow`` -> never, ``drop`` -> closes.
+    ``echo`` -> params, ``fail`` -> RpcError, ``fail_with`` -> RpcError with the code
+    given as params, ``slow`` -> never, ``drop`` -> closes.
     Every other frame lands in ``frames`` (a queue) for the test to inspect."""
 
     def __init__(self, path: str, hello: bool = True, reject: dict | None = None) -> None:
@@ -88,6 +89,9 @@ class ScriptedHost:
                         MsgType.RpcError, frame.request_id, {"code": "denied", "message": "not allowed"}
                     )
                     continue
+                if method == "fail_with":  # answer with the code given as params
+                    conn.send_json(MsgType.RpcError, frame.request_id, {"code": params, "message": "m"})
+                    continue
                 if method == "slow":
                     continue
                 if method == "drop":
@@ -152,6 +156,21 @@ def test_blocking_calls(host):
         hub.call("echo", 1)
 
 
+def test_old_error_codes_reach_callers_canonical(host):
+    """A host (or peer) still sending the old spellings: callers see one code per meaning."""
+    with blink_agent.connect(host.addr, timeout=5) as hub:
+        for sent, seen in [
+            ("no_such_method", "no_handler"),
+            ("handler_error", "handler_failed"),
+            ("no_handler", "no_handler"),
+            ("handler_failed", "handler_failed"),
+            ("denied", "denied"),
+        ]:
+            with pytest.raises(RpcError) as info:
+                hub.call("fail_with", sent)
+            assert (info.value.code, info.value.message) == (seen, "m")
+
+
 def test_blocking_serve_handlers(host):
     hub = blink_agent.connect(host.addr, timeout=5)
     try:
@@ -184,7 +203,7 @@ def test_blocking_serve_handlers(host):
         assert "ZeroDivisionError" in replies[24][1]["message"]
         assert replies[25] == (
             MsgType.RpcError,
-            {"code": "no_such_method", "message": "no handler for 'guest.none'"},
+            {"code": "no_handler", "message": "no handler for 'guest.none'"},
         )
     finally:
         hub.close()

@@ -11,6 +11,8 @@ import test_agent_peer  # noqa: F401  (puts guest-agent/ on sys.path)
 # blink_agent is importable once test_agent_peer has put guest-agent/ on sys.path.
 import blink_agent
 from blink_agent import protocol as P
+from blink_agent.errors import CODE_ALIASES, canonical_code
+from blink_agent.outbox import OutFrame
 from blink_agent.wire import FrameDecoder, MsgType, encode_frame
 
 
@@ -151,7 +153,7 @@ def test_outgoing_shapes():
     conn.send_request(3, "m", {"x": 1})
     conn.send_event(4, {"event": "execution_result", "execution_id": 1})
     conn.send_response(5, {"ok": True})
-    conn.send_error(6, "no_such_method", "nope")
+    conn.send_error(6, "no_such_method", "nope")  # an old spelling goes out canonical
     conn.send_ping(7)
     frames = sent(conn)
     assert [(f.msg_type, f.request_id) for f in frames] == [
@@ -162,5 +164,46 @@ def test_outgoing_shapes():
         (0x02, 7),
     ]
     assert json.loads(frames[0].payload) == {"method": "m", "params": {"x": 1}}
-    assert json.loads(frames[3].payload) == {"code": "no_such_method", "message": "nope"}
+    assert json.loads(frames[3].payload) == {"code": "no_handler", "message": "nope"}
     assert frames[4].payload == b""
+
+
+def test_received_error_codes_are_canonical():
+    """One wire code per meaning: old spellings from older peers arrive as the new one."""
+    assert CODE_ALIASES == {"handler_error": "handler_failed", "no_such_method": "no_handler"}
+    assert canonical_code("no_such_method") == "no_handler"
+    assert canonical_code("denied") == "denied"
+    conn = P.AgentConnection(b"")
+    conn.receive_data(encode_frame(MsgType.Handshake, 1, b"blink-vhub-ready"))
+    events = conn.receive_data(
+        encode_frame(MsgType.RpcError, 3, j({"code": "no_such_method", "message": "m1"}))
+        + encode_frame(MsgType.RpcError, 4, j({"code": "handler_error", "message": "m2"}))
+        + encode_frame(MsgType.RpcError, 5, j({"code": "no_handler", "message": "m3"}))
+        + encode_frame(MsgType.RpcError, 6, j({"code": "denied", "message": "m4"}))
+    )
+    assert events == [
+        P.ErrorReply(3, "no_handler", "m1"),
+        P.ErrorReply(4, "handler_failed", "m2"),
+        P.ErrorReply(5, "no_handler", "m3"),
+        P.ErrorReply(6, "denied", "m4"),
+    ]
+    conn.data_to_send()
+    conn.send_error(7, "handler_error", "x")
+    [frame] = sent(conn)
+    assert json.loads(frame.payload)["code"] == "handler_failed"
+
+
+def test_stream_header_and_chunks_are_the_frames():
+    """The zero-copy path writes exactly what encode_frame would have built."""
+    assert P.stream_header(MsgType.Stdout, 7, 3) + b"abc" == encode_frame(MsgType.Stdout, 7, b"abc")
+    payload = b"x" * 70000
+    frames = [
+        OutFrame(MsgType.RpcRequest, 0, b'{"event":"output_dropped","bytes":9}'),
+        OutFrame(MsgType.Stdout, 1, payload),
+        OutFrame(MsgType.StreamData, 2, b""),
+    ]
+    chunks, nbytes = P.stream_chunks(frames)
+    whole = b"".join(encode_frame(*f) for f in frames)
+    assert b"".join(chunks) == whole and nbytes == len(whole)
+    assert chunks[3] is payload  # not copied
+    assert list(FrameDecoder().feed(b"".join(chunks)))[1].payload == payload

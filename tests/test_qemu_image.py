@@ -1,4 +1,4 @@
-"""The guest image builder (vhubd.guest_image): the cpio writer, the ELF and
+"""The guest image builder (vhubd.guest): the cpio writer, the ELF and
 module readers, the kernel-command-line environment, and a real build from
 Debian packages that is reproducible byte for byte."""
 
@@ -12,7 +12,9 @@ import sys
 import pytest
 from qemu_testing import guest_cache_dir, require_guest_image
 
-from vhubd import guest_image as gi
+from vhubd import guest as gi
+from vhubd.guest.cpio import Tree
+from vhubd.guest.elf import elf_needed
 
 
 def parse_newc(data: bytes) -> list[tuple[str, int, int, bytes]]:
@@ -34,7 +36,7 @@ def parse_newc(data: bytes) -> list[tuple[str, int, int, bytes]]:
 
 
 def test_cpio_is_sorted_timeless_and_complete():
-    t = gi.Tree()
+    t = Tree()
     t.file("usr/bin/tool", b"#!/bin/sh\n", 0o755)
     t.symlink("bin/sh", "/bin/busybox")
     t.file("a", b"x" * 5)
@@ -58,11 +60,11 @@ def test_cpio_is_sorted_timeless_and_complete():
 def test_elf_needed_of_this_python():
     exe = os.path.realpath(sys.executable)
     with open(exe, "rb") as f:
-        needed, interp = gi.elf_needed(f.read())
+        needed, interp = elf_needed(f.read())
     assert interp and interp.endswith(".so.2")
     assert any(n.startswith("libc.so") for n in needed) or any("python" in n for n in needed)
     with pytest.raises(gi.GuestImageError):
-        gi.elf_needed(b"#!/bin/sh\n" + bytes(100))
+        elf_needed(b"#!/bin/sh\n" + bytes(100))
 
 
 def test_env_survives_the_kernel_command_line_and_init(tmp_path):

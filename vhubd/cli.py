@@ -124,7 +124,7 @@ def build_parser() -> Parser:
     im = sub.add_parser("build-image", help="build a local OCI layout with the guest agent baked in")
     im.add_argument("out", metavar="DIR")
     im.add_argument("--base", metavar="LAYOUT", help="local OCI layout to build on (one with python3)")
-    from .guest_image import add_arguments as _guest_args
+    from .guest import add_arguments as _guest_args
 
     _guest_args(sub.add_parser("build-guest", help="build the qemu backend's guest kernel + initramfs from "
                                                    "Debian packages (cached in the state dir)"))
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "install-units":
         return cmd_install_units(args)
     if args.command == "build-guest":
-        from .guest_image import run as build_guest
+        from .guest import run as build_guest
 
         return build_guest(args)
     if args.command == "build-image":

@@ -17,8 +17,8 @@ from typing import Any
 
 from ._version import __version__
 from .address import DEFAULT_ADDR, parse_address
+from .async_hub import AsyncHub
 from .errors import AddressError, ConnectionLost, HandshakeRejected, ProtocolError, RpcError
-from .hub import AsyncHub
 from .outbox import DEFAULT_BUFFER_BYTES, parse_size
 from .runner import ExecutionManager
 

@@ -9,6 +9,11 @@
 - :class:`CallTimeout`: a guest->host call got no reply in time; a ``TimeoutError``.
 - :class:`RpcError`: the host answered a call with ``RpcError``; raise it from a
   handler to answer with a chosen code.
+
+Every exception class of the package derives from :class:`AgentError`. Wire error codes
+have one spelling per meaning, the host's (``vhubd.errors.CODE_ALIASES``, copied here
+because the agent shares the spec, not the host's imports): :data:`CODE_ALIASES` maps
+the old spellings to it and :func:`canonical_code` applies the map.
 """
 
 from __future__ import annotations
@@ -21,7 +26,20 @@ __all__ = [
     "ConnectionLost",
     "CallTimeout",
     "RpcError",
+    "CODE_ALIASES",
+    "canonical_code",
 ]
+
+#: Old spelling -> the one wire code for that meaning (the host's table, same content).
+CODE_ALIASES = {
+    "handler_error": "handler_failed",  # a handler raised (older host clients)
+    "no_such_method": "no_handler",  # nobody serves the method (older agents and daemons)
+}
+
+
+def canonical_code(code: str) -> str:
+    """The one spelling of a wire error code (old spellings map to it)."""
+    return CODE_ALIASES.get(code, code)
 
 
 class AgentError(Exception):

@@ -7,22 +7,30 @@ notifications and protocol violations. The I/O layer feeds received bytes to
 :meth:`AgentConnection.data_to_send`. Nothing here touches a socket or a loop.
 
 States: ``handshake`` (ours sent, waiting for the daemon's) -> ``open`` -> ``closed``.
+
+This module is also the agent's one frame producer: every frame the agent sends is
+built here, either queued by :class:`AgentConnection` or, for the buffered output
+that the I/O layer writes header and payload apart (zero copy), as the header from
+:func:`stream_header` / the chunks from :func:`stream_chunks`. RpcError codes have one
+spelling per meaning both ways (:func:`~blink_agent.errors.canonical_code`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, NamedTuple, Union
+from typing import Any, Iterable, NamedTuple, Union
 
 from ._version import __version__
-from .errors import ProtocolError
-from .wire import DEFAULT_MAX_PAYLOAD, FrameDecoder, MsgType, encode_frame
+from .errors import ProtocolError, canonical_code
+from .wire import DEFAULT_MAX_PAYLOAD, HEADER_SIZE, FrameDecoder, MsgType, encode_frame, encode_header
 
 __all__ = [
     "READY_PAYLOAD",
     "PONG",
     "handshake_payload",
+    "stream_header",
+    "stream_chunks",
     "AgentConnection",
     "Ready",
     "Rejected",
@@ -71,6 +79,26 @@ def _dumps(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+def stream_header(msg_type: int, request_id: int, payload_len: int) -> bytes:
+    """The 20 header bytes of one buffered output frame (Stdout, Stderr, StreamData,
+    or the ``output_dropped`` notification), for a writer that sends the payload
+    after it without copying it into one buffer."""
+    return encode_header(msg_type, request_id, payload_len)
+
+
+def stream_chunks(frames: Iterable[tuple[int, int, bytes]]) -> tuple[list[bytes], int]:
+    """Header, payload, header, payload... for ``writelines`` from ``(msg_type,
+    request_id, payload)`` frames (``OutFrame``), and the number of bytes they make.
+    Payloads are not copied."""
+    chunks: list[bytes] = []
+    nbytes = 0
+    for msg_type, request_id, payload in frames:
+        chunks.append(stream_header(msg_type, request_id, len(payload)))
+        chunks.append(payload)
+        nbytes += HEADER_SIZE + len(payload)
+    return chunks, nbytes
+
+
 # -- events -------------------------------------------------------------------------
 
 
@@ -108,6 +136,9 @@ class Response(NamedTuple):
 
 
 class ErrorReply(NamedTuple):
+    """An RpcError answering one of our calls; ``code`` is canonical
+    (``no_such_method`` arrives as ``no_handler``, ``handler_error`` as ``handler_failed``)."""
+
     request_id: int
     code: str
     message: str
@@ -209,7 +240,10 @@ class AgentConnection:
         self._queue(MsgType.RpcResponse, request_id, _dumps(result))
 
     def send_error(self, request_id: int, code: str, message: str) -> None:
-        self._queue(MsgType.RpcError, request_id, _dumps({"code": code, "message": message}))
+        """Queue an RpcError; an old spelling of ``code`` goes out as the canonical one."""
+        self._queue(
+            MsgType.RpcError, request_id, _dumps({"code": canonical_code(code), "message": message})
+        )
 
     def send_ping(self, request_id: int) -> None:
         self._queue(MsgType.Heartbeat, request_id, b"")
@@ -278,7 +312,7 @@ class AgentConnection:
             return [Response(request_id, result)]
         if msg_type == MsgType.RpcError:
             code, message = _error_fields(payload)
-            return [ErrorReply(request_id, code, message)]
+            return [ErrorReply(request_id, canonical_code(code), message)]
         if msg_type in (MsgType.StreamData, MsgType.TtyResize):
             return [StreamIn(msg_type, request_id, payload)]
         if msg_type == MsgType.Handshake:

@@ -23,8 +23,8 @@ import time
 from typing import Any
 
 from ._version import __version__
+from .async_hub import AsyncHub
 from .errors import ConnectionLost, RpcError
-from .hub import AsyncHub
 from .wire import MsgType
 
 __all__ = ["Execution", "ExecutionManager", "next_execution_id"]

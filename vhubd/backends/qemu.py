@@ -28,7 +28,7 @@ import socket
 import time
 from collections.abc import Callable
 
-from .. import guest_image
+from .. import guest as guest_image
 from ..vhost.service import VhostUserVsockService
 from . import Backend, BackendError, BootSpec
 
