@@ -1,6 +1,6 @@
 """Processes and sockets for the end-to-end benchmarks (bench/test_bench_relay.py).
 
-- ``Daemon``: a real ``python -m vhubd serve`` subprocess on sockets in a temp dir.
+- ``Daemon``: the shared harness's daemon (tests/harness), heartbeats off.
 - ``Worker``: a ``bench/_worker.py`` subprocess (stream sender, RPC guest or RPC
   handler) driven one JSON line at a time.
 - ``Socat``: one ``socat UNIX-LISTEN:a UNIX-CONNECT:b`` blind relay (one connection).
@@ -10,7 +10,7 @@
 
 - ``FanoutReceiver``: N such sinks read together (one epoll loop), each
   checksummed on its own.
-- ``control_call``: one daemon call on the control socket (blocking).
+- ``control_call``, ``client_handshake``: from tests/harness (blocking).
 - ``raise_nofile``: lift RLIMIT_NOFILE before spawning a daemon (it inherits it).
 
 Sizes shrink with ``VHUB_BENCH_QUICK=1`` (CI).
@@ -29,76 +29,21 @@ import sys
 import time
 import zlib
 
-from vhubd.frames import HEADER, MsgType
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from harness import Daemon as _Daemon  # noqa: E402
+from harness import client_handshake, control_call, wait_for  # noqa: E402,F401 (re-exported)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 QUICK = os.environ.get("VHUB_BENCH_QUICK", "") not in ("", "0")
 
 
-def wait_for(pred, timeout: float = 10.0, what: str = "condition", interval: float = 0.005):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-
-
-class Daemon:
-    def __init__(self, tmpdir: str, env: dict | None = None, *args: str, tree: str | None = None):
-        self.tree = tree or os.environ.get("VHUB_BENCH_TREE") or ROOT  # where `python -m vhubd` imports from
-        self.dir = tmpdir
-        self.socket = os.path.join(tmpdir, "guest.sock")
-        self.control = os.path.join(tmpdir, "control.sock")
-        self.logpath = os.path.join(tmpdir, "vhubd.log")
-        self.env = dict(os.environ, **(env or {}))
-        self.args = list(args)
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> Daemon:
-        self._log = open(self.logpath, "wb")
-        # heartbeats off: the stream sink checksums raw bytes and never answers pings
-        cmd = [sys.executable, "-m", "vhubd", "serve", "--socket", self.socket, "--control", self.control,
-               "--heartbeat", "0", *self.args]
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env, cwd=self.tree)
-        try:
-            wait_for(lambda: self.proc.poll() is not None or "vhubd ready" in self.log(), 15, "daemon ready")
-        except TimeoutError:
-            self.stop()
-            raise
-        if self.proc.poll() is not None:
-            self._log.close()
-            raise RuntimeError(f"daemon exited {self.proc.returncode}: {self.log()}")
-        return self
-
-    def log(self) -> str:
-        with open(self.logpath, "rb") as f:
-            return f.read().decode("utf-8", "replace")
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def codec(self) -> str:
-        for line in self.log().splitlines():
-            if "vhubd ready" in line and "codec=" in line:
-                return line.rsplit("codec=", 1)[1].split()[0]
-        return "?"
-
-    def stop(self) -> int:
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._log.close()
-        return self.proc.returncode
+def Daemon(tmpdir: str, env: dict | None = None, *args: str, tree: str | None = None) -> _Daemon:
+    """The shared test harness's daemon, as benchmarks run it: heartbeats off
+    (sinks checksum raw bytes and never answer pings), imported from
+    ``VHUB_BENCH_TREE`` when set (A/B runs of two source trees)."""
+    return _Daemon(tmpdir, "--heartbeat", "0", *args, env=env, socket_name="guest.sock",
+                   tree=tree or os.environ.get("VHUB_BENCH_TREE") or ROOT)
 
 
 class Worker:
@@ -173,32 +118,6 @@ class Socat:
 
 
 # --- BLIN bits for the benchmark process --------------------------------------------
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    out = bytearray()
-    while len(out) < n:
-        d = sock.recv(n - len(out))
-        if not d:
-            raise ConnectionError(f"peer closed after {len(out)} of {n} bytes")
-        out += d
-    return bytes(out)
-
-
-def client_handshake(path: str, hello: dict, timeout: float = 10.0) -> socket.socket:
-    """Connect to the control socket and handshake; returns the socket, positioned
-    just after the daemon's handshake answer."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    sock.connect(path)
-    body = json.dumps(hello).encode()
-    sock.sendall(HEADER.pack(0x424C494E, 1, MsgType.HANDSHAKE, 0, len(body), 1) + body)
-    magic, ver, mtype, _, length, _ = HEADER.unpack(_recv_exact(sock, HEADER.size))
-    answer = _recv_exact(sock, length)
-    if mtype != MsgType.HANDSHAKE or not json.loads(answer).get("ok"):
-        sock.close()
-        raise ConnectionError(f"client handshake refused: type {mtype:#x} {answer[:200]!r}")
-    return sock
-
 
 class StreamReceiver:
     """Reads exactly ``nbytes`` from ``sock`` and checksums every byte."""
@@ -283,25 +202,6 @@ class FanoutReceiver:
             for s in socks:
                 s.setblocking(True)
         return [tuple(state[i]) for i in range(len(socks))]
-
-
-def control_call(path: str, method: str, params: dict | None = None, timeout: float = 30.0):
-    """One RpcRequest on a fresh control connection; returns the result or raises."""
-    sock = client_handshake(path, {"role": "client", "session": "*"}, timeout)
-    try:
-        body = json.dumps({"method": method, "params": params or {}}).encode()
-        sock.sendall(HEADER.pack(0x424C494E, 1, MsgType.RPC_REQUEST, 0, len(body), 7) + body)
-        while True:
-            _, _, mtype, _, length, rid = HEADER.unpack(_recv_exact(sock, HEADER.size))
-            payload = _recv_exact(sock, length)
-            if rid != 7:
-                continue
-            if mtype == MsgType.RPC_RESPONSE:
-                return json.loads(payload)
-            if mtype == MsgType.RPC_ERROR:
-                raise RuntimeError(f"{method}: {payload.decode('utf-8', 'replace')}")
-    finally:
-        sock.close()
 
 
 def raise_nofile(want: int) -> int:

@@ -236,7 +236,7 @@ def test_stream(benchmark, record, bench_dir, request, sender, built, payload, t
            "relay_cpu": _median(cpus) if cpus else None, "wire_bytes": nbytes, "frames": count,
            "seconds_median": median}
     if daemon is not None:
-        row["codec"] = daemon.codec()
+        row["codec"] = daemon.codec
     record(benchmark, "stream", transport=transport, payload=payload, **row)
 
 

@@ -28,14 +28,14 @@ def codec_impl(request):
 
 @pytest.fixture
 def make_daemon(tmp_path):
-    from vhub_testing import DaemonProc
+    from harness import Daemon
 
     started = []
 
     def make(*args, **kw):
         sub = tmp_path / f"d{len(started)}"
         sub.mkdir()
-        d = DaemonProc(sub, *args, **kw).start()
+        d = Daemon(sub, *args, **kw).start()
         started.append(d)
         return d
 

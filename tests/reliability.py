@@ -44,7 +44,7 @@ if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
 from corpus import seeds  # noqa: E402
-from vhub_testing import DaemonProc  # noqa: E402
+from harness import Daemon  # noqa: E402
 
 from vhubd import _codec_py, codec  # noqa: E402
 from vhubd.frames import DEFAULT_MAX_PAYLOAD, HEADER_SIZE, KNOWN_TYPES, TYPE_BIT, MsgType  # noqa: E402
@@ -586,7 +586,7 @@ class Env:
         self.tmp = Path(tmp)
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.rate = rate  # of the healthy stream, bytes/s (0: as fast as the daemon takes it)
-        self.d = DaemonProc(self.tmp, *DAEMON_FLAGS, *extra_flags)
+        self.d = Daemon(self.tmp, *DAEMON_FLAGS, *extra_flags)
         self.tokens: dict[str, str] = {}
         self.failures: list[str] = []
         self.windows: list[tuple[str, float, float]] = []
@@ -597,8 +597,7 @@ class Env:
         from vhubd.client import Client
 
         await asyncio.to_thread(self.d.start)
-        m = re.search(r"tcp=\('127\.0\.0\.1', (\d+)\)", self.d.log())
-        self.tcp = ("127.0.0.1", int(m.group(1)))
+        self.tcp = self.d.tcp
         self.admin = await Client.connect(self.d.control)
         for name in ["healthy", *(f"fz-{i}" for i in range(FUZZ_SESSIONS))]:
             self.tokens[name] = (await self.admin.register(name))["token"]

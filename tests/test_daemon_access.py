@@ -5,7 +5,7 @@ guests, and the loopback TCP listener admits only session+token."""
 from __future__ import annotations
 
 import pytest
-from daemon_testing import READY, AsyncPeer, T, client, json_of, run, session_info, tcp_address, wait_until
+from harness import READY, AsyncPeer, T, client, json_of, run, session_info, wait_until
 
 
 async def refused(target, payload, code: str) -> str:
@@ -88,7 +88,7 @@ def test_multiple_agents_on_the_anonymous_session(make_daemon):
 
 def test_tcp_listener_requires_session_and_token(make_daemon):
     d = make_daemon("--tcp", "127.0.0.1:0")
-    addr = tcp_address(d)
+    addr = d.tcp
 
     async def body():
         admin = await client(d)
@@ -126,8 +126,8 @@ def test_tcp_refuses_sessions_without_a_token(make_daemon, name):
     async def body():
         await client(d, session="tokenless")  # creates the session, with no token
         code = "token_required"
-        await refused(tcp_address(d), {"session": name}, code)
-        await refused(tcp_address(d), {"session": name, "token": ""}, code)
+        await refused(d.tcp, {"session": name}, code)
+        await refused(d.tcp, {"session": name, "token": ""}, code)
         c = await client(d)
         assert session_info(await c.sessions(), name)["agent_connected"] is False
 

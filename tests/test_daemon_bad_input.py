@@ -9,7 +9,7 @@ import asyncio
 import hashlib
 
 import pytest
-from daemon_testing import AsyncPeer, RawClient, T, client, frame, header, run, tcp_address
+from harness import AsyncPeer, RawClient, T, client, frame, header, run
 
 LISTENERS = ["guest-unix", "guest-tcp", "control"]
 
@@ -37,7 +37,7 @@ class Bench:
 
     def __init__(self, d):
         self.d = d
-        self.tcp = tcp_address(d)
+        self.tcp = d.tcp
         self.n = 0
 
     async def setup(self):

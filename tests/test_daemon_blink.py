@@ -11,8 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from daemon_testing import READY, frame, header
-from vhub_testing import ROOT, RawGuest, error_of, wait_for
+from harness import READY, ROOT, RawGuest, error_of, frame, header, wait_for
 
 from vhubd.frames import MsgType as T
 

@@ -10,8 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from daemon_testing import AsyncPeer, T, client, frame, json_of, run
-from vhub_testing import ROOT
+from harness import ROOT, AsyncPeer, T, client, frame, json_of, run
 
 
 def one_line(err: bytes) -> str:

@@ -9,7 +9,7 @@ import random
 import signal
 
 import pytest
-from daemon_testing import AsyncPeer, RawClient, T, client, frame, json_of, run, wait_until
+from harness import AsyncPeer, RawClient, T, client, frame, json_of, run, wait_until
 
 from vhubd.errors import ConnectionClosed
 

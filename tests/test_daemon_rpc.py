@@ -8,7 +8,7 @@ import asyncio
 import random
 
 import pytest
-from daemon_testing import AsyncPeer, T, client, header, json_of, run, session_info, wait_until
+from harness import AsyncPeer, T, client, header, json_of, run, session_info, wait_until
 
 from vhubd.errors import ConnectionClosed, RemoteError
 

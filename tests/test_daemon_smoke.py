@@ -2,7 +2,7 @@
 
 import struct
 
-from vhub_testing import RawGuest
+from harness import RawGuest
 
 from vhubd.frames import MsgType
 

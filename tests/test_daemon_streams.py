@@ -11,8 +11,7 @@ import random
 import socket
 import threading
 
-from daemon_testing import AsyncPeer, RawClient, T, client, frame, run, wait_until
-from vhub_testing import RawGuest, error_of, wait_for
+from harness import AsyncPeer, RawClient, RawGuest, T, client, error_of, frame, run, wait_for, wait_until
 
 MiB = 1 << 20
 

@@ -8,7 +8,7 @@ import hashlib
 
 import pytest
 import reliability
-from reliability import HEADER_SIZE, Raw, T, frm, hdr, parse_frames
+from reliability import Raw, T, frm, hdr, parse_frames
 
 from vhubd.frames import DEFAULT_MAX_PAYLOAD
 from vhubd.protocol import Connection, Frame, Handshake, Side

@@ -17,8 +17,8 @@ import sys
 import time
 
 import pytest
+from harness import ROOT, Daemon, wait_for
 from qemu_testing import alive, qemu_pids, require_guest_image
-from vhub_testing import ROOT, DaemonProc, wait_for
 
 from vhubd.client import Client
 
@@ -34,7 +34,7 @@ def image():
 
 @pytest.fixture(scope="module")
 def qd(image, tmp_path_factory):
-    d = DaemonProc(tmp_path_factory.mktemp("qemu"), "--backend", "qemu", "--image", image.dir,
+    d = Daemon(tmp_path_factory.mktemp("qemu"), "--backend", "qemu", "--image", image.dir,
                    "--state-dir", str(tmp_path_factory.mktemp("qstate")), "--boot-timeout", BOOT).start()
     yield d
     d.stop()
@@ -221,7 +221,7 @@ def test_boot_timeout_and_idle_stop_leave_no_qemu(image, make_daemon, tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_daemon_exit_takes_its_vms_along(image, tmp_path, sig):
-    d = DaemonProc(tmp_path, "--backend", "qemu", "--image", image.dir, "--state-dir", str(tmp_path / "s"),
+    d = Daemon(tmp_path, "--backend", "qemu", "--image", image.dir, "--state-dir", str(tmp_path / "s"),
                    "--boot-timeout", BOOT).start()
     try:
         assert run(d, "vmx", "--", "true").returncode == 0

@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from vhub_testing import ROOT, wait_for
+from harness import ROOT, wait_for
 
 from vhubd.backends import BootSpec
 from vhubd.backends import boxlite as bl

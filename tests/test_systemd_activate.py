@@ -16,8 +16,8 @@ import sys
 import time
 
 import pytest
+from harness import ROOT, RawGuest, wait_for
 from test_systemd import NotifySocket
-from vhub_testing import ROOT, RawGuest, wait_for
 
 from vhubd import systemd as sd
 from vhubd.frames import MsgType
@@ -238,20 +238,18 @@ def test_once_mode_uses_the_activated_socket_and_leaves_it(activated, impl_name)
 def test_fallback_binding_is_ready_only_once_listening(tmp_path):
     """Without socket activation the daemon binds its sockets itself, and
     READY=1 is sent only after they accept; at exit it removes what it bound."""
-    from vhub_testing import DaemonProc
+    from harness import Daemon
 
-    ns = NotifySocket(str(tmp_path / "notify"))
-    d = DaemonProc(tmp_path, "--backend", "external", env={"NOTIFY_SOCKET": ns.path})
+    d = Daemon(tmp_path, "--backend", "external")
     try:
-        d.start()
-        _, pid, ready = ns.wait_for(lambda m: "READY=1" in m)
-        assert pid == d.pid and os.path.exists(d.socket) and os.path.exists(d.control)
+        d.start()  # returns on READY=1 from the daemon's NOTIFY_SOCKET
+        assert os.path.exists(d.socket) and os.path.exists(d.control)
+        assert f"MAINPID={d.pid}" in d.ready_notice
         g = RawGuest(d.socket)
         assert g.handshake(b"")[0] == "ok"
         g.close()
         assert "(systemd)" not in d.log()
     finally:
         assert d.stop() == 0
-        ns.close()
-    assert any(m.startswith("STOPPING=1") for m in ns.texts())
+    assert any(m.startswith("STOPPING=1") for m in d.notices)
     assert not os.path.exists(d.socket) and not os.path.exists(d.control)

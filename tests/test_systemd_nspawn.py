@@ -92,7 +92,7 @@ def _scenario(res: dict) -> None:
     import grp
     import stat
 
-    from vhub_testing import RawGuest
+    from harness import RawGuest
 
     from vhubd.frames import MsgType
 

@@ -10,7 +10,7 @@ import os
 import signal
 
 import pytest
-from vhub_testing import DaemonProc
+from harness import Daemon
 
 from vhubd.client import Client, Terminal, open_terminal
 from vhubd.errors import InvalidState, RemoteError
@@ -21,7 +21,7 @@ PS1 = {"PS1": "api> "}
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
     base = tmp_path_factory.mktemp("ttyapi")
-    d = DaemonProc(base, "--backend", "local", "--state-dir", str(base / "state"), "--boot-timeout", "20").start()
+    d = Daemon(base, "--backend", "local", "--state-dir", str(base / "state"), "--boot-timeout", "20").start()
     yield d
     d.stop()
 

@@ -18,7 +18,7 @@ import termios
 import time
 
 import pytest
-from vhub_testing import ROOT, DaemonProc, wait_for
+from harness import ROOT, Daemon, wait_for
 
 PY = sys.executable
 PROMPT = b"tty> "
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.skipif(not os.path.exists(SETSID), reason="needs util-l
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
     base = tmp_path_factory.mktemp("ttyd")
-    d = DaemonProc(base, "--backend", "local", "--state-dir", str(base / "state"), "--boot-timeout", "20").start()
+    d = Daemon(base, "--backend", "local", "--state-dir", str(base / "state"), "--boot-timeout", "20").start()
     yield d
     d.stop()
 
@@ -49,7 +49,7 @@ class LocalTerminal:
     """A person's terminal: a PTY pair owned by the test, ``blink run ARGS`` on its
     slave (as controlling terminal, in its own session: it gets SIGWINCH)."""
 
-    def __init__(self, daemon: DaemonProc, *args: str, rows: int = 24, cols: int = 80, env: dict | None = None):
+    def __init__(self, daemon: Daemon, *args: str, rows: int = 24, cols: int = 80, env: dict | None = None):
         self.master, self.slave = os.openpty()
         set_winsize(self.slave, rows, cols)
         self.before = stty_g(self.slave)
@@ -298,7 +298,7 @@ def test_exit_codes_and_T(daemon, terminals):
 
 
 def test_lost_daemon_restores_the_terminal(tmp_path, terminals):
-    d = DaemonProc(tmp_path, "--backend", "local", "--state-dir", str(tmp_path / "state")).start()
+    d = Daemon(tmp_path, "--backend", "local", "--state-dir", str(tmp_path / "state")).start()
     agent_pid = None
     try:
         t = shell(terminals, d, "tty-lost")

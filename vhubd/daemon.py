@@ -156,7 +156,8 @@ async def run_daemon(cfg: DaemonConfig, ready: asyncio.Event | None = None) -> i
                         idle_stop=cfg.idle_stop)
     relay = Relay(cfg.relay_config(), registry, loop.call_later, boots=boots)
     server = Server(cfg, relay, loop)
-    relay.on_stats = lambda: {"connections": len(server.peers), "tasks": len(asyncio.all_tasks())}
+    relay.on_stats = lambda: {"connections": len(server.peers), "tasks": len(asyncio.all_tasks()),
+                              "listeners": server.addresses()}
     await server.start(specs)
     ticker = loop.create_task(_every(cfg.tick, boots.tick))
     stop = asyncio.Event()

@@ -387,6 +387,14 @@ class Server:
             self.listeners.append(spec)
         self._schedule_tick()
 
+    def addresses(self) -> dict:
+        """Each listener's address: a path, or [host, port], or a vsock port."""
+        out = {}
+        for spec in self.listeners:
+            addr = spec.owned_path or spec.sock.getsockname()
+            out[spec.name] = list(addr) if isinstance(addr, tuple) else addr
+        return out
+
     def guest_protocol(self, name: str, session: str):
         """A protocol factory for guest connections that a transport of its own
         (a VM's vsock device) delivers for ``session``: no token, the session is fixed."""

@@ -48,8 +48,7 @@ class DaemonCalls:
         relay = self.relay
         return {**relay.daemon_info(), "counters": dict(relay.counters),
                 "scrollback_bytes": sum(s.scrollback.size for s in relay.registry),
-                "inflight_rpcs": relay.rpc.inflight_count(),
-                **(relay.on_stats() if relay.on_stats is not None else {})}
+                "inflight_rpcs": relay.rpc.inflight_count()}
 
     def info(self, member: Member, params: dict, rid: int) -> dict:
         relay = self.relay

@@ -10,8 +10,8 @@ parts that own each job.
 The I/O layer calls ``guest_handshake``/``client_handshake`` with a ``Port``,
 then ``admitted``, ``guest_events``/``client_events`` with each batch of
 protocol events, ``write_paused``/``write_resumed`` from the transport's flow
-control, and ``lost`` when the connection ends. Nothing here touches I/O; the
-only clock is ``call_later``.
+control, and ``lost`` when the connection ends. Nothing here touches I/O; time
+comes from the ``clock`` and ``call_later`` it is given.
 """
 
 from __future__ import annotations
@@ -73,12 +73,14 @@ class Relay:
     """The routing core. One per daemon."""
 
     def __init__(self, config: Config, registry: SessionRegistry, call_later: Callable[[float, Callable], Any],
-                 boots: Booter | None = None, on_stats: Callable[[], dict] | None = None):
+                 boots: Booter | None = None, on_stats: Callable[[], dict] | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.config = config
         self.registry = registry
         self.call_later = call_later
+        self.clock = clock  # the one clock: deadlines and timers use it (tests pass a manual one)
         self.boots = boots
-        self.on_stats = on_stats  # extra vhub.stats figures from the I/O layer (connections, tasks)
+        self.on_stats = on_stats  # what the I/O layer adds to vhub.info/stats (listeners, connections, tasks)
         self.guests: set[Member] = set()
         self.clients: set[Member] = set()
         self.star_clients: set[Member] = set()  # clients of "*"
@@ -227,7 +229,8 @@ class Relay:
                 "sessions": len(self.registry), "guests": len(self.guests), "clients": len(self.clients),
                 "sandbox": backend not in ("local",),
                 "notes": (["the local backend runs agents as host processes: NOT a sandbox"]
-                          if backend == "local" else [])}
+                          if backend == "local" else []),
+                **(self.on_stats() if self.on_stats is not None else {})}
 
 
 def _version() -> str:

@@ -28,7 +28,6 @@ log = logging.getLogger("vhubd")
 # The forwarded RPC's request_id is rewritten in place with struct: for one
 # 8-byte store a cffi call costs 4-8x more than the work (bench/RESULTS.md).
 _set_request_id = struct.Struct("<Q").pack_into
-_monotonic = time.monotonic
 DEFERRED = object()  # a daemon call whose answer is written later (boot, stop)
 
 
@@ -139,7 +138,7 @@ class Rpc:
         new_id = dest.new_id()
         _set_request_id(ev.data, 12, new_id)
         # a deadline per call and one relay timer for the earliest (not a timer per call)
-        dest.inflight[new_id] = (origin, origin_id, _monotonic() + self.relay.config.rpc_timeout)
+        dest.inflight[new_id] = (origin, origin_id, self.relay.clock() + self.relay.config.rpc_timeout)
         if self._expiry is None:
             self._expiry = self.relay.call_later(self.relay.config.rpc_timeout, self._expire_due)
         dest.port.write(ev.data)
@@ -170,7 +169,7 @@ class Rpc:
 
     def _expire_due(self) -> None:
         self._expiry = None
-        now = _monotonic()
+        now = self.relay.clock()
         self.expire(now)
         nxt = min((next(iter(m.inflight.values()))[2] for m in self._members() if m.inflight), default=None)
         if nxt is not None:

@@ -1,10 +1,14 @@
-"""Async helpers for the end-to-end daemon tests (tests/test_daemon_*.py).
+"""Peers on real sockets, for the end-to-end tests.
 
-``AsyncPeer`` speaks raw BLIN over a real Unix or loopback TCP socket, byte for
-byte what a VMM would deliver from a guest (or what a hand-rolled host client
-would send); host clients otherwise use ``vhubd.client.Client``. ``run`` drives
-one async test body under a hard timeout and closes every peer and client the
-body opened, so no socket outlives its test. Every wait here is bounded.
+- ``AsyncPeer``: raw BLIN over a Unix or loopback TCP socket, byte for byte what
+  a VMM would deliver from a guest (or a hand-rolled host client would send).
+- ``RawClient``: a host client whose handshake is parsed, then raw bytes.
+- ``RawGuest``: the same as ``AsyncPeer`` on a blocking socket.
+- ``client``: a ``vhubd.client.Client`` on a daemon's control socket.
+- ``run`` drives one async test body under a hard timeout and closes every
+  peer and client the body opened, so no socket outlives its test.
+
+Every wait here is bounded.
 """
 
 from __future__ import annotations
@@ -13,15 +17,14 @@ import asyncio
 import contextvars
 import hashlib
 import json
-import re
-import struct
+import socket
+import time
 
 from vhubd.client import Client
-from vhubd.frames import HEADER_SIZE, MAGIC, MsgType
+from vhubd.frames import HEADER_SIZE, MsgType
 from vhubd.protocol import Connection, Frame, Handshake, RemoteErrorEvent, Side, StreamRun, encode_frame
 
-READY = b"blink-vhub-ready"
-T = MsgType
+from .wire import READY, T, frame
 
 _opened: contextvars.ContextVar[list] = contextvars.ContextVar("opened")
 
@@ -49,23 +52,6 @@ def _track(thing):
     if opened is not None:
         opened.append(thing)
     return thing
-
-
-def header(msg_type: int, length: int, rid: int, *, magic: int = MAGIC, version: int = 1, flags: int = 0) -> bytes:
-    return struct.pack("<IBBHIQ", magic, version, msg_type, flags, length, rid)
-
-
-def frame(msg_type: int, rid: int, payload=b"") -> bytes:
-    if isinstance(payload, (dict, list)):
-        payload = json.dumps(payload).encode()
-    return encode_frame(msg_type, rid, payload)
-
-
-def tcp_address(daemon) -> tuple[str, int]:
-    """The loopback TCP listener of a daemon started with ``--tcp 127.0.0.1:0``."""
-    m = re.search(r"tcp=\('127\.0\.0\.1', (\d+)\)", daemon.log())
-    assert m, daemon.log()
-    return ("127.0.0.1", int(m.group(1)))
 
 
 class AsyncPeer:
@@ -272,3 +258,95 @@ def session_info(sessions: list, name: str) -> dict:
 
 def json_of(f: Frame):
     return json.loads(bytes(f.payload))
+
+
+class RawGuest:
+    """A guest (or raw client) as bytes on a blocking socket."""
+
+    def __init__(self, path_or_addr, timeout=10.0):
+        if isinstance(path_or_addr, tuple):
+            self.sock = socket.create_connection(path_or_addr, timeout=timeout)
+        else:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            self.sock.connect(path_or_addr)
+        self.conn = Connection(Side.CLIENT, cut_through=1 << 62, max_payload=0xFFFFFFFF)
+        self.pending: list = []
+        self.closed = False
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def send(self, msg_type, rid, payload=b"") -> None:
+        if isinstance(payload, (dict, list)):
+            payload = json.dumps(payload).encode()
+        self.sock.sendall(encode_frame(msg_type, rid, payload))
+
+    def handshake(self, payload=b"", rid=1):
+        """Send our handshake; return ('ok', payload) or ('error', code, message)."""
+        if isinstance(payload, dict):
+            payload = json.dumps(payload).encode()
+        self.conn.send_handshake(payload, rid)
+        self.sock.sendall(b"".join(self.conn.data_to_send()))
+        ev = self.next_event()
+        if isinstance(ev, Handshake):
+            return ("ok", bytes(ev.payload), ev.request_id)
+        if isinstance(ev, RemoteErrorEvent):
+            return ("error", ev.code, ev.message)
+        return ("other", ev)
+
+    def next_event(self, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        while not self.pending:
+            if self.closed:
+                return None
+            self.sock.settimeout(max(0.001, deadline - time.monotonic()))
+            try:
+                data = self.sock.recv(1 << 18)
+            except TimeoutError:
+                raise TimeoutError("no frame from the daemon in time") from None
+            except ConnectionResetError:
+                data = b""
+            if not data:
+                self.closed = True
+                return None
+            for ev in self.conn.receive_data(data):
+                if isinstance(ev, StreamRun):
+                    for f in ev.frames():
+                        self.pending.append(Frame(f.msg_type, f.flags, f.request_id, memoryview(bytes(f.data))))
+                elif isinstance(ev, Frame):
+                    self.pending.append(Frame(ev.msg_type, ev.flags, ev.request_id, memoryview(bytes(ev.data))))
+                else:
+                    self.pending.append(ev)
+            out = self.conn.data_to_send()
+            if out:
+                self.sock.sendall(b"".join(out))
+        return self.pending.pop(0)
+
+    def next_frame(self, timeout=10.0, skip=(MsgType.HEARTBEAT,)) -> Frame:
+        while True:
+            ev = self.next_event(timeout)
+            if ev is None or isinstance(ev, RemoteErrorEvent):
+                return ev
+            if isinstance(ev, Frame) and ev.msg_type not in skip:
+                return ev
+
+    def read_until_closed(self, timeout=10.0) -> bytes:
+        """Raw bytes until EOF (for checking an Error frame then close)."""
+        self.sock.settimeout(timeout)
+        chunks = []
+        while True:
+            try:
+                d = self.sock.recv(65536)
+            except (ConnectionResetError, TimeoutError):
+                break
+            if not d:
+                break
+            chunks.append(d)
+        return b"".join(chunks)
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
