@@ -82,7 +82,7 @@ def test_terminal_size_term_input_resize_and_result(conn):
     assert result["stdout_bytes"] > 0
 
 
-def test_kill_a_terminal_execution(conn):
+def test_kill_and_timeout_of_a_terminal_execution(conn):
     _, body = _reply(conn.call(2, "agent.run", {"argv": ["sh", "-c", "echo up; sleep 30"], "tty": True}))
     eid = body["execution_id"]
     assert b"up" in _screen_until(conn, eid, b"up")
@@ -95,6 +95,10 @@ def test_kill_a_terminal_execution(conn):
     )
     result = _result(conn, eid)
     assert result["exit_code"] == -9 and result["signal"] == 9 and result["tty"] is True
+    # The timeout of a terminal execution kills it the same way.
+    _, body = _reply(conn.call(4, "agent.run", {"argv": ["sleep", "30"], "tty": True, "timeout": 0.3}))
+    result = _result(conn, body["execution_id"])
+    assert result["signal"] == 9 and result["tty"] is True
 
 
 def test_terminal_parameter_errors(conn):

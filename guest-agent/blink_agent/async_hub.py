@@ -324,17 +324,8 @@ class AsyncHub(HubOutput):
         self.connections += 1
         self._link = link
         self.last_error = None
-        self.outbox.connection_made()
-        if self.want_acks:
-            # The daemon sends vhub.hello right after its handshake reply, before it
-            # answers anything of ours: a pong to this ping coming first means no acks.
-            link.probe_acks(
-                self._pending.alloc_id(),
-                min(5.0, self.idle_timeout),
-                lambda: self._decide_acks(link, False, "no vhub.hello in time"),
-            )
-        else:
-            self.outbox.set_ack_mode(False)
+        probe_id = self._pending.alloc_id() if self.want_acks else None
+        self._output_connected(link, probe_id, min(5.0, self.idle_timeout))
         log.info(
             "connected to %s (%s, connection %d)",
             self.address,

@@ -146,6 +146,17 @@ class HubOutput:
 
     # -- the live link -------------------------------------------------------------------
 
+    def _output_connected(self, link: Link, probe_id: int | None, wait: float) -> None:
+        """``link`` is up: acks count from 0 again. With ``probe_id`` find out whether
+        the daemon acks (it says ``vhub.hello`` right after its handshake reply, before
+        it answers anything of ours: a pong to this ping coming first means no acks;
+        so does silence for ``wait`` seconds). Without, acks are off."""
+        self.outbox.connection_made()
+        if probe_id is not None:
+            link.probe_acks(probe_id, wait, lambda: self._decide_acks(link, False, "no vhub.hello in time"))
+        else:
+            self.outbox.set_ack_mode(False)
+
     def _decide_acks(self, link: Link, enabled: bool, why: str) -> None:
         link.cancel_ack_timer()
         if self._link is not link:

@@ -16,6 +16,11 @@ slave has closed it (EIO on the master), or until nothing more came for
 :data:`LINGER` seconds (a background job still holding the terminal), but never
 longer than :data:`LINGER_MAX`; closing the master then hangs the terminal up.
 The result is reported as ``execution_result`` with ``"tty": true``.
+
+Starting the execution, its id, its timeout and reporting its result are
+:mod:`blink_agent.runner`'s, which calls down into this module and passes it what it
+needs (how to send output, how to spawn a tracked task); this module knows nothing of
+the runner.
 """
 
 from __future__ import annotations
@@ -26,17 +31,30 @@ import fcntl
 import json
 import logging
 import os
-import shlex
 import signal as _signal
 import struct
 import termios
-from typing import Any
+from typing import Any, Awaitable, Callable, Coroutine
 
 from .errors import RpcError
-from .runner import Execution, ExecutionManager, next_execution_id
+from .execution import Execution
 from .wire import MsgType
 
-__all__ = ["PtyMaster", "TtyExecution", "start_tty", "deliver", "set_winsize", "DEFAULT_TERM"]
+__all__ = [
+    "PtyMaster",
+    "TtyExecution",
+    "spawn_on_terminal",
+    "run_terminal",
+    "deliver",
+    "parse_params",
+    "set_winsize",
+    "DEFAULT_TERM",
+]
+
+#: Sends output: ``send(msg_type, execution_id, data)`` (``AsyncHub.send_stream``).
+SendOutput = Callable[[int, int, bytes], Awaitable[Any]]
+#: Runs a coroutine as a task its caller tracks (and cancels at shutdown).
+SpawnTask = Callable[[Coroutine[Any, Any, Any]], "asyncio.Task[Any]"]
 
 log = logging.getLogger("blink_agent")
 
@@ -215,8 +233,7 @@ class TtyExecution(Execution):
         self.terminal = terminal
 
 
-async def start_tty(
-    manager: ExecutionManager,
+async def spawn_on_terminal(
     argv: list[str],
     *,
     env: dict[str, str],
@@ -224,9 +241,10 @@ async def start_tty(
     rows: int,
     cols: int,
     term: str,
-    timeout: float | None,
-) -> TtyExecution:
-    """Spawn ``argv`` on a new PTY and start relaying; raises ``RpcError("spawn_failed")``."""
+) -> tuple[asyncio.subprocess.Process, PtyMaster]:
+    """Spawn ``argv`` on a new PTY of ``rows`` x ``cols`` with ``TERM=term``, as the
+    leader of a new session whose controlling terminal it is; returns the process and
+    the master. Raises ``RpcError("spawn_failed")``."""
     master, slave = os.openpty()
     try:
         set_winsize(slave, rows, cols)
@@ -247,40 +265,27 @@ async def start_tty(
             raise RpcError("spawn_failed", str(exc)) from None
     finally:
         os.close(slave)  # the child holds it now: EIO on the master means every holder is gone
-    eid = next_execution_id()
-    execution = TtyExecution(eid, list(argv), proc, PtyMaster(master))
-    manager.executions[eid] = execution
-    shown = " ".join(shlex.quote(a) for a in argv)
-    log.info(
-        "execution %d: started pid %d on a %dx%d terminal: %s",
-        eid,
-        proc.pid,
-        cols,
-        rows,
-        shown.replace("\n", "\\n")[:300],
-    )
-    manager._spawn(_supervise(manager, execution, timeout))
-    return execution
+    return proc, PtyMaster(master)
 
 
-async def _pump(manager: ExecutionManager, execution: TtyExecution) -> None:
+async def _pump(execution: TtyExecution, send: SendOutput) -> None:
     """Terminal output -> StreamData frames, at the connection's pace."""
     terminal: PtyMaster = execution.terminal
-    hub = manager.hub
     while True:
         data = await terminal.read(READ_CHUNK)
         if not data:
             return
         execution.stdout_bytes += len(data)
-        await hub.send_stream(MsgType.StreamData, execution.id, data)
+        await send(MsgType.StreamData, execution.id, data)
 
 
-async def _supervise(manager: ExecutionManager, execution: TtyExecution, timeout: float | None) -> None:
+async def run_terminal(execution: TtyExecution, send: SendOutput, spawn: SpawnTask) -> int:
+    """Relay the terminal's output with ``send`` (in a task made by ``spawn``) until
+    the command has exited and the terminal is done (see the module docstring), then
+    close the terminal; returns the exit code. Cancelled, it kills the command."""
     proc = execution.proc
     terminal: PtyMaster = execution.terminal
-    loop = asyncio.get_running_loop()
-    timer = loop.call_later(timeout, manager._time_out, execution, timeout) if timeout is not None else None
-    pump = manager._spawn(_pump(manager, execution))
+    pump = spawn(_pump(execution, send))
     try:
         code = await proc.wait()
         terminal.process_exited()
@@ -293,17 +298,15 @@ async def _supervise(manager: ExecutionManager, execution: TtyExecution, timeout
         await proc.wait()
         raise
     finally:
-        if timer is not None:
-            timer.cancel()
         if not pump.done():
             pump.cancel()
         terminal.close()
-    await manager.finish(execution, code, tty=True)
+    return code
 
 
-def deliver(manager: ExecutionManager, msg_type: int, request_id: int, payload: bytes) -> None:
-    """Host StreamData / TtyResize for execution ``request_id``."""
-    execution = manager.executions.get(request_id)
+def deliver(execution: Execution | None, msg_type: int, request_id: int, payload: bytes) -> None:
+    """Host StreamData / TtyResize for execution ``request_id`` (``execution``, if it
+    is still running)."""
     terminal = getattr(execution, "terminal", None)
     if terminal is None:
         log.debug("%s for %d ignored: no terminal execution", MsgType(msg_type).name, request_id)

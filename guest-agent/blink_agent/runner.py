@@ -1,6 +1,9 @@
 """Commands run on behalf of the host: the ``agent.*`` methods of ``blink-agent serve``.
 
-An execution is one child process. Its stdout and stderr are relayed live as
+This module owns the executions of an agent: checking ``agent.*`` parameters,
+starting commands (on pipes here, on a terminal through :mod:`blink_agent.pty`),
+timeouts and kills, and reporting each result. An execution is one child process
+(:class:`~blink_agent.execution.Execution`). Its stdout and stderr are relayed live as
 Stdout / Stderr frames tagged with the execution id, read in chunks of up to 64 KiB
 as they come; the relay waits whenever the hub's buffer is full, so a fast writer is
 slowed to the connection's pace and nothing is dropped while connected. Once the
@@ -12,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import itertools
 import logging
 import os
 import platform
@@ -22,9 +24,11 @@ import socket
 import time
 from typing import Any
 
+from . import pty
 from ._version import __version__
 from .async_hub import AsyncHub
 from .errors import ConnectionLost, RpcError
+from .execution import Execution, next_execution_id
 from .wire import MsgType
 
 __all__ = ["Execution", "ExecutionManager", "next_execution_id"]
@@ -33,12 +37,6 @@ log = logging.getLogger("blink_agent")
 
 READ_CHUNK = 64 * 1024
 _STARTED = time.monotonic()
-# Execution ids are process-wide and never reused while the agent lives.
-_execution_ids = itertools.count(1)
-
-
-def next_execution_id() -> int:
-    return next(_execution_ids)
 
 
 def _bad_params(message: str) -> RpcError:
@@ -63,40 +61,6 @@ def _parse_signal(value: Any) -> int:
             return int(sig)
         raise _bad_params(f"unknown signal {value!r}")
     raise _bad_params("signal must be an int or a name like 'SIGTERM'")
-
-
-class Execution:
-    """One child process and its relay state."""
-
-    def __init__(
-        self, execution_id: int, argv: list[str], proc: asyncio.subprocess.Process, group: bool
-    ) -> None:
-        self.id = execution_id
-        self.argv = argv
-        self.proc = proc
-        self.pid = proc.pid
-        self.group = group
-        self.stdout_bytes = 0
-        self.stderr_bytes = 0
-        self.timed_out = False
-        self.result: dict[str, Any] | None = None
-        loop = asyncio.get_running_loop()
-        #: Set to the result once the process has exited and its pipes are drained.
-        self.exited: asyncio.Future[dict[str, Any]] = loop.create_future()
-        #: Set to the result once the result was reported (delivered or given up).
-        self.done: asyncio.Future[dict[str, Any]] = loop.create_future()
-
-    def send_signal(self, sig: int) -> None:
-        """Signal the process (its whole process group when it leads one)."""
-        if self.proc.returncode is not None and not self.group:
-            return
-        try:
-            if self.group:
-                os.killpg(self.pid, sig)
-            else:
-                self.proc.send_signal(sig)
-        except ProcessLookupError:
-            pass
 
 
 class ExecutionManager:
@@ -124,9 +88,7 @@ class ExecutionManager:
 
     def on_stream(self, msg_type: int, request_id: int, payload: bytes) -> None:
         """Host StreamData (keyboard input) / TtyResize for a terminal execution."""
-        from . import pty
-
-        pty.deliver(self, msg_type, request_id, payload)
+        pty.deliver(self.executions.get(request_id), msg_type, request_id, payload)
 
     # -- RPC methods ---------------------------------------------------------------
 
@@ -176,13 +138,25 @@ class ExecutionManager:
         cwd: str | None,
         timeout: float | None,
     ) -> dict[str, Any]:
-        """``agent.run`` with ``"tty": true``: see :mod:`blink_agent.pty`."""
-        from . import pty
-
+        """``agent.run`` with ``"tty": true``: the command on a terminal of its own
+        (:mod:`blink_agent.pty`); raises ``RpcError("bad_params" / "spawn_failed")``."""
         rows, cols, term = pty.parse_params(params)
-        execution = await pty.start_tty(
-            self, argv, env=self._env(env), cwd=cwd, rows=rows, cols=cols, term=term, timeout=timeout
+        proc, terminal = await pty.spawn_on_terminal(
+            argv, env=self._env(env), cwd=cwd, rows=rows, cols=cols, term=term
         )
+        eid = next_execution_id()
+        execution = pty.TtyExecution(eid, list(argv), proc, terminal)
+        self.executions[eid] = execution
+        shown = " ".join(shlex.quote(a) for a in argv)
+        log.info(
+            "execution %d: started pid %d on a %dx%d terminal: %s",
+            eid,
+            proc.pid,
+            cols,
+            rows,
+            shown.replace("\n", "\\n")[:300],
+        )
+        self._spawn(self._supervise_tty(execution, timeout))
         return {"execution_id": execution.id, "pid": execution.pid, "tty": True}
 
     @staticmethod
@@ -321,6 +295,16 @@ class ExecutionManager:
             if feeder is not None and not feeder.done():
                 feeder.cancel()
         await self.finish(execution, code)
+
+    async def _supervise_tty(self, execution: pty.TtyExecution, timeout: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(timeout, self._time_out, execution, timeout) if timeout is not None else None
+        try:
+            code = await pty.run_terminal(execution, self.hub.send_stream, self._spawn)
+        finally:
+            if timer is not None:
+                timer.cancel()
+        await self.finish(execution, code, tty=True)
 
     async def finish(self, execution: Execution, code: int, **extra: Any) -> None:
         """The process exited with ``code`` and its output is relayed: report the result."""
