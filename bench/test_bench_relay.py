@@ -55,6 +55,13 @@ RPC_N = {1: 2_000 if QUICK else 10_000, 16: 10_000 if QUICK else 100_000, 64: 10
 RPC_ROUNDS = 1 if QUICK else 3
 RPC_TRANSPORTS = ["vhubd", "vhubd+client-lib", "direct", "socat-b262144", "socat-plain"]
 SOCAT_BUF = {"socat-b262144": 262144, "socat-plain": None}
+# VHUB_BENCH_BASE=DIR: another source tree (an older commit, say), measured as "vhubd-base" in the
+# same run as this one, for before/after ratios
+BASE = os.environ.get("VHUB_BENCH_BASE")
+if BASE:
+    STREAM_TRANSPORTS.append("vhubd-base")
+    RPC_TRANSPORTS.append("vhubd-base")
+DAEMON_OF = {"vhubd-pycodec": "daemon_py", "vhubd-base": "daemon_base"}
 
 # payload -> frames per round (the same stream goes to every subscriber)
 FANOUT_SIZES = {
@@ -73,16 +80,23 @@ def bench_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("vb"))
 
 
-def _daemon(bench_dir, name, codec_choice):
+def _daemon(bench_dir, name, codec_choice, tree=None):
     d = os.path.join(bench_dir, name)
     os.makedirs(d, exist_ok=True)
-    return Daemon(d, {"VHUBD_CODEC": codec_choice}).start()
+    return Daemon(d, {"VHUBD_CODEC": codec_choice}, tree=tree).start()
 
 
 @pytest.fixture(scope="session")
 def daemon_c(bench_dir):
     choice = "c" if "c" in codec.backends() else "auto"
     d = _daemon(bench_dir, "dc", choice)
+    yield d
+    assert d.stop() == 0, d.log()
+
+
+@pytest.fixture(scope="session")
+def daemon_base(bench_dir):
+    d = _daemon(bench_dir, "dbase", "c", tree=BASE)
     yield d
     assert d.stop() == 0, d.log()
 
@@ -154,7 +168,7 @@ def test_stream(benchmark, record, bench_dir, request, sender, built, payload, t
     nbytes, crc_expected = built["nbytes"], built["crc"]
     daemon = None
     if transport.startswith("vhubd"):
-        daemon = request.getfixturevalue("daemon_py" if transport == "vhubd-pycodec" else "daemon_c")
+        daemon = request.getfixturevalue(DAEMON_OF.get(transport, "daemon_c"))
     sink_path = os.path.join(bench_dir, "sink.sock")
     relay_path = os.path.join(bench_dir, "relay.sock")
     listener = None
@@ -252,7 +266,7 @@ def _median(xs: list) -> float:
 @pytest.mark.parametrize("conc", list(RPC_N))
 def test_rpc(benchmark, record, bench_dir, request, rpc_guest, handler, conc, transport):
     n = RPC_N[conc]
-    daemon = request.getfixturevalue("daemon_c") if transport.startswith("vhubd") else None
+    daemon = request.getfixturevalue(DAEMON_OF.get(transport, "daemon_c")) if transport.startswith("vhubd") else None
     handler_path = os.path.join(bench_dir, "handler.sock")
     relay_path = os.path.join(bench_dir, "rpcrelay.sock")
     live: dict = {}
@@ -270,7 +284,7 @@ def test_rpc(benchmark, record, bench_dir, request, rpc_guest, handler, conc, tr
 
     def setup():
         finish_handler()
-        if transport == "vhubd":
+        if transport in ("vhubd", "vhubd-base"):
             handler.call(cmd="serve", path=daemon.control, mode="vhubd")
             target, hs = daemon.socket, True
         elif transport == "vhubd+client-lib":

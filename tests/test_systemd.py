@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from vhubd import journal, units
 from vhubd import systemd as sd
 from vhubd.daemon import DaemonConfig, make_listeners
 
@@ -296,24 +297,24 @@ def test_status_is_sent_only_when_it_changes(notify_socket):
 ])
 def test_record_fields_from_the_format_string(fmt, args, event, fields):
     rec = logging.LogRecord("vhubd", logging.INFO, __file__, 1, fmt, args, None)
-    assert sd.record_fields(rec) == {"VHUB_EVENT": event, **fields}
+    assert journal.record_fields(rec) == {"VHUB_EVENT": event, **fields}
 
 
 def test_other_loggers_get_no_derived_fields():
     rec = logging.LogRecord("asyncio", logging.ERROR, __file__, 1, "Task was destroyed peer=%s", ("x",), None)
-    assert sd.record_fields(rec) == {}
+    assert journal.record_fields(rec) == {}
 
 
 def test_explicit_extra_fields_win():
     rec = logging.LogRecord("vhubd", logging.INFO, __file__, 1, "guest attached session=%s", ("a",), None)
     rec.vhub_session = "b"
     rec.vhub_event = "custom"
-    assert sd.record_fields(rec) == {"VHUB_EVENT": "custom", "VHUB_SESSION": "b"}
+    assert journal.record_fields(rec) == {"VHUB_EVENT": "custom", "VHUB_SESSION": "b"}
 
 
 def test_journal_handler_sends_structured_entries():
     sent = []
-    h = sd.JournalHandler(send=lambda msg, **kw: sent.append((msg, kw)))
+    h = journal.JournalHandler(send=lambda msg, **kw: sent.append((msg, kw)))
     log = logging.getLogger("vhubd.test-journal")
     log.propagate = False
     log.addHandler(h)
@@ -333,10 +334,10 @@ def test_journal_handler_sends_structured_entries():
 def test_journal_handler_through_the_real_journal_send(monkeypatch):
     """systemd.journal.send itself (only its final C call captured): the
     fields come out as the KEY=value lines journald receives."""
-    journal = pytest.importorskip("systemd.journal", reason="systemd-python is not installed")
+    sj = pytest.importorskip("systemd.journal", reason="systemd-python is not installed")
     lines = []
-    monkeypatch.setattr(journal, "sendv", lambda *args: lines.extend(args))
-    h = sd.JournalHandler()
+    monkeypatch.setattr(sj, "sendv", lambda *args: lines.extend(args))
+    h = journal.JournalHandler()
     h.emit(logging.LogRecord("vhubd", logging.WARNING, __file__, 42, "closing peer=%s code=%s %s",
                              ("vhub:pid=1", "stalled", "slow"), None))
     assert "MESSAGE=closing peer=vhub:pid=1 code=stalled slow" in lines
@@ -346,13 +347,13 @@ def test_journal_handler_through_the_real_journal_send(monkeypatch):
 
 def test_journal_handler_uses_systemd_python():
     pytest.importorskip("systemd.journal", reason="systemd-python is not installed")
-    from systemd import journal
+    from systemd import journal as sj
 
-    assert sd.JournalHandler()._send is journal.send
+    assert journal.JournalHandler()._send is sj.send
 
 
 def test_priorities():
-    assert [sd.priority(lv) for lv in (10, 20, 30, 40, 50)] == [7, 6, 4, 3, 2]
+    assert [journal.priority(lv) for lv in (10, 20, 30, 40, 50)] == [7, 6, 4, 3, 2]
 
 
 @pytest.fixture
@@ -377,14 +378,14 @@ def _stderr_journal_stream(monkeypatch, tmp_path):
 
 def test_logging_choice(monkeypatch, tmp_path, restore_logging):
     monkeypatch.delenv("JOURNAL_STREAM", raising=False)
-    assert sd.configure_logging("auto") == "stderr"
+    assert journal.configure_logging("auto") == "stderr"
     monkeypatch.setenv("JOURNAL_STREAM", "1:2")  # not our stderr (e.g. inherited by a child)
-    assert sd.configure_logging("auto") == "stderr"
+    assert journal.configure_logging("auto") == "stderr"
     f = _stderr_journal_stream(monkeypatch, tmp_path)
     try:
         expected = "journal" if sd.IMPL.name == "libsystemd" else "stderr-prefixed"
-        assert sd.configure_logging("auto") == expected
-        assert sd.configure_logging("stderr") == "stderr"
+        assert journal.configure_logging("auto") == expected
+        assert journal.configure_logging("stderr") == "stderr"
     finally:
         f.close()
 
@@ -393,20 +394,20 @@ def test_without_systemd_python_under_systemd_lines_carry_priorities(monkeypatch
     monkeypatch.setitem(sys.modules, "systemd.journal", None)  # as if systemd-python were absent
     monkeypatch.setitem(sys.modules, "systemd", None)
     f = _stderr_journal_stream(monkeypatch, tmp_path)
-    assert sd.configure_logging("auto") == "stderr-prefixed"
+    assert journal.configure_logging("auto") == "stderr-prefixed"
     logging.getLogger("vhubd").warning("closing peer=%s", "p")
     logging.getLogger("vhubd").info("two\nlines")
     f.flush()
     assert (tmp_path / "stderr").read_text() == "<4>closing peer=p\n<6>two\n<6>lines\n"
     with pytest.raises(ImportError):
-        sd.configure_logging("journal")
+        journal.configure_logging("journal")
     f.close()
 
 
 # --- install-units -----------------------------------------------------------------
 
 def test_install_units_rewrites_exec_start(tmp_path):
-    written = sd.install_units(str(tmp_path), "external", ["/opt/blink venv/bin/blink"])
+    written = units.install_units(str(tmp_path), "external", ["/opt/blink venv/bin/blink"])
     unit_dir = tmp_path / "etc/systemd/system"
     svc = (unit_dir / "blink-vhub.service").read_text()
     assert "ExecStart='/opt/blink venv/bin/blink' serve --socket /run/blink/vhub.sock" in svc
@@ -418,15 +419,15 @@ def test_install_units_rewrites_exec_start(tmp_path):
 
 @pytest.mark.parametrize("variant", ["local", "boxlite"])
 def test_install_units_variant_dropin(tmp_path, variant):
-    sd.install_units(str(tmp_path), variant, ["/usr/local/bin/blink"])
+    units.install_units(str(tmp_path), variant, ["/usr/local/bin/blink"])
     dropin = (tmp_path / f"etc/systemd/system/blink-vhub.service.d/{variant}.conf").read_text()
     assert f"ExecStart=/usr/local/bin/blink serve --socket /run/blink/vhub.sock " \
            f"--control /run/blink/control.sock --backend {variant}" in dropin
 
 
 def test_install_units_makes_code_under_home_visible(tmp_path, monkeypatch):
-    monkeypatch.setattr(sd, "code_paths", lambda: ["/root/.pyenv/versions/3.11.7", "/srv/app"])
-    sd.install_units(str(tmp_path), "external", ["/root/.pyenv/versions/3.11.7/bin/blink"])
+    monkeypatch.setattr(units, "code_paths", lambda: ["/root/.pyenv/versions/3.11.7", "/srv/app"])
+    units.install_units(str(tmp_path), "external", ["/root/.pyenv/versions/3.11.7/bin/blink"])
     conf = (tmp_path / "etc/systemd/system/blink-vhub.service.d/code-paths.conf").read_text()
     assert "ProtectHome=tmpfs" in conf and "BindReadOnlyPaths=/root/.pyenv/versions/3.11.7\n" in conf
     assert "/srv/app" not in conf
@@ -434,8 +435,8 @@ def test_install_units_makes_code_under_home_visible(tmp_path, monkeypatch):
 
 def test_install_units_makes_code_under_tmp_visible(tmp_path, monkeypatch):
     """A checkout under /tmp (a CI clone, say) is hidden by PrivateTmp=yes."""
-    monkeypatch.setattr(sd, "code_paths", lambda: ["/usr", "/tmp/ci/clone"])
-    sd.install_units(str(tmp_path), "external", ["/tmp/ci/clone/.venv/bin/blink"])
+    monkeypatch.setattr(units, "code_paths", lambda: ["/usr", "/tmp/ci/clone"])
+    units.install_units(str(tmp_path), "external", ["/tmp/ci/clone/.venv/bin/blink"])
     conf = (tmp_path / "etc/systemd/system/blink-vhub.service.d/code-paths.conf").read_text()
     assert "BindReadOnlyPaths=/tmp/ci/clone\n" in conf and "ProtectHome=tmpfs" not in conf
 

@@ -261,10 +261,11 @@ def boot(tmp_path_factory):
     if why:
         pytest.skip(why)
     from vhubd import systemd as sd
+    from vhubd import units
 
     base = tmp_path_factory.mktemp("nspawn")
     prefix = base / "root"
-    sd.install_units(str(prefix), "external")
+    units.install_units(str(prefix), "external")
     unit_dir = prefix / "etc/systemd/system"
     (unit_dir / SCENARIO_UNIT).write_text(
         "[Unit]\nDescription=V-Hub systemd scenario (test)\n"
@@ -281,7 +282,7 @@ def boot(tmp_path_factory):
         (unit_dir / target / unit).symlink_to(f"../{unit}")
     out = base / "out"
     out.mkdir()
-    code = sorted(set(sd.code_paths()) | {ROOT})
+    code = sorted(set(units.code_paths()) | {ROOT})
     code = [p for p in code if not any(p != q and p.startswith(q.rstrip("/") + "/") for q in code)]
     cmd = [NSPAWN, "-D", "/", "--volatile=yes", "-b", "--register=no", "--keep-unit", "--console=passive",
            f"--machine=vhub-test-{os.getpid()}",

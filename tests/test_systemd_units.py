@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from vhubd import systemd as sd
+from vhubd import units
 
 pytestmark = pytest.mark.systemd
 
@@ -35,10 +36,10 @@ def analyze(*args: str, cwd: str) -> subprocess.CompletedProcess:
 
 
 @needs_analyze
-@pytest.mark.parametrize("variant", sd.VARIANTS)
+@pytest.mark.parametrize("variant", units.VARIANTS)
 def test_verify_is_silent(tmp_path, variant):
     unit_dir = install(tmp_path, variant)
-    r = analyze("verify", "--man=no", *(os.path.join(unit_dir, u) for u in sd.UNIT_FILES), cwd=unit_dir)
+    r = analyze("verify", "--man=no", *(os.path.join(unit_dir, u) for u in units.UNIT_FILES), cwd=unit_dir)
     assert r.returncode == 0 and r.stdout == "" and r.stderr == "", r.stdout + r.stderr
 
 
@@ -62,7 +63,7 @@ def exposure(unit_path: str, root: str) -> tuple[float, str]:
 
 
 @needs_analyze
-@pytest.mark.parametrize("variant", sd.VARIANTS)
+@pytest.mark.parametrize("variant", units.VARIANTS)
 def test_security_exposure(tmp_path, variant, record_property):
     unit_dir = install(tmp_path, variant)
     score, text = exposure(os.path.join(unit_dir, "blink-vhub.service"), str(tmp_path))
@@ -82,10 +83,10 @@ def test_security_sees_the_dropins(tmp_path):
 
 def test_units_in_the_tree_are_what_gets_installed(tmp_path):
     """systemd/ holds the sources; install-units only rewrites ExecStart=."""
-    src = sd.units_source()
+    src = units.units_source()
     assert src and os.path.samefile(src, os.path.join(os.path.dirname(os.path.dirname(__file__)), "systemd"))
     unit_dir = install(tmp_path, "external")
-    for name in sd.UNIT_FILES:
+    for name in units.UNIT_FILES:
         with open(os.path.join(src, name)) as a, open(os.path.join(unit_dir, name)) as b:
             want = [line for line in a if not line.startswith("ExecStart=")]
             got = [line for line in b if not line.startswith("ExecStart=")]
@@ -94,7 +95,7 @@ def test_units_in_the_tree_are_what_gets_installed(tmp_path):
 
 def test_service_directives():
     """What DESIGN §10 and the Blink socket path promise, read from the files."""
-    src = sd.units_source()
+    src = units.units_source()
 
     def keys(name):
         with open(os.path.join(src, name)) as f:

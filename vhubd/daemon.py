@@ -14,11 +14,12 @@ import uvloop
 
 from . import frames
 from .errors import BackendStartError, OnceError
+from .listeners import ListenerSpec, bind_tcp, bind_unix, bind_vsock, parse_tcp
 from .paths import DEFAULT_SOCKET, default_control_path, default_state_dir  # noqa: F401 (re-exported)
 from .protocol import Connection, Frame, Handshake, RemoteErrorEvent, Side, StreamRun, Violation
 from .relay import Config as RelayConfig
 from .relay import Relay
-from .server import ListenerSpec, Server, bind_tcp, bind_unix, bind_vsock, parse_tcp
+from .server import Server
 from .sessions import SessionRegistry
 
 log = logging.getLogger("vhubd")

@@ -16,7 +16,7 @@ import logging
 import os
 from typing import Any
 
-from . import Backend, BackendError, BootSpec
+from .base import Backend, BackendError, BootSpec
 from .local import agent_pythonpath
 
 log = logging.getLogger("vhubd")

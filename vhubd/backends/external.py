@@ -3,7 +3,7 @@ registers sessions and hands out tokens; a boot request explains itself."""
 
 from __future__ import annotations
 
-from . import Backend, BackendError, BootSpec
+from .base import Backend, BackendError, BootSpec
 
 
 class ExternalBackend(Backend):

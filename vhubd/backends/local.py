@@ -11,7 +11,7 @@ import shlex
 import signal
 import sys
 
-from . import Backend, BootSpec
+from .base import Backend, BootSpec
 
 log = logging.getLogger("vhubd")
 

@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 from .. import guest as guest_image
 from ..vhost.service import VhostUserVsockService
-from . import Backend, BackendError, BootSpec
+from .base import Backend, BackendError, BootSpec
 
 log = logging.getLogger("vhubd")
 

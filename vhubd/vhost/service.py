@@ -12,6 +12,9 @@ onto the transport interface:
   the guest's credit is not returned, so the guest stops after ``buf_alloc``;
 - writes queue on the vsock connection and leave within the guest's credit;
   above the write high-water mark the protocol gets ``pause_writing``.
+
+About 450 lines, on purpose: the transport and the service drive each other
+(credit, kicks, pending data) and read best side by side.
 """
 
 from __future__ import annotations

@@ -17,6 +17,9 @@ connects out. Credit, per connection and per direction:
 - what we may send the guest: ``peer_buf_alloc - (tx_cnt - peer_fwd_cnt)``,
   from the values the guest writes in every header; ``next_packet`` never
   exceeds it.
+
+About 470 lines, on purpose: the packet header, one connection's state and
+credit, and the table of connections are one state machine (like h11's).
 """
 
 from __future__ import annotations

@@ -1,46 +1,17 @@
-"""Sans-I/O BLIN connection: bytes in, events and bytes out.
+"""``Connection``: one BLIN connection, either side, as a state machine.
 
 Everything that decides what a received byte means lives here: the
 handshake-first rule, header validation (through ``vhubd.codec``), the payload
 limit, heartbeat answers, Error frames on violations, and cut-through of large
-stream frames. No sockets, no asyncio: the daemon, the client library and the
-tests all drive this same object.
-
-Receive path without copies: the connection owns its receive buffer. The I/O
-layer asks ``get_buffer()`` for a writable memoryview, reads into it, and calls
-``buffer_updated(n)``; the events it gets back carry memoryview slices of that
-buffer. A buffer that still has live slices (a transport that has not yet
-written them, say) is *pinned*: the connection never overwrites it and reads
-into a fresh one instead (a live slice keeps its bytearray alive). Plain
-``receive_data(bytes)`` feeds the same path for callers that have bytes.
-
-Events, one shape per kind of frame:
-
-- ``StreamRun``: every Stdout/Stderr/StreamData frame arrives in a run of
-  consecutive stream frames (``count`` >= 1), as one slice of the receive
-  buffer (headers included) that a relay forwards with one write; iterate
-  ``run.frames()`` for the frames, each a ``Frame``.
-- ``Frame``: any other frame after the handshake (RPC, TtyResize).
-- ``StreamStart`` + ``StreamChunk``s: a stream frame larger than the
-  connection's ``cut_through`` size, forwarded while it arrives (only the
-  daemon's guest connections enable it).
-- ``Handshake``, ``Ping``, ``Pong``, ``RemoteErrorEvent``, ``Violation``.
-
-Every frame the package sends is built here: ``encode_frame`` and the
-builders below it (``rpc_request``, ``rpc_result``, ``rpc_error``,
-``notification``, ``error_frame``, ``heartbeat``).
+stream frames.
 """
 
 from __future__ import annotations
 
-import enum
-import sys
 import threading
 
-import msgspec
-
-from . import codec, errors
-from .frames import (
+from .. import codec, errors
+from ..frames import (
     DEFAULT_MAX_PAYLOAD,
     HEADER_SIZE,
     OK,
@@ -53,215 +24,35 @@ from .frames import (
     TYPE_BIT,
     MsgType,
 )
-
-_getrefcount = sys.getrefcount
-_probe = [bytearray(1)]
-_SPARE_FREE = _getrefcount(_probe[0])  # refcount of a list-held bytearray with no live slices
-del _probe
-_json_encode = msgspec.json.encode
-_json_decode = msgspec.json.decode
+from .buffer import ReceiveBuffer
+from .build import (
+    encode_frame,
+    error_frame,
+    heartbeat,
+    parse_error_payload,
+    rpc_error,
+    rpc_request,
+    rpc_result,
+)
+from .events import (
+    Frame,
+    Handshake,
+    Ping,
+    Pong,
+    RemoteErrorEvent,
+    Side,
+    State,
+    StreamChunk,
+    StreamRun,
+    StreamStart,
+    Violation,
+)
 
 RESERVE_AHEAD = 64 * 1024  # what a partial frame may make us allocate beyond 2x its received bytes
 
 HT = int(MsgType.HANDSHAKE)
 HB = int(MsgType.HEARTBEAT)
 ER = int(MsgType.ERROR)
-RQ = int(MsgType.RPC_REQUEST)
-RS = int(MsgType.RPC_RESPONSE)
-RE = int(MsgType.RPC_ERROR)
-
-
-# --- events -----------------------------------------------------------------
-
-class Handshake:
-    """The peer's handshake (server side) or the answer to ours (client side)."""
-
-    __slots__ = ("request_id", "payload")
-
-    def __init__(self, request_id: int, payload: memoryview):
-        self.request_id = request_id
-        self.payload = payload
-
-    def __repr__(self) -> str:
-        return f"Handshake(request_id={self.request_id}, payload={bytes(self.payload)!r})"
-
-
-class Frame:
-    """One complete frame after the handshake. ``data`` is header + payload."""
-
-    __slots__ = ("msg_type", "flags", "request_id", "data")
-
-    def __init__(self, msg_type: int, flags: int, request_id: int, data: memoryview):
-        self.msg_type = msg_type
-        self.flags = flags
-        self.request_id = request_id
-        self.data = data
-
-    @property
-    def payload(self) -> memoryview:
-        return self.data[HEADER_SIZE:]
-
-    def json(self):
-        """The payload decoded as JSON; BadPayload if it is not."""
-        try:
-            return _json_decode(self.data[HEADER_SIZE:])
-        except msgspec.DecodeError as exc:
-            raise errors.BadPayload(f"payload of {MsgType(self.msg_type).name} is not JSON: {exc}") from None
-
-    def __repr__(self) -> str:
-        return (f"Frame({MsgType(self.msg_type).name}, request_id={self.request_id}, "
-                f"payload={bytes(self.data[HEADER_SIZE:HEADER_SIZE + 64])!r})")
-
-
-class StreamRun:
-    """Consecutive complete stream frames (Stdout/Stderr/StreamData), headers
-    included, as one slice: forwarded with one write, no per-frame work."""
-
-    __slots__ = ("data", "count", "type_mask")
-
-    def __init__(self, data: memoryview, count: int, type_mask: int):
-        self.data = data
-        self.count = count
-        self.type_mask = type_mask
-
-    def frames(self) -> list[Frame]:
-        """The run's frames, each a ``Frame`` whose ``data`` is a slice of the run."""
-        sc = codec.Scanner(max(self.count, 1))
-        sc.scan(self.data)
-        flat = sc.headers()
-        data = self.data
-        return [Frame(flat[i + 1], flat[i + 2], flat[i + 4], data[flat[i]:flat[i] + HEADER_SIZE + flat[i + 3]])
-                for i in range(0, len(flat), 5)]
-
-    def __repr__(self) -> str:
-        return f"StreamRun(count={self.count}, bytes={len(self.data)})"
-
-
-class StreamStart:
-    """Head of a large stream frame forwarded cut-through: ``data`` holds the
-    header and the payload bytes present so far; ``remaining`` more follow as
-    StreamChunk events."""
-
-    __slots__ = ("msg_type", "flags", "request_id", "length", "data", "remaining")
-
-    def __init__(self, msg_type, flags, request_id, length, data, remaining):
-        self.msg_type = msg_type
-        self.flags = flags
-        self.request_id = request_id
-        self.length = length
-        self.data = data
-        self.remaining = remaining
-
-
-class StreamChunk:
-    __slots__ = ("data", "remaining")
-
-    def __init__(self, data: memoryview, remaining: int):
-        self.data = data
-        self.remaining = remaining
-
-
-class Ping:
-    """The peer pinged (the pong is already queued)."""
-
-    __slots__ = ("request_id",)
-
-    def __init__(self, request_id: int):
-        self.request_id = request_id
-
-
-class Pong:
-    __slots__ = ("request_id",)
-
-    def __init__(self, request_id: int):
-        self.request_id = request_id
-
-
-class RemoteErrorEvent:
-    """The peer sent an Error frame; the connection is closed."""
-
-    __slots__ = ("code", "message")
-
-    def __init__(self, code: str, message: str):
-        self.code = code
-        self.message = message
-
-    def __repr__(self) -> str:
-        return f"RemoteErrorEvent({self.code!r}, {self.message!r})"
-
-
-class Violation:
-    """The peer broke the protocol; our Error frame is queued and the
-    connection is closed."""
-
-    __slots__ = ("error",)
-
-    def __init__(self, error: errors.ProtocolError):
-        self.error = error
-
-    def __repr__(self) -> str:
-        return f"Violation({self.error.code}: {self.error.message})"
-
-
-class State(enum.Enum):
-    HANDSHAKE = "handshake"  # waiting for the peer's handshake (or its answer)
-    OPEN = "open"
-    CLOSED = "closed"
-
-
-class Side(enum.Enum):
-    SERVER = "server"  # the peer handshakes first; we answer (accept/reject)
-    CLIENT = "client"  # we handshake first; the peer answers
-
-
-# --- helpers ----------------------------------------------------------------
-
-def encode_frame(msg_type: int, request_id: int, payload=b"", flags: int = 0) -> bytes:
-    """Header + payload as one bytes object (for small frames)."""
-    return codec.pack_header(msg_type, request_id, len(payload), flags) + bytes(payload)
-
-
-def error_payload(code: str, message: str) -> bytes:
-    return _json_encode({"code": code, "message": message})
-
-
-def rpc_request(request_id: int, method: str, params=None, **extra) -> bytes:
-    """An RpcRequest (request_id 0: a notification); ``extra`` keys go beside method/params."""
-    body = {"method": method, "params": {} if params is None else params, **extra}
-    return encode_frame(RQ, request_id, _json_encode(body))
-
-
-def rpc_result(request_id: int, result) -> bytes:
-    return encode_frame(RS, request_id, _json_encode(result))
-
-
-def rpc_error(request_id: int, code: str, message: str) -> bytes:
-    return encode_frame(RE, request_id, error_payload(code, message))
-
-
-def notification(method: str, params) -> bytes:
-    """An RpcRequest with request_id 0: no answer expected."""
-    return encode_frame(RQ, 0, _json_encode({"method": method, "params": params}))
-
-
-def error_frame(code: str, message: str, request_id: int = 0) -> bytes:
-    """An Error frame: sent right before a connection is closed."""
-    return encode_frame(ER, request_id, error_payload(code, message))
-
-
-def heartbeat(request_id: int, pong: bool = False) -> bytes:
-    return encode_frame(HB, request_id, PONG_PAYLOAD if pong else b"")
-
-
-def parse_error_payload(payload) -> tuple[str, str]:
-    """(code, message) of an Error/RpcError payload, tolerant of junk."""
-    try:
-        obj = _json_decode(payload)
-        if isinstance(obj, dict):
-            return str(obj.get("code", "error")), str(obj.get("message", ""))
-    except msgspec.DecodeError:
-        pass
-    return "error", bytes(payload[:200]).decode("utf-8", "replace")
 
 
 _scanners = threading.local()
@@ -280,112 +71,6 @@ def shared_scanner(impl):
         sc = cache[impl] = impl.Scanner(4096)
     return sc
 
-
-# --- the receive buffer -------------------------------------------------------
-
-class ReceiveBuffer:
-    """A growable receive buffer that never overwrites bytes a live slice
-    still references (see the module docstring).
-
-    Size follows the sender: a read that fills the whole offered space makes
-    the next buffer 4x larger (up to ``grow_limit``); ``shrink()`` on idle
-    goes back to ``initial``. A pinned buffer is retired to a small spare pool
-    and reused once its slices are gone, so a busy stream does not allocate
-    (and zero-fill) a fresh buffer per read.
-    """
-
-    __slots__ = ("buf", "start", "end", "initial", "grow_limit", "target", "_baseline", "_offered", "_spare")
-
-    def __init__(self, initial: int = 4096, grow_limit: int = 256 * 1024):
-        self.initial = initial
-        self.grow_limit = max(grow_limit, initial)
-        self.target = initial
-        self.buf = bytearray(initial)
-        self.start = 0  # first unconsumed byte
-        self.end = 0  # end of received bytes
-        self._rebase()
-        self._offered = 0
-        self._spare: list[bytearray] = []
-
-    def pinned(self) -> bool:
-        return _getrefcount(self.buf) > self._baseline
-
-    def _fresh(self, size: int) -> bytearray:
-        spare = self._spare
-        for i in range(len(spare)):
-            if len(spare[i]) >= size and _getrefcount(spare[i]) == _SPARE_FREE:
-                return spare.pop(i)
-        return bytearray(size)
-
-    def _replace(self, size: int) -> None:
-        """Move the live bytes to another buffer of at least ``size``."""
-        old, start, end = self.buf, self.start, self.end
-        new = self._fresh(size)
-        live = end - start
-        if live:
-            new[:live] = old[start:end]
-        self.buf = new
-        del new
-        self._rebase()
-        if len(old) == self.target and len(self._spare) < 2:
-            self._spare.append(old)  # maybe pinned now; reused once its slices are gone
-        self.start = 0
-        self.end = live
-
-    def _rebase(self) -> None:
-        # refcount of self.buf when nothing but this object holds it
-        self._baseline = _getrefcount(self.buf)
-
-    def reserve(self, need: int) -> None:
-        """Make room for ``need`` bytes past ``start`` (a whole frame)."""
-        if need > len(self.buf) - self.start:
-            if need <= len(self.buf) and not self.pinned():
-                self._compact()
-            else:
-                self._replace(max(need, self.target))
-
-    def _compact(self) -> None:
-        live = self.end - self.start
-        if live:
-            self.buf[:live] = self.buf[self.start:self.end]
-        self.start = 0
-        self.end = live
-
-    def get_buffer(self, min_free: int = 1024) -> memoryview:
-        live = self.end - self.start
-        size = len(self.buf)
-        if self.pinned():
-            if size - self.end < min_free or size < self.target:
-                self._replace(max(self.target, live + min_free))
-        elif live == 0:
-            self.start = self.end = 0
-            if size < self.target:
-                self._replace(self.target)
-        elif size - self.end < min_free or size < self.target:
-            if live + min_free <= size and size >= self.target:
-                self._compact()
-            else:
-                self._replace(max(self.target, live + min_free))
-        view = memoryview(self.buf)[self.end:]
-        self._offered = len(view)
-        return view
-
-    def note_read(self, n: int) -> None:
-        """A read that filled all the offered space hints at a fast sender."""
-        if n >= self._offered and self.target < self.grow_limit:
-            self.target = min(self.target * 4, self.grow_limit)
-
-    def shrink(self) -> None:
-        """Give memory back when idle: back to the initial size, spares dropped."""
-        self.target = self.initial
-        self._spare.clear()
-        if self.start == self.end and len(self.buf) > self.initial:
-            self.buf = bytearray(self.initial)
-            self._rebase()
-            self.start = self.end = 0
-
-
-# --- the connection ---------------------------------------------------------
 
 class Connection:
     """One BLIN connection, either side.

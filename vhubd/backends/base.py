@@ -1,0 +1,45 @@
+"""What every backend is: ``Backend`` (start and stop a session's sandbox),
+``BootSpec`` (what to start), ``BackendError`` (the backend's own words)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..errors import BackendError
+
+__all__ = ["Backend", "BackendError", "BootSpec"]
+
+
+@dataclasses.dataclass
+class BootSpec:
+    session: str
+    token: str
+    addr: str  # VHUB_ADDR the agent dials
+    workdir: str  # per-session state directory
+    image: str | None = None
+    cpus: int | None = None
+    memory_mib: int | None = None
+    env: dict = dataclasses.field(default_factory=dict)
+
+    def agent_env(self) -> dict:
+        return {**self.env, "VHUB_SESSION": self.session, "VHUB_TOKEN": self.token, "VHUB_ADDR": self.addr}
+
+
+class Backend:
+    name = "?"
+    sandbox = True
+    boots = True  # False: someone else starts the VM
+
+    async def start(self, spec: BootSpec):
+        """Start the sandbox; returns a handle whose ``exited`` future (or
+        None) resolves with a reason if the agent dies before connecting."""
+        raise NotImplementedError
+
+    async def stop(self, session: str) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        pass
+
+    def describe(self) -> dict:
+        return {"name": self.name, "sandbox": self.sandbox}

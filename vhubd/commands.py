@@ -1,0 +1,257 @@
+"""The ``blink`` client commands: each connects to the daemon's control
+socket with ``vhubd.client`` and prints tables for people or ``--json``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+
+from .errors import ConnectionClosed, RemoteError
+
+EXIT_FAIL = 1  # the operation failed
+EXIT_USAGE = 2  # bad usage
+EXIT_UNREACHABLE = 69  # the daemon cannot be reached (EX_UNAVAILABLE)
+
+
+async def _connect(args, **kw):
+    from .client import Client
+
+    return await Client.connect(args.control, **kw)
+
+
+def _print_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _table(rows: list[list[str]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        sys.stdout.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")
+
+
+async def cmd_sessions(args) -> int:
+    async with await _connect(args) as c:
+        sessions = await c.sessions()
+    if args.json:
+        _print_json(sessions)
+        return 0
+    rows = [["NAME", "STATE", "BACKEND", "AGENT", "CLIENTS", "REASON"]]
+    for s in sessions:
+        rows.append([s["name"], s["state"], s["backend"], "yes" if s["agent_connected"] else "no",
+                     str(s["clients"]), s.get("reason", "")])
+    _table(rows)
+    return 0
+
+
+async def cmd_info(args) -> int:
+    async with await _connect(args) as c:
+        info = await c.info(args.name)
+    if args.json or not args.name:
+        _print_json(info)
+        return 0
+    for k in ("name", "state", "reason", "backend", "agent_connected", "clients", "scrollback_bytes"):
+        sys.stdout.write(f"{k + ':':18} {info.get(k)}\n")
+    if info.get("agent"):
+        sys.stdout.write(f"{'agent:':18} {json.dumps(info['agent'])}\n")
+    if info.get("last_result") is not None:
+        sys.stdout.write(f"{'last_result:':18} {json.dumps(info['last_result'])}\n")
+    if info.get("warning"):
+        sys.stdout.write(f"{'warning:':18} {info['warning']}\n")
+    return 0
+
+
+async def cmd_stats(args) -> int:
+    async with await _connect(args) as c:
+        stats = await c.stats()
+    if args.json:
+        _print_json(stats)
+        return 0
+    for k, v in sorted(stats.items()):
+        if isinstance(v, dict):
+            for k2, v2 in sorted(v.items()):
+                sys.stdout.write(f"{k}.{k2}: {v2}\n")
+        else:
+            sys.stdout.write(f"{k}: {v}\n")
+    return 0
+
+
+async def cmd_register(args) -> int:
+    async with await _connect(args) as c:
+        res = await c.register(args.name)
+    if args.json:
+        _print_json(res)
+    else:
+        sys.stdout.write(f"{res['token']}\n")
+    return 0
+
+
+async def cmd_boot(args) -> int:
+    params = {k: v for k, v in (("image", args.image), ("cpus", args.cpus), ("memory_mib", args.memory_mib))
+              if v is not None}
+    async with await _connect(args) as c:
+        res = await c.boot(args.name, timeout=args.timeout, **params)
+    if args.json:
+        _print_json(res)
+    else:
+        sys.stdout.write(f"{res['session']}: {res['state']}"
+                         + (f" (booted in {res['boot_ms']:.0f} ms)" if res.get("booted") else "") + "\n")
+    return 0
+
+
+async def cmd_stop(args) -> int:
+    async with await _connect(args) as c:
+        res = await c.stop(args.name)
+    if args.json:
+        _print_json(res)
+    else:
+        sys.stdout.write(f"{res['session']}: {res['state']}\n")
+    return 0
+
+
+async def cmd_call(args) -> int:
+    try:
+        params = json.loads(args.params) if args.params is not None else {}
+    except json.JSONDecodeError as exc:
+        sys.stderr.write(f"blink call: error: params are not JSON: {exc}\n")
+        return EXIT_USAGE
+    async with await _connect(args, session=args.name) as c:
+        result = await c.call(args.method, params, timeout=args.timeout or 60.0)
+    _print_json(result)
+    return 0
+
+
+async def cmd_tail(args) -> int:
+    out, err = sys.stdout.buffer, sys.stderr.buffer
+    async with await _connect(args, session=args.name, subscribe=["stdout", "stderr"],
+                              replay=not args.no_replay) as c:
+        if not args.follow:
+            # the daemon writes the replay before it answers this ping
+            ping = asyncio.ensure_future(c.call("vhub.ping"))
+            while True:
+                get = asyncio.ensure_future(c.next())
+                done, _ = await asyncio.wait({get, ping}, return_when=asyncio.FIRST_COMPLETED)
+                if get in done:
+                    item = get.result()
+                    if item is None:
+                        break
+                    (err if item.kind == "stderr" else out).write(item.data)
+                    continue
+                get.cancel()
+                while not c._queue.empty():
+                    item = c._queue.get_nowait()
+                    if hasattr(item, "kind"):
+                        (err if item.kind == "stderr" else out).write(item.data)
+                break
+            out.flush()
+            err.flush()
+            return 0
+        async for item in c:
+            if hasattr(item, "kind"):
+                (err if item.kind == "stderr" else out).write(item.data)
+                (err if item.kind == "stderr" else out).flush()
+    return 0
+
+
+async def cmd_run(args) -> int:
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv:
+        sys.stderr.write("blink run: error: no command given (blink run NAME -- CMD ARGS...)\n")
+        return EXIT_USAGE
+    env = {}
+    for kv in args.env:
+        k, sep, v = kv.partition("=")
+        if not sep:
+            sys.stderr.write(f"blink run: error: --env wants K=V, got {kv!r}\n")
+            return EXIT_USAGE
+        env[k] = v
+    params: dict = {"argv": argv}
+    if env:
+        params["env"] = env
+    if args.cwd:
+        params["cwd"] = args.cwd
+    use_tty = args.tty if args.tty is not None else sys.stdin.isatty() and sys.stdout.isatty()
+    if use_tty:
+        from .terminal import parse_escape, run_tty
+
+        try:
+            escape = parse_escape(args.escape)
+        except ValueError as exc:
+            sys.stderr.write(f"blink run: error: --escape: {exc}\n")
+            return EXIT_USAGE
+        return await run_tty(args.control, args.name, argv, env=env or None, cwd=args.cwd, escape=escape,
+                             timeout=args.timeout)
+    out, err = sys.stdout.buffer, sys.stderr.buffer
+    c = await _connect(args, session=args.name, subscribe=["stdout", "stderr", "events"], boot=True,
+                       timeout=args.timeout or 10.0)
+    try:
+        call = asyncio.ensure_future(c.call("agent.run", params, timeout=args.timeout or 60.0))
+        eid = None
+        early: list = []
+        loop = asyncio.get_running_loop()
+        interrupted = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, interrupted.set)
+        while True:
+            get = asyncio.ensure_future(c.next())
+            waits = {get} | ({call} if eid is None else set())
+            intr = asyncio.ensure_future(interrupted.wait())
+            done, _ = await asyncio.wait(waits | {intr}, return_when=asyncio.FIRST_COMPLETED)
+            if intr in done and eid is not None:
+                get.cancel()
+                try:
+                    await c.call("agent.kill", {"execution_id": eid, "signal": 2}, timeout=5)
+                except (RemoteError, ConnectionClosed, asyncio.TimeoutError):
+                    pass
+                interrupted.clear()
+                continue
+            intr.cancel()
+            if call in done and eid is None:
+                eid = call.result()["execution_id"]  # raises RemoteError on failure
+                for item in early:
+                    code = _emit(item, eid, out, err)
+                    if code is not None:
+                        return code
+                early = []
+            if get not in done:
+                get.cancel()
+                continue
+            item = get.result()
+            if item is None:
+                reason = c.closed_reason.message if c.closed_reason else "connection closed"
+                sys.stderr.write(f"blink run: lost the daemon before the command finished: {reason}\n")
+                return EXIT_FAIL
+            if eid is None:
+                early.append(item)
+                continue
+            code = _emit(item, eid, out, err)
+            if code is not None:
+                return code
+    finally:
+        await c.close()
+
+
+def _emit(item, eid: int, out, err) -> int | None:
+    if hasattr(item, "kind"):
+        if item.request_id == eid:
+            stream = err if item.kind == "stderr" else out
+            stream.write(item.data)
+            stream.flush()
+        return None
+    ev = item.data
+    if ev.get("type") == "execution_result" and ev.get("execution_id") == eid:
+        code = ev.get("exit_code")
+        if not isinstance(code, int):
+            return EXIT_FAIL
+        return code if code >= 0 else 128 + (-code)
+    if ev.get("type") == "state" and ev.get("state") in ("agent_lost", "stopped", "failed"):
+        sys.stderr.write(f"blink run: session {ev.get('session')} is {ev.get('state')}: {ev.get('reason', '')}\n")
+        return EXIT_FAIL
+    return None
+
+
+CLIENT_COMMANDS = {
+    "sessions": cmd_sessions, "info": cmd_info, "stats": cmd_stats, "register": cmd_register,
+    "call": cmd_call, "tail": cmd_tail, "run": cmd_run, "boot": cmd_boot, "stop": cmd_stop,
+}
