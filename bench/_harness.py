@@ -97,7 +97,7 @@ class Socat:
         self.listen = listen
         args = ["socat"] + (["-b", str(buf)] if buf else []) + [f"UNIX-LISTEN:{listen}", f"UNIX-CONNECT:{target}"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        wait_for(lambda: os.path.exists(listen) or self.proc.poll() is not None, 10, "socat listening")
+        wait_for(lambda: os.path.exists(listen) or self.proc.poll() is not None, 10, what="socat listening")
 
     @property
     def pid(self) -> int:
