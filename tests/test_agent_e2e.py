@@ -68,10 +68,13 @@ def py(code):
 # -- handshake ---------------------------------------------------------------------
 
 
-def test_anonymous_handshake_is_empty(peer, tmp_path, agents):
-    serve(peer, tmp_path, agents)
+def test_anonymous_handshake_names_no_session_and_asks_for_acks(peer, tmp_path, agents):
+    """Without a session the agent lands in the anonymous session (Blink's hosts
+    ignore the payload) and still asks for acks: its output survives a restart."""
+    agent = serve(peer, tmp_path, agents)
     conn = peer.accept()
-    assert conn.handshake() == b""
+    body = json.loads(conn.handshake())
+    assert body == {"agent": "blink-agent", "pid": agent.pid, "version": "0.1.0", "ack": True}
     assert result_of(conn.call(2, "agent.ping")) == {"pong": True}
 
 
@@ -434,7 +437,8 @@ def test_run_mode_relays_and_exits_with_code(peer, tmp_path, agents):
     agent = start_agent(peer, tmp_path, "--", PY, "-c", code, command="run")
     agents.append(agent)
     conn = peer.accept()
-    assert conn.handshake() == b""
+    body = json.loads(conn.handshake())
+    assert body["ack"] is True and "session" not in body
     out = conn.collect_execution(1)
     assert out["stdout"] == b"hello\n" and out["stderr"] == b"oops\n"
     r = out["result"]

@@ -25,8 +25,10 @@ def j(obj):
 
 
 def test_handshake_payloads():
-    assert P.handshake_payload(None, "tok") == b""
-    assert P.handshake_payload("", None) == b""
+    assert P.handshake_payload(None, "tok", ack=False) == b""  # nothing to say: Blink's empty handshake
+    assert P.handshake_payload("", None, ack=False) == b""
+    anonymous = {"agent": "blink-agent", "pid": os.getpid(), "version": blink_agent.__version__, "ack": True}
+    assert json.loads(P.handshake_payload(None, "tok")) == anonymous  # no session named: the anonymous one
     body = json.loads(P.handshake_payload("demo", "s3cret"))
     assert body == {
         "session": "demo",

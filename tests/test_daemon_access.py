@@ -117,18 +117,17 @@ def test_tcp_listener_requires_session_and_token(make_daemon):
     run(body())
 
 
-@pytest.mark.parametrize("name", ["default", "tokenless"])
-def test_tcp_refuses_sessions_without_a_token(make_daemon, name):
-    """Over TCP a guest must prove a token: naming the anonymous session, or a
-    session some client created by attaching to it, is not enough."""
+@pytest.mark.parametrize("name,code", [("default", "token_required"), ("named", "bad_token")])
+def test_tcp_refuses_sessions_without_a_token(make_daemon, name, code):
+    """Over TCP a guest must prove a token: the anonymous session has none to
+    prove, and a registered session's must be given."""
     d = make_daemon("--tcp", "127.0.0.1:0")
 
     async def body():
-        await client(d, session="tokenless")  # creates the session, with no token
-        code = "token_required"
+        c = await client(d)
+        await c.register("named")
         await refused(d.tcp, {"session": name}, code)
         await refused(d.tcp, {"session": name, "token": ""}, code)
-        c = await client(d)
         assert session_info(await c.sessions(), name)["agent_connected"] is False
 
     run(body())

@@ -142,6 +142,7 @@ def test_handshake_timeout_and_mid_frame_stall(make_daemon):
     async def body():
         bench = Bench(d)
         bench.admin = await client(d)
+        await bench.admin.register("healthy")
         doomed, idle = [], []
         for listener in LISTENERS:
             silent = await bench.peer(listener, False)

@@ -93,7 +93,11 @@ def test_call(daemon):
         assert r.returncode == 0 and json.loads(r.stdout)["pong"] is True
         r = await cli(daemon, "call", "default", "agent.x", "{not json")
         assert r.returncode == 2 and "JSON" in one_line(r.stderr)
-        r = await cli(daemon, "call", "nobody", "agent.x")
+        r = await cli(daemon, "call", "nobody", "agent.x")  # an unknown session: an error, nothing created
+        assert r.returncode == 1 and "unknown_session" in one_line(r.stderr)
+        assert "nobody" not in (await cli(daemon, "sessions")).stdout.decode()
+        await (await client(daemon)).register("idle")
+        r = await cli(daemon, "call", "idle", "agent.x")
         assert r.returncode == 1 and "no_agent" in one_line(r.stderr)
 
     run(body())

@@ -78,9 +78,9 @@ def test_attached_guest_is_not_the_agent_and_needs_a_session():
     w = World()
     a = agent(w)
     assert w.guest({"attach": True}).decision.code == "session_required"
-    c = w.client("x")
-    assert type(c.decision) is Accept
-    att = w.guest({"session": "default", "attach": True})
+    tok = w.registry.get("default").attach_token
+    assert w.guest({"session": "default", "attach": True}).decision.code == "bad_token"
+    att = w.guest({"session": "default", "attach": True, "token": tok})
     assert type(att.decision) is Accept and w.registry.get("default").agent is a.member
 
 
@@ -101,11 +101,13 @@ def test_client_refusals(hs, code):
 
 def test_client_answer_carries_the_session():
     w = World()
+    w.register("demo")
     c = w.client("demo", subscribe=["stdout"])
     ans = handshake_answer(c)
     import json
     body = json.loads(bytes(ans.payload))
-    assert body["ok"] is True and body["session"]["name"] == "demo" and body["session"]["state"] == "stopped"
+    assert body["ok"] is True and body["session"]["name"] == "demo" and body["session"]["state"] == "waiting_agent"
+    assert "token" not in body["session"]  # a session's token is never in what it shows
 
 
 # ---------------------------------------------------------------- fan-out
@@ -168,7 +170,7 @@ def test_other_guests_wait_behind_a_cut_through_frame():
     a = agent(w, None)
     sub = w.client("default", subscribe=["stdout"])
     handshake_answer(sub)
-    att = w.guest({"session": "default", "attach": True})
+    att = w.guest({"session": "default", "attach": True, "token": w.registry.get("default").attach_token})
     assert type(att.decision) is Accept
     handshake_answer(att)
     big = frame(T.STDOUT, 1, b"x" * 4096)
@@ -191,7 +193,8 @@ def test_a_full_lossless_subscriber_pauses_the_sessions_guests():
     assert not a.paused  # a lossy subscriber never slows the guest
     w.fill(slow)
     assert a.paused
-    late = w.guest({"session": "default", "attach": True})  # a guest arriving meanwhile waits too
+    late = w.guest({"session": "default", "attach": True,  # a guest arriving meanwhile waits too
+                    "token": w.registry.get("default").attach_token})
     assert late.paused
     w.drain(slow)
     assert not a.paused and not late.paused
@@ -200,10 +203,7 @@ def test_a_full_lossless_subscriber_pauses_the_sessions_guests():
 def test_star_subscriber_blocks_every_session():
     w = World()
     a = agent(w)
-    c = w.client("x")
-    c.feed(rpc(1, "vhub.register", {"session": "two"}))
-    tok = c.json_frames(T.RPC_RESPONSE)[0][2]["token"]
-    b = agent(w, "two", token=tok)
+    b = agent(w, "two", token=w.register("two"))
     star = w.client("*", subscribe=["stdout"])
     w.fill(star)
     assert a.paused and b.paused
@@ -228,11 +228,11 @@ def test_acks_wait_for_lossless_subscribers():
 
 def test_hello_for_a_guest_that_asks_for_acks():
     w = World()
-    w.client("x").feed(rpc(1, "vhub.register", {"session": "s"}))
-    tok = w.registry.get("s").token
+    tok = w.register("s")
     a = w.guest({"session": "s", "token": tok, "ack": True})
     handshake_answer(a)
-    assert a.json_frames() == [(T.RPC_REQUEST, 0, {"method": "vhub.hello", "params": {"ack": True}})]
+    hello = {"ack": True, "session": "s", "attach_token": w.registry.get("s").attach_token}
+    assert a.json_frames() == [(T.RPC_REQUEST, 0, {"method": "vhub.hello", "params": hello})]
 
 
 # ---------------------------------------------------------------- rpc
@@ -316,6 +316,7 @@ def test_client_calls_that_cannot_be_routed():
     codes = {rid: body["code"] for _, rid, body in star.json_frames(T.RPC_ERROR)}
     assert codes == {1: "session_required", 2: "unknown_session", 3: "no_handler", 4: "bad_params",
                      5: "bad_request"}
+    w.register("idle")
     c = w.client("idle")
     c.feed(rpc(6, "agent.info"))
     assert c.json_frames(T.RPC_ERROR)[0][2]["code"] == "no_agent"
@@ -390,7 +391,6 @@ def test_boot_waits_for_the_real_boot_manager():
 
 def test_stop_closes_the_agent_with_session_stopped():
     w = World()
-    w.client("x").feed(rpc(1, "vhub.register", {"session": "s"}))
-    a = agent(w, "s", token=w.registry.get("s").token)
+    a = agent(w, "s", token=w.register("s"))
     w.registry.set_state(w.registry.get("s"), State.STOPPING, "stop requested")
     assert a.closed and a.error[0] == "session_stopped"

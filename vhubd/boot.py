@@ -15,6 +15,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 
 from .backends import Backend, BackendError, BootSpec
 from .errors import BootFailed, CallFailed
@@ -24,7 +25,8 @@ log = logging.getLogger("vhubd")
 
 
 class BootManager:
-    def __init__(self, registry: SessionRegistry, backend: Backend, *, state_dir: str, agent_addr: str,
+    def __init__(self, registry: SessionRegistry, backend: Backend, *, state_dir: str,
+                 agent_addr: str | Callable[[str], str],
                  boot_timeout: float = 120.0, idle_stop: float | None = None):
         self.registry = registry
         self.backend = backend
@@ -69,7 +71,8 @@ class BootManager:
         self.registry.set_state(sess, State.BOOTING, f"booting with backend {self.backend.name}")
         waiter = asyncio.get_running_loop().create_future()
         self.waiters[name] = waiter
-        spec = BootSpec(session=name, token=sess.token or "", addr=self.agent_addr,
+        addr = self.agent_addr(name) if callable(self.agent_addr) else self.agent_addr
+        spec = BootSpec(session=name, token=sess.token or "", addr=addr,
                         workdir=os.path.join(self.state_dir, "sessions", name), image=params.get("image"),
                         cpus=params.get("cpus"), memory_mib=params.get("memory_mib"),
                         env={str(k): str(v) for k, v in (params.get("env") or {}).items()})
@@ -139,6 +142,10 @@ class BootManager:
         self.registry.set_state(sess, State.STOPPED, "stopped")
         log.info("session stopped session=%s", name)
         return {"session": name, "state": "stopped"}
+
+    def forget(self, name: str) -> None:
+        """The session was removed (vhub.remove): nothing of it is kept."""
+        self.booted.discard(name)
 
     def _state_changed(self, sess: Session, old: State) -> None:
         """An agent connected: the boot waiting for it is done."""

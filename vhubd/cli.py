@@ -13,7 +13,7 @@ import sys
 
 from . import __version__, frames
 from .commands import EXIT_FAIL, EXIT_UNREACHABLE, EXIT_USAGE
-from .errors import ConnectionClosed, RemoteError
+from .errors import ConfigError, ConnectionClosed, RemoteError
 
 
 class Parser(argparse.ArgumentParser):
@@ -71,7 +71,18 @@ def build_parser() -> Parser:
     s.add_argument("--stall-timeout", type=_positive, default=10.0)
     s.add_argument("--heartbeat", type=float, default=10.0, help="heartbeat interval in seconds (0: off)")
     s.add_argument("--rpc-timeout", type=_positive, default=30.0)
-    s.add_argument("--max-connections", type=int, default=10000)
+    s.add_argument("--max-connections", type=int, default=10000, help="guest connections, at most")
+    s.add_argument("--max-clients", type=int, default=1024,
+                   help="control-socket connections, at most (counted apart from guests)")
+    s.add_argument("--max-sessions", type=int, default=10_000, help="sessions the daemon holds, at most")
+    s.add_argument("--max-attached", type=int, default=64, help="attached guest connections per session")
+    s.add_argument("--max-inflight", type=int, default=1024, help="RPCs one connection may have in flight")
+    s.add_argument("--max-output", type=_size, default=32 << 20,
+                   help="bytes queued toward one connection, at most (slow_consumer above)")
+    s.add_argument("--max-handshake", type=_size, default=64 << 10, help="handshake payload, at most")
+    s.add_argument("--guest-dir", metavar="DIR",
+                   help="per-session guest sockets DIR/<session>.sock (Firecracker, cloud-hypervisor, libkrun "
+                        "map a VM's vsock port to it): the socket names the session, no token")
     s.add_argument("--scrollback", type=_size, default=1 << 20)
     s.add_argument("--lossy-limit", type=_size, default=4 << 20)
     s.add_argument("--multiple-agents", action="store_true", help="allow several agents per session")
@@ -111,6 +122,7 @@ def build_parser() -> Parser:
     b.add_argument("--cpus", type=int)
     b.add_argument("--memory-mib", type=int)
     client("stop", "stop a session")
+    client("rm", "remove a session (stopping it first): its token, scrollback and sockets go")
     iu = sub.add_parser("install-units", help="install the systemd units (socket activation, Type=notify)")
     iu.add_argument("--prefix", default="/", metavar="DIR",
                     help="install under DIR/etc/systemd/system, DIR/etc/sysusers.d, DIR/etc/tmpfiles.d (default /)")
@@ -231,9 +243,6 @@ def cmd_serve(args) -> int:
     except ValueError as exc:
         sys.stderr.write(f"blink serve: error: {exc}\n")
         return EXIT_USAGE
-    if args.max_payload > frames.MAX_U32 or args.max_payload < 0:
-        sys.stderr.write("blink serve: error: --max-payload must fit in 32 bits\n")
-        return EXIT_USAGE
     cfg = DaemonConfig(
         socket=args.socket, control=args.control, tcp=args.tcp, vsock_port=args.vsock_port,
         socket_mode=args.socket_mode, anonymous_session=None if args.no_anonymous else args.anonymous_session,
@@ -243,7 +252,15 @@ def cmd_serve(args) -> int:
         lossy_limit=args.lossy_limit, allow_multiple_agents=args.multiple_agents, once=args.once,
         backend=args.backend, state_dir=args.state_dir, boot_timeout=args.boot_timeout,
         idle_stop=args.idle_stop, image=args.image, agent_command=args.agent_command, qemu_accel=args.qemu_accel,
+        max_clients=args.max_clients, max_sessions=args.max_sessions, max_attached=args.max_attached,
+        max_inflight=args.max_inflight, max_output=args.max_output, max_handshake=args.max_handshake,
+        guest_dir=args.guest_dir,
     )
+    try:
+        cfg.validate()
+    except ConfigError as exc:
+        sys.stderr.write(f"blink serve: error: {exc}\n")
+        return EXIT_USAGE
     try:
         return serve(cfg)
     except (ListenError, ActivationError) as exc:

@@ -32,7 +32,7 @@ from typing import Any
 import msgspec
 
 from .errors import ConnectionClosed, InvalidState, RemoteError
-from .frames import MsgType
+from .frames import SESSIONS_PAGE, MsgType
 from .paths import default_control_path
 from .protocol import (
     Connection,
@@ -346,8 +346,18 @@ class Client:
                 self._queue.put_nowait(item)
         return terminal
 
-    async def sessions(self) -> list:
-        return await self.call("vhub.sessions")
+    async def sessions(self, *, prefix: str = "", state: str | None = None) -> list:
+        """Every session (page by page: the daemon answers at most SESSIONS_PAGE at a time)."""
+        out: list = []
+        params: dict = {"prefix": prefix, **({"state": state} if state else {})}
+        while True:
+            page = await self.call("vhub.sessions", {**params, "after": out[-1]["name"] if out else ""})
+            out += page
+            if len(page) < SESSIONS_PAGE:
+                return out
+
+    async def remove(self, session: str) -> dict:
+        return await self.call("vhub.remove", {"session": session})
 
     async def info(self, session: str | None = None) -> dict:
         return await self.call("vhub.info", {"session": session} if session else {})

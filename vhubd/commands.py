@@ -100,6 +100,16 @@ async def cmd_boot(args) -> int:
     return 0
 
 
+async def cmd_rm(args) -> int:
+    async with await _connect(args) as c:
+        res = await c.remove(args.name)
+    if args.json:
+        _print_json(res)
+    else:
+        sys.stdout.write(f"{res['session']}: removed\n")
+    return 0
+
+
 async def cmd_stop(args) -> int:
     async with await _connect(args) as c:
         res = await c.stop(args.name)
@@ -253,5 +263,5 @@ def _emit(item, eid: int, out, err) -> int | None:
 
 CLIENT_COMMANDS = {
     "sessions": cmd_sessions, "info": cmd_info, "stats": cmd_stats, "register": cmd_register,
-    "call": cmd_call, "tail": cmd_tail, "run": cmd_run, "boot": cmd_boot, "stop": cmd_stop,
+    "call": cmd_call, "tail": cmd_tail, "run": cmd_run, "boot": cmd_boot, "stop": cmd_stop, "rm": cmd_rm,
 }

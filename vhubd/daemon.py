@@ -4,68 +4,27 @@ and Blink's one-shot ``--once`` mode."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import functools
 import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 import uvloop
 
 from . import frames
 from .errors import BackendStartError, OnceError
+from .guestdir import GuestDir
 from .listeners import ListenerSpec, bind_tcp, bind_unix, bind_vsock, parse_tcp
 from .paths import DEFAULT_SOCKET, default_control_path, default_state_dir  # noqa: F401 (re-exported)
 from .protocol import Connection, Frame, Handshake, RemoteErrorEvent, Side, StreamRun, Violation
-from .relay import Config as RelayConfig
 from .relay import Relay
 from .server import Server
 from .sessions import SessionRegistry
+from .settings import DaemonConfig
 
 log = logging.getLogger("vhubd")
-
-@dataclasses.dataclass
-class DaemonConfig:
-    socket: str | None = DEFAULT_SOCKET
-    control: str | None = None
-    tcp: str | None = None
-    vsock_port: int | None = None
-    socket_mode: int | None = None
-    control_mode: int = 0o660
-    anonymous_session: str | None = "default"
-    max_payload: int = frames.DEFAULT_MAX_PAYLOAD
-    handshake_timeout: float = 10.0
-    stall_timeout: float = 10.0
-    heartbeat_interval: float = 10.0
-    dead_after: float = 30.0
-    rpc_timeout: float = 30.0
-    max_connections: int = 10000
-    scrollback: int = 1 << 20
-    lossy_limit: int = 4 << 20
-    high_water: int = 1 << 20
-    cut_through: int = 256 * 1024
-    initial_buffer: int = 2048
-    tick: float = 1.0
-    status_interval: float = 2.0  # how often systemd's STATUS= is refreshed (sent only when it changed)
-    close_grace: float = 5.0
-    drain_timeout: float = 5.0
-    allow_multiple_agents: bool = False
-    backend: str = "auto"
-    state_dir: str | None = None
-    boot_timeout: float = 120.0
-    idle_stop: float | None = None
-    image: str | None = None
-    agent_command: str | None = None
-    qemu_accel: str = "auto"  # qemu backend: auto (KVM if a probe VM runs), kvm, tcg
-    once: bool = False
-
-    def relay_config(self) -> RelayConfig:
-        return RelayConfig(max_payload=self.max_payload, anonymous_session=self.anonymous_session,
-                           rpc_timeout=self.rpc_timeout, scrollback=self.scrollback,
-                           lossy_limit=self.lossy_limit, high_water=self.high_water,
-                           allow_multiple_agents=self.allow_multiple_agents,
-                           default_backend=self.backend)
-
 
 def make_listeners(cfg: DaemonConfig, inherited: dict | None = None) -> list[ListenerSpec]:
     """The listeners: sockets passed by systemd (``inherited``, by fd name,
@@ -152,11 +111,17 @@ async def run_daemon(cfg: DaemonConfig, ready: asyncio.Event | None = None) -> i
     else:
         guest = next((s for s in specs if s.name == "vhub"), None)
         addr = f"unix:{guest.owned_path or guest.sock.getsockname() if guest else cfg.socket}"
-    registry = SessionRegistry(cfg.scrollback)
-    boots = BootManager(registry, backend, state_dir=state_dir, agent_addr=addr, boot_timeout=cfg.boot_timeout,
-                        idle_stop=cfg.idle_stop)
+    registry = SessionRegistry(cfg.scrollback, max_sessions=cfg.max_sessions)
+    guest_dir: GuestDir | None = None
+    agent_addr: str | Callable[[str], str] = addr
+    if cfg.guest_dir and cfg.backend == "local":  # each agent dials its own session's socket
+        agent_addr = functools.partial(GuestDir.address_in, cfg.guest_dir)
+    boots = BootManager(registry, backend, state_dir=state_dir, agent_addr=agent_addr,
+                        boot_timeout=cfg.boot_timeout, idle_stop=cfg.idle_stop)
     relay = Relay(cfg.relay_config(), registry, loop.call_later, boots=boots)
     server = Server(cfg, relay, loop)
+    if cfg.guest_dir:
+        guest_dir = GuestDir(cfg.guest_dir, server, registry, cfg.socket_mode)
     relay.on_stats = lambda: {"connections": len(server.peers), "tasks": len(asyncio.all_tasks()),
                               "listeners": server.addresses()}
     await server.start(specs)
@@ -184,6 +149,8 @@ async def run_daemon(cfg: DaemonConfig, ready: asyncio.Event | None = None) -> i
     log.info("shutting down: draining %d connections", len(server.peers))
     ticker.cancel()
     await boots.close()
+    if guest_dir is not None:
+        guest_dir.close_all()
     await server.shutdown(cfg.drain_timeout)
     log.info("stopped")
     return 0

@@ -180,6 +180,28 @@ CODE_ALIASES = {
 }
 
 
+CLIP = 200  # characters of a peer-supplied value that reach a log line or an Error message
+
+
+def clip(value: object, limit: int = CLIP) -> str:
+    """``repr`` of a value a peer chose, at most about ``limit`` characters:
+    what a hostile peer sends never grows a log line or an echo without bound
+    (and a huge container is never rendered at all)."""
+    if isinstance(value, (str, bytes, bytearray, memoryview)):
+        cut = len(value) > limit
+        text = repr(value[:limit] if not isinstance(value, memoryview) else bytes(value[:limit]))
+        return text[:limit + 8] + (f"... ({len(value)} long)" if cut else "")
+    if value is None or isinstance(value, (bool, int, float)):
+        try:
+            return repr(value)[:limit]
+        except ValueError:  # an int past Python's digit limit
+            return "<int>"
+    try:
+        return f"<{type(value).__name__} of {len(value)}>"  # type: ignore[arg-type]
+    except TypeError:
+        return f"<{type(value).__name__}>"
+
+
 def canonical_code(code: str) -> str:
     """The one spelling of a wire error code (old spellings still accepted)."""
     return CODE_ALIASES.get(code, code)

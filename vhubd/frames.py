@@ -17,6 +17,7 @@ DEFAULT_MAX_PAYLOAD = 16 * 1024 * 1024
 MAX_U32 = 0xFFFFFFFF
 MAX_U64 = 0xFFFFFFFFFFFFFFFF
 READY_PAYLOAD = b"blink-vhub-ready"
+SESSIONS_PAGE = 1000  # vhub.sessions answers at most this many sessions; a shorter page is the last
 PONG_PAYLOAD = b"pong"
 
 

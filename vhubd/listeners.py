@@ -20,7 +20,7 @@ import struct
 from .errors import ListenError
 
 __all__ = ["ListenError", "ListenerSpec", "bind_tcp", "bind_unix", "bind_vsock", "parse_tcp", "peer_label",
-           "vsock_address"]
+           "unlink_socket", "vsock_address"]
 
 
 class ListenerSpec:
@@ -135,3 +135,13 @@ def peer_label(transport, listener: str) -> str:
         if exc.errno not in (errno.ENOTCONN, errno.EBADF):
             raise
     return f"{listener}:?"
+
+
+def unlink_socket(path: str | None) -> None:
+    """Remove a socket file we bound (never anything that is not a socket)."""
+    if path:
+        try:
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)
+        except OSError:
+            pass

@@ -15,13 +15,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
 import socket
-import stat
 import sys
 import time
 
-from .listeners import ListenerSpec, peer_label
+from .listeners import ListenerSpec, peer_label, unlink_socket
 from .protocol import Connection, Handshake, Side, State, Violation, error_frame, heartbeat
 from .relay import Accept, Decision, Limits, Member, Refuse, Relay
 
@@ -58,7 +56,7 @@ class Peer(asyncio.BufferedProtocol):
         # one agent as a whole frame (the relay has no cut-through path towards agents)
         self.conn = Connection(Side.SERVER, max_payload=hub.config.max_payload,
                                cut_through=hub.config.cut_through if spec.role == "guest" else 1 << 62,
-                               initial_buffer=hub.config.initial_buffer)
+                               initial_buffer=hub.config.initial_buffer, max_handshake=hub.config.max_handshake)
         self.member: Member | None = None  # the relay's view of this peer, once admitted (or deferred)
         self.on_events = self.relay.guest_events if spec.role == "guest" else self.relay.client_events
         self.handshaken = False
@@ -72,6 +70,8 @@ class Peer(asyncio.BufferedProtocol):
         self.last_ping = now
         self.ping_id = 0
         self.read_paused = False
+        self.pause_reasons: set[str] = set()  # why we do not read it: backpressure, cut_through, writer, replies
+        self.replies_blocked_at: float | None = None  # since when it has not read its own answers
         self.write_paused = False  # the transport is above its high-water mark
         # while a cut-through frame is being written to this peer, everything else
         # written to it (pings, pongs, RPC answers, events) waits here: inside the
@@ -89,10 +89,17 @@ class Peer(asyncio.BufferedProtocol):
         self.label = peer_label(transport, self.spec.name)
         transport.set_write_buffer_limits(high=self.limits.high_water)
         self.hub.peers.add(self)
-        if len(self.hub.peers) > self.hub.config.max_connections:
-            log.warning("refused peer=%s: too many connections (%d)", self.label, self.hub.config.max_connections)
-            self.conn.fail("too_many_connections", f"the daemon serves at most {self.hub.config.max_connections}"
-                                                   " connections")
+        counts = self.hub.role_counts
+        counts[self.spec.role] += 1
+        limit = self.hub.config.max_connections if self.spec.role == "guest" else self.hub.config.max_clients
+        if counts[self.spec.role] > limit:
+            # guests and the operator's control socket count apart: no guest locks the operator out
+            self.relay.counters["refused"] += 1
+            self.relay.refusals["too_many_connections"] += 1
+            self.relay.refusal_log.warning("refused peer=%s code=too_many_connections (%d %s connections)",
+                                           self.label, limit, self.spec.role)
+            self.conn.fail("too_many_connections", f"the daemon serves at most {limit} {self.spec.role} "
+                                                   "connections")
             self.flush()
             self.close()
             return
@@ -185,7 +192,9 @@ class Peer(asyncio.BufferedProtocol):
         if self.closed and self.transport is None:
             return
         self.closed = True
-        self.hub.peers.discard(self)
+        if self in self.hub.peers:
+            self.hub.peers.discard(self)
+            self.hub.role_counts[self.spec.role] -= 1
         if self.member is not None:
             try:
                 self.relay.lost(self.member, "connection closed" if exc is None else str(exc))
@@ -200,20 +209,51 @@ class Peer(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        if self.replies_blocked_at is not None:
+            self.replies_blocked_at = None
+            self.resume_reading("replies")
         if self.member is not None:
             self.relay.write_resumed(self.member)
 
     # -- the Port: what the relay calls --
     def write(self, data) -> None:
+        """Bytes another peer produced for this one (stream output, a forwarded
+        request, input): above the high-water mark their sources pause."""
         if self.transport is not None and not self.closed:
             if self.held is not None:
                 self._hold(data)
             else:
                 self.transport.write(data)
-            if self.lossy and self.buffered() > self.limits.lossy_limit:
-                self._slow_consumer(True)
+            self._bound(True)
 
-    send = write  # a frame the daemon made: the same path, the same bounds
+    def send(self, frame) -> None:
+        """An answer to what this peer sent (a reply, a pong, an ack): a peer
+        that does not read its answers is not read either, until it does."""
+        if self.transport is not None and not self.closed:
+            if self.held is not None:
+                self._hold(frame)
+            else:
+                self.transport.write(frame)
+            if self.buffered() > self.limits.high_water:
+                self._replies_unread()
+            self._bound(True)
+
+    def _replies_unread(self) -> None:
+        if self.replies_blocked_at is None:
+            self.replies_blocked_at = _monotonic()
+            self.pause_reading("replies")
+
+    def _bound(self, at_boundary: bool) -> None:
+        """Every byte queued toward a peer is bounded: a lossy subscriber past its
+        limit, or anyone past the hard bound, is dropped with slow_consumer."""
+        queued = self.buffered()
+        limit = self.limits.lossy_limit if self.lossy else self.limits.max_output
+        if queued > limit:
+            self.relay.counters["slow_consumers"] += 1
+            log.warning("slow consumer dropped peer=%s buffered=%d (mid-frame: %s)", self.label, queued,
+                        not at_boundary)
+            # mid-frame, close() sends no Error: it would land inside the frame's payload
+            self.close("slow_consumer", f"too slow: {queued} bytes were waiting for it (the limit is {limit})")
 
     def write_part(self, data, last: bool) -> None:
         """Bytes of a cut-through frame: written now; any other write waits
@@ -231,15 +271,7 @@ class Peer(asyncio.BufferedProtocol):
                 self.held_paused = False
                 if not self.write_paused and self.member is not None:
                     self.relay.write_resumed(self.member)
-        if self.lossy and self.buffered() > self.limits.lossy_limit:
-            self._slow_consumer(last)
-
-    def _slow_consumer(self, at_boundary: bool) -> None:
-        self.relay.counters["slow_consumers"] += 1
-        log.warning("slow consumer dropped peer=%s buffered=%d (mid-frame: %s)", self.label, self.buffered(),
-                    not at_boundary)
-        # mid-frame, close() sends no Error: it would land inside the frame's payload
-        self.close("slow_consumer", f"subscriber too slow: its output buffer passed {self.limits.lossy_limit} bytes")
+        self._bound(last)
 
     def _hold(self, data) -> None:
         assert self.held is not None  # only while a cut-through frame is in flight
@@ -253,13 +285,19 @@ class Peer(asyncio.BufferedProtocol):
                 self.relay.write_paused(self.member, frame_in_flight=True)
 
     def flush(self) -> None:
+        """What the Connection queued (pongs, handshake answers, Error frames):
+        answers to the peer, bounded as ``send``."""
         out = self.conn.data_to_send()
         if out and self.transport is not None:
             if self.held is not None and not self.closed:
                 for d in out:
                     self._hold(d)
-                return
-            self.transport.writelines(out)
+            else:
+                self.transport.writelines(out)
+            if not self.closed:
+                if self.buffered() > self.limits.high_water:
+                    self._replies_unread()
+                self._bound(True)
 
     def close(self, code: str | None = None, message: str = "") -> None:
         if self.closed or self.transport is None:
@@ -274,14 +312,16 @@ class Peer(asyncio.BufferedProtocol):
         if self.transport is not None:
             self.transport.abort()
 
-    def pause_reading(self) -> None:
+    def pause_reading(self, reason: str = "backpressure") -> None:
+        self.pause_reasons.add(reason)
         if not self.read_paused and self.transport is not None and not self.closed:
             self.read_paused = True
             self.frame_mark = None  # a paused peer's slowness is ours
             self.transport.pause_reading()
 
-    def resume_reading(self) -> None:
-        if self.read_paused and self.transport is not None and not self.closed:
+    def resume_reading(self, reason: str = "backpressure") -> None:
+        self.pause_reasons.discard(reason)
+        if self.read_paused and not self.pause_reasons and self.transport is not None and not self.closed:
             self.read_paused = False
             self.last_rx = _monotonic()  # the time spent paused does not count as idle
             self.transport.resume_reading()
@@ -298,6 +338,9 @@ class Peer(asyncio.BufferedProtocol):
             if not self.awaiting_boot and now - self.connected_at > cfg.handshake_timeout:
                 self._timeout("handshake_timeout", f"no handshake within {cfg.handshake_timeout:g} s")
             return
+        if self.replies_blocked_at is not None and now - self.replies_blocked_at > cfg.stall_timeout:
+            self._timeout("slow_consumer", f"it did not read its answers for {cfg.stall_timeout:g} s")
+            return
         if self.read_paused:
             self.frame_mark = None
             return  # we stopped reading it (backpressure): its silence is ours, not a stall
@@ -308,7 +351,10 @@ class Peer(asyncio.BufferedProtocol):
         if self._dripping(now, cfg.stall_timeout):
             return
         if cfg.heartbeat_interval > 0:
-            if self.conn.pongs_received and idle > cfg.dead_after:
+            # a peer that answered pings once must keep answering; an attached program
+            # (our library) must answer at all: silent connections do not pile up
+            attached = self.member is not None and self.member.attached
+            if (self.conn.pongs_received or attached) and idle > cfg.dead_after:
                 self._timeout("heartbeat_timeout", f"no answer to heartbeats for {cfg.dead_after:g} s")
                 return
             if idle >= cfg.heartbeat_interval and now - self.last_ping >= cfg.heartbeat_interval:
@@ -353,24 +399,42 @@ class Server:
         self.config = config
         self.relay = relay
         self.loop = loop
-        self.limits = limits or Limits(high_water=config.high_water, lossy_limit=config.lossy_limit)
+        self.limits = limits or Limits(high_water=config.high_water, lossy_limit=config.lossy_limit,
+                                       max_output=config.max_output, max_inflight=config.max_inflight)
         self.peers: set[Peer] = set()
+        self.role_counts = {"guest": 0, "client": 0}  # connections by role: separate limits
         self.listeners: list[ListenerSpec] = []
         self._tick_handle: asyncio.TimerHandle | None = None
 
     async def start(self, specs: list[ListenerSpec]) -> None:
         for spec in specs:
-            factory = functools.partial(Peer, self, spec)
-            if spec.sock.family == socket.AF_UNIX:
-                kw: dict = {}
-                if spec.owned_path is None and sys.version_info >= (3, 13) \
-                        and isinstance(self.loop, asyncio.BaseEventLoop):
-                    kw["cleanup_socket"] = False  # asyncio >= 3.13 would unlink a path systemd gave us
-                spec.server = await self.loop.create_unix_server(factory, sock=spec.sock, backlog=1024, **kw)
-            else:
-                spec.server = await self.loop.create_server(factory, sock=spec.sock, backlog=1024)
-            self.listeners.append(spec)
+            await self.add_listener(spec)
         self._schedule_tick()
+
+    async def add_listener(self, spec: ListenerSpec) -> None:
+        """Serve a bound, listening socket (connections already queue in the kernel)."""
+        if spec.sock.fileno() < 0:
+            return  # removed before it was served
+        factory = functools.partial(Peer, self, spec)
+        if spec.sock.family == socket.AF_UNIX:
+            kw: dict = {}
+            if spec.owned_path is None and sys.version_info >= (3, 13) \
+                    and isinstance(self.loop, asyncio.BaseEventLoop):
+                kw["cleanup_socket"] = False  # asyncio >= 3.13 would unlink a path systemd gave us
+            spec.server = await self.loop.create_unix_server(factory, sock=spec.sock, backlog=1024, **kw)
+        else:
+            spec.server = await self.loop.create_server(factory, sock=spec.sock, backlog=1024)
+        self.listeners.append(spec)
+
+    def remove_listener(self, spec: ListenerSpec) -> None:
+        """Stop accepting on ``spec`` and remove its socket file (if it is ours)."""
+        if spec in self.listeners:
+            self.listeners.remove(spec)
+        if spec.server is not None:
+            spec.server.close()
+        else:
+            spec.sock.close()
+        unlink_socket(spec.owned_path)
 
     def addresses(self) -> dict:
         """Each listener's address: a path, or [host, port], or a vsock port."""
@@ -418,9 +482,4 @@ class Server:
             if p.transport is not None:
                 p.transport.abort()
         for spec in self.listeners:
-            if spec.owned_path:
-                try:
-                    if stat.S_ISSOCK(os.lstat(spec.owned_path).st_mode):
-                        os.unlink(spec.owned_path)
-                except OSError:
-                    pass
+            unlink_socket(spec.owned_path)

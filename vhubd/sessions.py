@@ -2,10 +2,16 @@
 
 Everything that decides a session's state lives here; transitions are a
 table. No I/O: the relay calls in, listeners get state-change callbacks.
+
+Every named session has a token from the moment it exists (only the control
+socket can learn it, with ``vhub.register``), and every session an attach
+token that the daemon hands to its agent (``vhub.hello``) for the programs
+it starts. The registry is bounded (``max_sessions``) and pages its listing.
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
 import enum
 import hmac
@@ -16,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import codec
-from .errors import InvalidName
+from .errors import CallFailed, InvalidName, clip
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 
@@ -53,7 +59,7 @@ def newest_frames(data: memoryview, limit: int) -> memoryview:
 
 def validate_name(name: object) -> str:
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise InvalidName(f"invalid session name {name!r}: must match [a-z0-9][a-z0-9_.-]{{0,62}}")
+        raise InvalidName(f"invalid session name {clip(name)}: must match [a-z0-9][a-z0-9_.-]{{0,62}}")
     return name
 
 
@@ -121,7 +127,8 @@ class Session:
                  anonymous: bool = False):
         self.name = name
         self.backend = backend
-        self.token = token
+        self.token = token  # None only for the anonymous session
+        self.attach_token = new_token()  # for programs its agent starts (vhub.hello hands it over)
         self.anonymous = anonymous
         self.state = State.STOPPED
         self.reason = ""
@@ -141,7 +148,11 @@ class Session:
     def check_token(self, token: object) -> bool:
         if self.token is None:
             return True
-        return isinstance(token, str) and hmac.compare_digest(token.encode(), self.token.encode())
+        return _same(token, self.token)
+
+    def check_attach(self, token: object) -> bool:
+        """An attached program proves itself with the session token or the attach token."""
+        return (self.token is not None and _same(token, self.token)) or _same(token, self.attach_token)
 
     def info(self) -> dict:
         return {
@@ -160,13 +171,21 @@ class Session:
         }
 
 
-class SessionRegistry:
-    """All sessions of a daemon; state changes go to ``on_change``."""
+def _same(given: object, token: str) -> bool:
+    return isinstance(given, str) and hmac.compare_digest(given.encode(), token.encode())
 
-    def __init__(self, scrollback: int = 1 << 20, on_change: Callable[[Session, State], None] | None = None):
+
+class SessionRegistry:
+    """All sessions of a daemon; state changes go to the watchers."""
+
+    def __init__(self, scrollback: int = 1 << 20, on_change: Callable[[Session, State], None] | None = None,
+                 max_sessions: int = 10_000):
         self.sessions: dict[str, Session] = {}
         self.scrollback = scrollback
+        self.max_sessions = max_sessions
         self.watchers: list[Callable[[Session, State], None]] = [on_change] if on_change else []
+        self.removal_watchers: list[Callable[[Session], None]] = []
+        self._sorted: list[str] | None = None  # names in order, for paging; None: stale
 
     def watch(self, fn: Callable[[Session, State], None]) -> None:
         """Call ``fn(session, old_state)`` after every state change."""
@@ -177,12 +196,40 @@ class SessionRegistry:
 
     def create(self, name: str, backend: str, *, token: str | None = None,
                anonymous: bool = False) -> Session:
+        """The session ``name``, created if needed (with a token unless anonymous);
+        ``CallFailed("too_many_sessions")`` at the cap."""
         validate_name(name)
         sess = self.sessions.get(name)
         if sess is None:
+            if len(self.sessions) >= self.max_sessions:
+                raise CallFailed("too_many_sessions", f"the daemon holds at most {self.max_sessions} sessions; "
+                                                      "remove some (blink rm)")
+            if token is None and not anonymous:
+                token = new_token()
             sess = Session(name, backend, token, self.scrollback, anonymous=anonymous)
             self.sessions[name] = sess
+            self._sorted = None
         return sess
+
+    def page(self, after: str = "", limit: int = 1000, prefix: str = "", state: str | None = None) -> list[Session]:
+        """Up to ``limit`` sessions whose names sort after ``after`` (and start
+        with ``prefix``, in ``state``): a listing in pages costs the loop little."""
+        if self._sorted is None:
+            self._sorted = sorted(self.sessions)
+        names = self._sorted
+        i = bisect.bisect_right(names, after) if after else 0
+        if prefix:
+            i = max(i, bisect.bisect_left(names, prefix))
+        out: list[Session] = []
+        while i < len(names) and len(out) < limit:
+            name = names[i]
+            i += 1
+            if prefix and not name.startswith(prefix):
+                break
+            sess = self.sessions.get(name)
+            if sess is not None and (state is None or sess.state.value == state):
+                out.append(sess)
+        return out
 
     def set_state(self, sess: Session, state: State, reason: str = "") -> None:
         if state is sess.state:
@@ -198,7 +245,11 @@ class SessionRegistry:
             fn(sess, old)
 
     def remove(self, name: str) -> None:
-        self.sessions.pop(name, None)
+        sess = self.sessions.pop(name, None)
+        if sess is not None:
+            self._sorted = None
+            for fn in self.removal_watchers:
+                fn(sess)
 
     def __iter__(self):
         return iter(list(self.sessions.values()))

@@ -75,7 +75,15 @@ class AsyncHub(HubOutput):
             addr = os.environ.get("VHUB_ADDR")
         self.address = addr if isinstance(addr, Address) else parse_address(addr)
         self.session = session if session is not None else (os.environ.get("VHUB_SESSION") or None)
-        self.token = token if token is not None else os.environ.get("VHUB_TOKEN", "")
+        # commands started by agent.run inherit VHUB_ATTACH=1: they attach to
+        # the session beside the resident agent instead of replacing it, with
+        # the attach token the daemon gave that agent (VHUB_ATTACH_TOKEN)
+        self.attach = attach if attach is not None else os.environ.get("VHUB_ATTACH") == "1"
+        if token is None:
+            token = (self.attach and os.environ.get("VHUB_ATTACH_TOKEN")) or os.environ.get("VHUB_TOKEN", "")
+        self.token = token
+        # what the daemon said in vhub.hello: the environment for the programs this agent starts
+        self.attach_env: dict[str, str] = {}
         if buffer_bytes is None:
             env = os.environ.get("VHUB_BUFFER_BYTES")
             buffer_bytes = parse_size(env) if env else DEFAULT_BUFFER_BYTES
@@ -85,10 +93,7 @@ class AsyncHub(HubOutput):
         self.connect_timeout = connect_timeout
         self.handshake_timeout = handshake_timeout
         self.reconnect = reconnect
-        self.want_acks = bool(ack and self.session)
-        # commands started by agent.run inherit VHUB_ATTACH=1: they attach to
-        # the session beside the resident agent instead of replacing it
-        self.attach = attach if attach is not None else os.environ.get("VHUB_ATTACH") == "1"
+        self.want_acks = bool(ack)
         self.max_payload = max_payload
         self._backoff = (backoff_first, backoff_cap)
         self._handlers = Handlers()
@@ -365,6 +370,9 @@ class AsyncHub(HubOutput):
         elif isinstance(event, P.ErrorReply):
             self._pending.resolve(event.request_id, error=RpcError(event.code, event.message))
         elif isinstance(event, P.Hello):
+            params = event.params if isinstance(event.params, dict) else {}
+            if isinstance(params.get("session"), str) and isinstance(params.get("attach_token"), str):
+                self.attach_env = {"VHUB_SESSION": params["session"], "VHUB_ATTACH_TOKEN": params["attach_token"]}
             self._decide_acks(link, True, "daemon said vhub.hello")
         elif isinstance(event, P.Ack):
             self._acked(event.frames)

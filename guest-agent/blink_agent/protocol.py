@@ -55,19 +55,21 @@ def handshake_payload(
     session: str | None, token: str | None, *, ack: bool = True, pid: int | None = None,
     attach: bool = False,
 ) -> bytes:
-    """The guest handshake payload: empty without a session (Blink-compatible,
-    anonymous session), else the JSON object of the V-Hub guest handshake.
+    """The guest handshake payload: the JSON object of the V-Hub guest
+    handshake; without a session it names none (the anonymous session: Blink's
+    hosts ignore the payload) and is empty when it would say nothing at all.
     ``attach`` marks a secondary connection of a program inside the guest (it
     makes RPCs and sends output; the resident agent stays the session's agent)."""
-    if not session:
+    if not session and not ack:
         return b""
     body = {
-        "session": session,
-        "token": token or "",
         "agent": "blink-agent",
         "pid": os.getpid() if pid is None else pid,
         "version": __version__,
-    }
+    }  # type: dict[str, Any]
+    if session:
+        body["session"] = session
+        body["token"] = token or ""
     if ack:
         body["ack"] = True
     if attach:

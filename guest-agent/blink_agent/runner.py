@@ -159,9 +159,10 @@ class ExecutionManager:
         self._spawn(self._supervise_tty(execution, timeout))
         return {"execution_id": execution.id, "pid": execution.pid, "tty": True}
 
-    @staticmethod
-    def _env(env: dict[str, str | None] | None) -> dict[str, str]:
-        full_env = dict(os.environ, VHUB_ATTACH="1")
+    def _env(self, env: dict[str, str | None] | None) -> dict[str, str]:
+        """The command's environment: ours, what the daemon said its programs
+        attach with (session, attach token), and the caller's changes."""
+        full_env = dict(os.environ, VHUB_ATTACH="1", **getattr(self.hub, "attach_env", {}))
         for key, value in (env or {}).items():
             if value is None:
                 full_env.pop(key, None)

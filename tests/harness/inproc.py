@@ -80,7 +80,7 @@ class FakePort:
         self.limits = limits
         self.closed = False
         self.error: tuple[str | None, str] | None = None
-        self.paused = False
+        self.reasons: set[str] = set()
         self.writes: list[Any] = []  # exactly what the relay handed over (memoryview slices included)
         self.out = bytearray()
         self.queued = 0  # what buffered() reports: set it to play a full transport
@@ -104,11 +104,16 @@ class FakePort:
             self.out += bytes(data)
             self.parts_open = not last
 
-    def pause_reading(self) -> None:
-        self.paused = True
+    def pause_reading(self, reason: str = "backpressure") -> None:
+        self.reasons.add(reason)
 
-    def resume_reading(self) -> None:
-        self.paused = False
+    def resume_reading(self, reason: str = "backpressure") -> None:
+        self.reasons.discard(reason)
+
+    @property
+    def paused(self) -> bool:
+        """Not read, for any reason (backpressure, cut_through, writer...)."""
+        return bool(self.reasons)
 
     def buffered(self) -> int:
         return self.queued
@@ -153,7 +158,8 @@ class World:
     def __init__(self, boots=None, max_payload: int = frames.DEFAULT_MAX_PAYLOAD, cut_through: int = 256 * 1024,
                  limits: Limits | None = None, **config):
         self.clock = Clock()
-        self.registry = SessionRegistry(config.get("scrollback", 1 << 20))
+        self.registry = SessionRegistry(config.get("scrollback", 1 << 20),
+                                        max_sessions=config.pop("max_sessions", 10_000))
         self.relay = Relay(Config(**config), self.registry, self.clock.call_later, boots=boots,
                            clock=lambda: self.clock.now)
         self.max_payload = max_payload
@@ -179,6 +185,13 @@ class World:
         body = {"role": "client", "session": session, **hs}
         port.feed(encode_frame(T.HANDSHAKE, 1, _payload(body)))
         return port
+
+    def register(self, name: str) -> str:
+        """vhub.register ``name`` from a "*" client; its token."""
+        c = self.client()
+        c.feed(rpc(1, "vhub.register", {"session": name}))
+        [(_, _, res)] = c.json_frames(T.RPC_RESPONSE)
+        return res["token"]
 
     # -- the I/O layer's part --
     def feed(self, port: FakePort, data: bytes) -> None:

@@ -83,9 +83,11 @@ class Connection:
 
     def __init__(self, side: Side, *, max_payload: int = DEFAULT_MAX_PAYLOAD,
                  cut_through: int = 256 * 1024, initial_buffer: int = 4096,
-                 answer_pings: bool = True, codec_impl=None):
+                 answer_pings: bool = True, codec_impl=None, max_handshake: int | None = None):
         self.side = side
         self.max_payload = max_payload
+        # until the handshake is done, a frame may be no larger than this (checked from the header)
+        self.max_handshake = max_payload if max_handshake is None else min(max_handshake, max_payload)
         self.cut_through = cut_through  # stream frames larger than this go cut-through
         self.answer_pings = answer_pings
         self.state = State.HANDSHAKE
@@ -200,8 +202,8 @@ class Connection:
         """Scan once from rx.start; True if another scan may find more."""
         rx = self.rx
         buf = rx.buf
-        count, consumed, pending, status, err_off, mask = self._scanner.scan(
-            buf, rx.start, rx.end, self.max_payload)
+        limit = self.max_payload if self.state is State.OPEN else self.max_handshake
+        count, consumed, pending, status, err_off, mask = self._scanner.scan(buf, rx.start, rx.end, limit)
         if count:
             if self.state is State.OPEN and not (mask & ~STREAM_MASK):
                 # the fast path: a batch of stream frames, forwarded as one slice
@@ -220,12 +222,12 @@ class Connection:
         if self.state is State.CLOSED:
             return False
         if status != OK:
-            self._violate(events, self._describe(status, buf, err_off))
+            self._violate(events, self._describe(status, buf, err_off, limit))
             return False
         if pending == PENDING_MORE:
             return True
         if pending == PENDING_PAYLOAD:
-            mtype, flags, length, rid = self._codec.parse_header(buf, rx.start, self.max_payload)
+            mtype, flags, length, rid = self._codec.parse_header(buf, rx.start, limit)
             total = HEADER_SIZE + length
             if mtype in STREAM_TYPES and self.state is State.OPEN and total > self.cut_through:
                 have = rx.end - rx.start
@@ -302,7 +304,7 @@ class Connection:
             events.append(StreamRun(mv[run_start:run_end], run_count, run_mask))
         return -1
 
-    def _describe(self, status: int, buf, off: int) -> errors.ProtocolError:
+    def _describe(self, status: int, buf, off: int, limit: int) -> errors.ProtocolError:
         head = bytes(buf[off:min(off + HEADER_SIZE, self.rx.end)])
         cls = errors.STATUS_ERRORS.get(status, errors.ProtocolError)
         if cls is errors.BadMagic:
@@ -314,7 +316,8 @@ class Connection:
             msg = f"unknown message type 0x{head[5]:02x}"
         else:
             length = int.from_bytes(head[8:12], "little")
-            msg = f"payload_len {length} exceeds the limit of {self.max_payload} bytes"
+            what = "" if limit == self.max_payload else " for a handshake"
+            msg = f"payload_len {length} exceeds the limit of {limit} bytes{what}"
         return cls(f"{msg} at stream offset {self.bytes_received - (self.rx.end - off)}", off)
 
     def _violate(self, events: list, err: errors.ProtocolError) -> None:

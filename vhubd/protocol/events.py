@@ -47,6 +47,8 @@ class Frame:
             return _json_decode(self.data[HEADER_SIZE:])
         except msgspec.DecodeError as exc:
             raise errors.BadPayload(f"payload of {MsgType(self.msg_type).name} is not JSON: {exc}") from None
+        except RecursionError:
+            raise errors.BadPayload(f"payload of {MsgType(self.msg_type).name} nests too deeply") from None
 
     def __repr__(self) -> str:
         return (f"Frame({MsgType(self.msg_type).name}, request_id={self.request_id}, "

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from .. import frames
-from ..errors import InvalidName
+from ..errors import CallFailed, InvalidName, clip
 from ..sessions import State, validate_name
 from .members import Member
 from .port import Accept, Decision, Defer, Listener, Port, Refuse
@@ -37,8 +37,11 @@ class Admission:
         self.relay = relay
 
     def refuse(self, port: Port, code: str, message: str) -> Refuse:
-        self.relay.counters["refused"] += 1
-        log.warning("refused peer=%s code=%s %s", port.label, code, message)
+        """Refusals are counted by code (vhub.stats) and logged at a bounded rate."""
+        relay = self.relay
+        relay.counters["refused"] += 1
+        relay.refusals[code] += 1
+        relay.refusal_log.warning("refused peer=%s code=%s %s", port.label, code, message)
         return Refuse(code, message)
 
     # ---------------------------------------------------------------- guests
@@ -49,26 +52,23 @@ class Admission:
         info: dict = {}
         name: Any
         if fixed is not None:
-            # the transport names the session (a VM's own vsock device): whatever the
-            # payload claims, only its agent details and the attach flag count
+            # the transport names the session (a VM's own vsock device, a per-session
+            # socket): whatever the payload claims, only its agent details, the ack and
+            # the attach flag count
             name = fixed
-            try:
-                decoded = _decode(payload) if payload.strip() else {}
-                info = decoded if isinstance(decoded, dict) else {}
-            except msgspec.DecodeError:
-                info = {}
+            decoded = _decode_object(payload) if payload.strip() else {}
+            info = decoded if isinstance(decoded, dict) else {}
         elif not payload.strip():
             name = None
         else:
-            try:
-                info = _decode(payload)
-                if not isinstance(info, dict):
-                    raise ValueError("not an object")
-            except (msgspec.DecodeError, ValueError):
-                return self.refuse(port, "bad_handshake", "guest handshake payload must be empty or a JSON object")
+            decoded = _decode_object(payload)
+            if not isinstance(decoded, dict):
+                return self.refuse(port, "bad_handshake", "guest handshake payload must be empty or a JSON object"
+                                   + (" (nested too deeply)" if decoded is _TOO_DEEP else ""))
+            info = decoded
             if info.get("role", "guest") != "guest":
                 return self.refuse(port, "wrong_role",
-                                   f"role {info.get('role')!r} is not accepted on a guest listener")
+                                   f"role {clip(info.get('role'))} is not accepted on a guest listener")
             name = info.get("session")
         if name is None:
             anon = relay.config.anonymous_session
@@ -85,23 +85,29 @@ class Admission:
             sess = registry.get(name)
             if sess is None:
                 return self.refuse(port, "unknown_session", f"no session named {name!r} on this daemon")
-            if fixed is None and listener.token_required and sess.token is None:
-                # a tokenless session (anonymous, or created by a client attaching) has
-                # nothing to prove: this listener admits only registered sessions
+            attach = info.get("attach") is True
+            if fixed is None and listener.token_required and sess.token is None and not attach:
+                # the anonymous session has nothing to prove: this listener admits only
+                # sessions with tokens
                 return self.refuse(port, "token_required", f"session {name!r} has no token; register it "
                                                            "(vhub.register) to admit agents over this listener")
-            if fixed is None and (sess.token is not None or listener.token_required):
-                if not sess.check_token(info.get("token")):
-                    log.warning("guest refused: bad token for session %s from %s", name, port.label)
+            if fixed is None:
+                token = info.get("token")
+                if not (sess.check_attach(token) if attach else sess.check_token(token)):
                     return self.refuse(port, "bad_token", f"wrong token for session {name!r}")
         assert sess is not None
         member = Member(port, "guest")
         member.session = sess
         if info.get("attach") is True:
             # a program inside the guest (not the resident agent) doing RPCs and
-            # output for its session; host->guest calls never go to it
+            # output for its session, with a credential the daemon gave that session's
+            # agent; host->guest calls never go to it
             if name is None:
                 return self.refuse(port, "session_required", "attach needs a session and its token")
+            attached = sum(1 for g in sess.guests if g.attached)
+            if attached >= relay.config.max_attached:
+                return self.refuse(port, "too_many_attached", f"session {sess.name!r} has {attached} attached "
+                                                              "connections already (the limit)")
             member.attached = True
         else:
             if sess.agent is not None and not relay.config.allow_multiple_agents:
@@ -129,17 +135,15 @@ class Admission:
             log.info("guest accepted session=%s peer=%s agent=%s", sess.name, member.label, sess.agent_info)
             relay.registry.set_state(sess, State.READY, "agent connected")
         if relay.streams.session_blocked(sess):
-            member.port.pause_reading()  # lossless subscribers are full: it waits like the others
+            member.port.pause_reading("backpressure")  # lossless subscribers are full: it waits like the others
 
     # ---------------------------------------------------------------- clients
     def client(self, port: Port, payload: bytes) -> Decision:
         relay = self.relay
-        try:
-            hs = _decode(payload) if payload.strip() else {}
-            if not isinstance(hs, dict):
-                raise ValueError
-        except (msgspec.DecodeError, ValueError):
-            return self.refuse(port, "bad_handshake", "client handshake must be a JSON object")
+        hs = _decode_object(payload) if payload.strip() else {}
+        if not isinstance(hs, dict):
+            return self.refuse(port, "bad_handshake", "client handshake must be a JSON object"
+                               + (" (nested too deeply)" if hs is _TOO_DEEP else ""))
         if hs.get("role") != "client":
             return self.refuse(port, "wrong_role", "the control socket accepts only the client role "
                                                    "(guests connect to the guest socket)")
@@ -154,12 +158,16 @@ class Admission:
             return self.refuse(port, "bad_handshake", "flow must be lossless or lossy")
         name = hs.get("session", "*")
         sess = None
+        boot = bool(hs.get("boot")) and relay.boots is not None
         if name != "*":
             try:
                 validate_name(name)
             except InvalidName as exc:
                 return self.refuse(port, exc.code, str(exc))
-            sess = relay.registry.get(name) or relay.registry.create(name, relay.config.default_backend)
+            sess = relay.registry.get(name)
+            if sess is None and not boot:
+                return self.refuse(port, "unknown_session", f"no session named {name!r} (boot it, or register it "
+                                                            "first)")
         member = Member(port, "client")
         for s in subs:
             member.subscribe_mask |= KIND_MASK.get(s, 0)
@@ -170,13 +178,18 @@ class Admission:
         member.replay = bool(hs.get("replay"))
         member.session = sess
         member.all_sessions = sess is None
-        relay.clients.add(member)
-        if sess is not None and hs.get("boot") and sess.agent is None and relay.boots is not None:
+        if name != "*" and boot and relay.boots is not None and (sess is None or sess.agent is None):
             params = hs.get("boot_params")
             member.boot_params = params if isinstance(params, dict) else {}
-            fut = relay.boots.boot(sess.name, member.boot_params)
+            try:
+                fut = relay.boots.boot(name, member.boot_params)  # creates the session if need be
+            except CallFailed as exc:
+                return self.refuse(port, exc.code, exc.message)
+            member.session = relay.registry.get(name)
+            relay.clients.add(member)
             fut.add_done_callback(lambda f: self._booted(member, f))
             return Defer(member)
+        relay.clients.add(member)
         return self._accept_client(member, hs)
 
     def _accept_client(self, member: Member, hs: dict | None = None) -> Accept:
@@ -209,10 +222,12 @@ class Admission:
         relay = self.relay
         sess = member.session
         relay.counters["clients_accepted"] += 1
-        if member.replay and member.subscribe_mask:
-            relay.streams.replay(member)
         if sess is not None and sess.cut_through is not None:
-            member.joined = False  # mid cut-through frame: join after it ends
+            # mid cut-through frame: join after it ends (with the replay, which then holds it)
+            member.joined = False
+            member.replay_pending = member.replay and bool(member.subscribe_mask)
+        elif member.replay and member.subscribe_mask:
+            relay.streams.replay(member)
         subs = [k for k, bit in KIND_MASK.items() if member.subscribe_mask & bit] + (["events"] if member.events else [])
         log.info("client accepted peer=%s session=%s subscribe=%s serve=%s flow=%s", member.label,
                  sess.name if sess else "*", subs, sorted(member.serve_exact) + [p + "*" for p in member.serve_prefix],
@@ -223,3 +238,17 @@ class Admission:
             self._guest_admitted(member)
         else:
             self._client_admitted(member)
+
+
+_TOO_DEEP = object()
+
+
+def _decode_object(payload: bytes) -> Any:
+    """The JSON value of a handshake payload; None if it is not JSON, ``_TOO_DEEP``
+    if it nests past what the decoder allows (never a RecursionError traceback)."""
+    try:
+        return _decode(payload)
+    except msgspec.DecodeError:
+        return None
+    except RecursionError:
+        return _TOO_DEEP

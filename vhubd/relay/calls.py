@@ -10,11 +10,14 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..errors import CallFailed, InvalidName
+from .. import frames
+from ..errors import CallFailed, InvalidName, clip
 from ..protocol import rpc_error, rpc_result
 from ..sessions import Session, State, new_token, validate_name
 from .members import Member
 from .rpc import DEFERRED
+
+PAGE = frames.SESSIONS_PAGE
 
 if TYPE_CHECKING:
     from .core import Relay
@@ -26,7 +29,7 @@ class DaemonCalls:
         self.table = {
             "vhub.ping": self.ping, "vhub.sessions": self.sessions, "vhub.stats": self.stats,
             "vhub.info": self.info, "vhub.register": self.register, "vhub.boot": self.boot,
-            "vhub.stop": self.stop, "vhub.takeover": self.takeover,
+            "vhub.stop": self.stop, "vhub.remove": self.remove, "vhub.takeover": self.takeover,
         }
 
     def call(self, member: Member, method: str, params: Any, rid: int) -> Any:
@@ -34,7 +37,7 @@ class DaemonCalls:
             raise CallFailed("bad_params", f"{method} takes an object of params")
         fn = self.table.get(method)
         if fn is None:
-            raise CallFailed("no_handler", f"unknown daemon call {method!r}")
+            raise CallFailed("no_handler", f"unknown daemon call {clip(method)}")
         return fn(member, params, rid)
 
     # ---------------------------------------------------------------- answered now
@@ -42,11 +45,20 @@ class DaemonCalls:
         return {"pong": True, "time": time.time()}
 
     def sessions(self, member: Member, params: dict, rid: int) -> list:
-        return [s.info() for s in self.relay.registry]
+        """A page of sessions in name order: ``limit`` (at most 1000), names
+        after ``after``, starting with ``prefix``, in ``state``. A page shorter
+        than ``limit`` is the last one."""
+        limit = params.get("limit", PAGE)
+        after, prefix, state = params.get("after", ""), params.get("prefix", ""), params.get("state")
+        if type(limit) is not int or not 1 <= limit <= PAGE:
+            raise CallFailed("bad_params", f"limit must be an integer from 1 to {PAGE}")
+        if not isinstance(after, str) or not isinstance(prefix, str) or not (state is None or isinstance(state, str)):
+            raise CallFailed("bad_params", "after, prefix and state are strings")
+        return [s.info() for s in self.relay.registry.page(after, limit, prefix, state)]
 
     def stats(self, member: Member, params: dict, rid: int) -> dict:
         relay = self.relay
-        return {**relay.daemon_info(), "counters": dict(relay.counters),
+        return {**relay.daemon_info(), "counters": dict(relay.counters), "refused_by_code": dict(relay.refusals),
                 "scrollback_bytes": sum(s.scrollback.size for s in relay.registry),
                 "inflight_rpcs": relay.rpc.inflight_count()}
 
@@ -91,6 +103,39 @@ class DaemonCalls:
         fut = boots.stop(self.name_param(params))
         fut.add_done_callback(lambda f: self._answer(member, rid, f, "stop_failed"))
         return DEFERRED
+
+    def remove(self, member: Member, params: dict, rid: int) -> object:
+        """Stop the session if it runs, disconnect whoever is in it, forget it."""
+        sess = self.session_param(params)
+        if sess.anonymous:
+            raise CallFailed("session_exists", f"{sess.name!r} is the anonymous session; it cannot be removed "
+                                               "(serve --no-anonymous turns it off)")
+        name = sess.name
+        if self.relay.boots is None or sess.state in (State.STOPPED, State.FAILED, State.WAITING_AGENT) \
+                and sess.agent is None:
+            if self.relay.boots is not None:
+                self.relay.boots.forget(name)
+            return self._removed(sess)
+        boots = self.relay.boots
+        fut = boots.stop(name)
+
+        def stopped(f: Any) -> None:
+            if not f.cancelled() and f.exception() is None and self.relay.registry.get(name) is sess:
+                boots.forget(name)
+                result: Any = self._removed(sess)
+                if rid and not member.port.closed:
+                    member.port.send(rpc_result(rid, result))
+            else:
+                self._answer(member, rid, f, "stop_failed")
+
+        fut.add_done_callback(stopped)
+        return DEFERRED
+
+    def _removed(self, sess: Session) -> dict:
+        for m in (*sess.guests, *sess.clients):
+            m.port.close("session_removed", f"session {sess.name!r} was removed")
+        self.relay.registry.remove(sess.name)
+        return {"session": sess.name, "removed": True}
 
     def _boots(self, method: str) -> Any:
         if self.relay.boots is None:

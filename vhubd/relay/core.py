@@ -16,6 +16,7 @@ comes from the ``clock`` and ``call_later`` it is given.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import time
@@ -23,7 +24,9 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from .. import codec, frames
+from ..errors import clip
 from ..protocol import Frame, RemoteErrorEvent, StreamChunk, StreamRun, StreamStart, Violation, notification
+from ..ratelog import RateLimitedLog
 from ..sessions import Session, SessionRegistry, State
 from .admission import Admission
 from .calls import DaemonCalls
@@ -50,6 +53,9 @@ class Booter(Protocol):
     def stop(self, name: str) -> Any:
         """A future: the stop's result dict, or CallFailed."""
 
+    def forget(self, name: str) -> None:
+        """The session is removed: drop what is kept about it."""
+
 
 class Config:
     """Relay-level settings (the daemon fills it from its own)."""
@@ -62,6 +68,7 @@ class Config:
         self.lossy_limit = 4 << 20
         self.high_water = 1 << 20
         self.allow_multiple_agents = False
+        self.max_attached = 64  # attached guest connections per session
         self.default_backend = "external"
         for k, v in kw.items():
             if not hasattr(self, k):
@@ -88,8 +95,11 @@ class Relay:
         self.counters: dict[str, int] = {
             "guests_accepted": 0, "clients_accepted": 0, "refused": 0, "violations": 0,
             "frames_in": 0, "stream_frames": 0, "stream_bytes": 0, "rpc_forwarded": 0,
-            "rpc_timeouts": 0, "slow_consumers": 0, "tty_input_dropped": 0,
+            "rpc_timeouts": 0, "slow_consumers": 0, "tty_input_dropped": 0, "too_many_requests": 0,
         }
+        self.refusals: collections.Counter[str] = collections.Counter()  # refused handshakes by code
+        self.refusal_log = RateLimitedLog(log, "refusals", call_later=call_later, clock=clock)
+        self.violation_log = RateLimitedLog(log, "protocol violations", call_later=call_later, clock=clock)
         self.admission = Admission(self)
         self.streams = Streams(self)
         self.rpc = Rpc(self)
@@ -140,10 +150,11 @@ class Relay:
                 streams.cut_through_chunk(sess, ev)
             elif t is Violation:
                 self.counters["violations"] += 1
-                log.warning("protocol violation session=%s peer=%s code=%s %s", sess.name, member.label,
-                            ev.error.code, ev.error.message)
+                self.violation_log.warning("protocol violation session=%s peer=%s code=%s %s", sess.name,
+                                           member.label, ev.error.code, ev.error.message)
             elif t is RemoteErrorEvent:
-                log.info("guest sent error session=%s code=%s %s", sess.name, ev.code, ev.message)
+                self.violation_log.warning("guest sent error session=%s peer=%s code=%s %s", sess.name,
+                                           member.label, clip(ev.code, 64), clip(ev.message))
             # Ping/Pong: answered by the connection, liveness kept by the I/O layer
         if member.ack and member.stream_frames != member.acked and not member.ack_pending:
             streams.schedule_ack(member)
@@ -163,8 +174,8 @@ class Relay:
                 self.terminals.to_agent(member, ev)
             elif t is Violation:
                 self.counters["violations"] += 1
-                log.warning("protocol violation client peer=%s code=%s %s", member.label, ev.error.code,
-                            ev.error.message)
+                self.violation_log.warning("protocol violation client peer=%s code=%s %s", member.label,
+                                           ev.error.code, ev.error.message)
 
     def write_paused(self, member: Member, frame_in_flight: bool = False) -> None:
         self.streams.write_paused(member, frame_in_flight)
@@ -173,6 +184,7 @@ class Relay:
         self.streams.write_resumed(member)
 
     def lost(self, member: Member, reason: str = "disconnected") -> None:
+        self.streams.release_writers(member)
         if member.role == "guest":
             self._guest_lost(member, reason)
         else:

@@ -17,7 +17,8 @@ from .port import Port
 class Member:
     __slots__ = ("port", "role", "session", "subscribe_mask", "events", "serve_exact", "serve_prefix", "lossy",
                  "inflight", "next_id", "sessions_blocked", "all_sessions", "ack", "acked", "stream_frames",
-                 "ack_pending", "joined", "attached", "replay", "request_id", "boot_params")
+                 "ack_pending", "joined", "attached", "replay", "request_id", "boot_params", "outstanding",
+                 "blocked_writers", "replay_pending")
 
     def __init__(self, port: Port, role: str):
         self.port = port
@@ -42,6 +43,9 @@ class Member:
         self.replay = False  # a client that asked for the scrollback
         self.request_id = 0  # of its handshake
         self.boot_params: dict = {}
+        self.outstanding = 0  # its RPCs forwarded and not yet answered (Limits.max_inflight)
+        self.blocked_writers: set[Member] = set()  # members paused because they wrote to this full one
+        self.replay_pending = False  # asked for replay while a cut-through frame was in flight
 
     @property
     def label(self) -> str:

@@ -22,10 +22,10 @@ from typing import Any, NamedTuple, Protocol
 class Limits(NamedTuple):
     """Per-peer bounds, enforced behind the port."""
 
-    high_water: int = 1 << 20  # lossless: sources pause while this much is queued toward the peer
-    max_output: int = 8 << 20  # hard bound on bytes queued toward the peer (slow_consumer above it)
+    high_water: int = 1 << 20  # sources pause (and a peer that does not read its answers is not read)
+    max_output: int = 32 << 20  # hard bound on bytes queued toward the peer: slow_consumer above it
     lossy_limit: int = 4 << 20  # lossy subscribers: slow_consumer above this
-    max_inflight: int = 1024  # RPCs in flight toward the peer (too_many_requests above it)
+    max_inflight: int = 1024  # RPCs a peer may have in flight (too_many_requests above it)
 
 
 class Listener(Protocol):
@@ -53,9 +53,10 @@ class Port(Protocol):
     def write_part(self, data: Any, last: bool) -> None:
         """Bytes of a cut-through frame; every other write waits until ``last``."""
 
-    def pause_reading(self) -> None: ...
+    def pause_reading(self, reason: str = "backpressure") -> None:
+        """Stop reading from the peer; reading resumes once every reason is lifted."""
 
-    def resume_reading(self) -> None: ...
+    def resume_reading(self, reason: str = "backpressure") -> None: ...
 
     def buffered(self) -> int:
         """Bytes queued toward the peer and not yet taken by the kernel."""

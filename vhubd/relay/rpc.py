@@ -15,7 +15,7 @@ import struct
 import time
 from typing import TYPE_CHECKING
 
-from ..errors import CallFailed
+from ..errors import CallFailed, clip
 from ..protocol import Frame, rpc_error, rpc_result
 from ..sessions import Session
 from .members import Member
@@ -70,7 +70,8 @@ class Rpc:
         handler = self.find_handler(sess, method)
         if handler is None:
             if rid:
-                port.send(rpc_error(rid, "no_handler", f"no host client serves {method!r} for session {sess.name!r}"))
+                port.send(rpc_error(rid, "no_handler", f"no host client serves {clip(method)} "
+                                                       f"for session {sess.name!r}"))
             else:
                 relay.publish(sess, {"type": "notification", "method": method,
                                      "params": req.get("params", {k: v for k, v in req.items() if k != "event"})})
@@ -106,7 +107,7 @@ class Rpc:
             sess = relay.registry.get(target) if isinstance(target, str) else None
             if sess is None:
                 if rid:
-                    port.send(rpc_error(rid, "unknown_session", f"no session named {target!r}"))
+                    port.send(rpc_error(rid, "unknown_session", f"no session named {clip(target)}"))
                 return
         if sess is None:
             if rid:
@@ -130,18 +131,29 @@ class Rpc:
         return None
 
     def forward(self, origin: Member, origin_id: int, dest: Member, ev: Frame) -> None:
-        """Forward an RpcRequest, rewriting its id in the receive buffer."""
+        """Forward an RpcRequest, rewriting its id in the receive buffer. A peer
+        has at most ``Limits.max_inflight`` calls in flight; past that the answer
+        is ``too_many_requests`` at once."""
         self.counters["rpc_forwarded"] += 1
         if origin_id == 0:  # a notification: no id, no reply
             dest.port.write(ev.data)
+            self.relay.streams.note_write(origin, dest)
+            return
+        if origin.outstanding >= origin.port.limits.max_inflight:
+            self.counters["too_many_requests"] += 1
+            origin.port.send(rpc_error(origin_id, "too_many_requests",
+                                       f"{origin.outstanding} calls of this connection are in flight already "
+                                       "(the limit): wait for their answers"))
             return
         new_id = dest.new_id()
         _set_request_id(ev.data, 12, new_id)
         # a deadline per call and one relay timer for the earliest (not a timer per call)
         dest.inflight[new_id] = (origin, origin_id, self.relay.clock() + self.relay.config.rpc_timeout)
+        origin.outstanding += 1
         if self._expiry is None:
             self._expiry = self.relay.call_later(self.relay.config.rpc_timeout, self._expire_due)
         dest.port.write(ev.data)
+        self.relay.streams.note_write(origin, dest)
 
     # ---------------------------------------------------------------- answers
     def answer(self, member: Member, ev: Frame) -> None:
@@ -149,17 +161,19 @@ class Rpc:
         if entry is None:
             return  # late (after a timeout) or unknown: dropped
         origin, origin_id, _ = entry
+        origin.outstanding -= 1
         if origin.port.closed:
             return
         if member.role == "guest":
             self.relay.terminals.maybe_started(member, origin, ev)
         _set_request_id(ev.data, 12, origin_id)
-        origin.port.write(ev.data)
+        origin.port.send(ev.data)  # an answer: the origin must read what it asked for
 
     def fail_inflight(self, member: Member, code: str, message: str) -> None:
         """The destination is gone: every call it owed an answer fails."""
         inflight, member.inflight = member.inflight, {}
         for origin, origin_id, _ in inflight.values():
+            origin.outstanding -= 1
             if not origin.port.closed:
                 origin.port.send(rpc_error(origin_id, code, message))
 
@@ -194,6 +208,7 @@ class Rpc:
         if entry is None:
             return
         origin, origin_id, _ = entry
+        origin.outstanding -= 1
         self.counters["rpc_timeouts"] += 1
         if not origin.port.closed:
             origin.port.send(rpc_error(origin_id, "timeout", f"no answer from {dest.role} {dest.label} within "

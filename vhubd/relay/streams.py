@@ -146,21 +146,25 @@ class Streams:
     def hold_behind(self, ct: CutThrough, member: Member, events: list) -> None:
         """Another guest's events arrived mid cut-through frame: they wait (and it does)."""
         ct.waiting.append((member, events))
-        member.port.pause_reading()
+        member.port.pause_reading("cut_through")
 
     def _end_cut_through(self, sess: Session) -> None:
         """The frame in flight is over: everyone joins again, and what other
         guests sent meanwhile goes out now, in order."""
         ct, sess.cut_through = sess.cut_through, None
         for c in (*sess.clients, *self.relay.star_clients):
-            c.joined = True
+            if not c.joined:
+                c.joined = True
+                if c.replay_pending:  # joined mid-frame asking for replay: the scrollback now holds it
+                    c.replay_pending = False
+                    self.replay(c)
         waiting, ct.waiting = ct.waiting, []
         for member, events in waiting:  # a guest that left meanwhile still had these frames accepted
             self.relay.guest_events(member, events)  # may start the next cut-through frame, or wait again
             now = sess.cut_through
             held = now is not None and any(m is member for m, _ in now.waiting)
-            if not held and not self.session_blocked(sess):
-                member.port.resume_reading()
+            if not held:
+                member.port.resume_reading("cut_through")
 
     def cut_through_lost(self, sess: Session, member: Member) -> None:
         """The guest sending a cut-through frame is gone mid-frame: its
@@ -176,7 +180,11 @@ class Streams:
 
     # ---------------------------------------------------------------- acks
     def hello(self, member: Member) -> None:
-        member.port.send(notification("vhub.hello", {"ack": True}))
+        """Tell an agent that asked for acks that it gets them, the session it is
+        in and the attach token for the programs it starts."""
+        sess = member.session
+        member.port.send(notification("vhub.hello", {"ack": True, "session": sess.name,
+                                                     "attach_token": sess.attach_token}))
 
     def schedule_ack(self, member: Member) -> None:
         member.ack_pending = True
@@ -206,10 +214,10 @@ class Streams:
     def write_paused(self, member: Member, frame_in_flight: bool = False) -> None:
         """A destination's transport is above its high-water mark (or, with
         ``frame_in_flight``, what waits behind a cut-through frame to it is:
-        then the guest sending that frame goes on, so that it can end)."""
-        if member.role == "client":
-            if member.lossy:
-                return
+        then the guest sending that frame goes on, so that it can end). A
+        lossless subscriber stops its sessions' guests; whoever writes to it
+        otherwise is stopped as it writes (``note_write``)."""
+        if member.role == "client" and not member.lossy and member.subscribe_mask:
             sessions: Any = self.relay.registry if member.all_sessions else (
                 [member.session] if member.session is not None else [])
             for s in sessions:
@@ -217,22 +225,28 @@ class Streams:
                 ct = s.cut_through
                 for g in s.guests:
                     if not (frame_in_flight and ct is not None and ct.source is g):
-                        g.port.pause_reading()
-        else:
-            sess = member.session
-            if sess is not None:
-                for c in sess.clients:
-                    c.port.pause_reading()
+                        g.port.pause_reading("backpressure")
 
     def write_resumed(self, member: Member) -> None:
-        if member.role == "client":
+        if member.sessions_blocked:
             blocked, member.sessions_blocked = member.sessions_blocked, set()
             for s in blocked:
                 if not self.session_blocked(s):
                     for g in s.guests:
-                        g.port.resume_reading()
-        else:
-            sess = member.session
-            if sess is not None:
-                for c in sess.clients:
-                    c.port.resume_reading()
+                        g.port.resume_reading("backpressure")
+        self.release_writers(member)
+
+    @staticmethod
+    def note_write(origin: Member, dest: Member) -> None:
+        """``origin`` just wrote to ``dest`` (a forwarded request, input for an
+        agent): if ``dest`` is not taking it, ``origin`` is not read until it does."""
+        if dest.port.buffered() > dest.port.limits.high_water and origin is not dest:
+            dest.blocked_writers.add(origin)
+            origin.port.pause_reading("writer")
+
+    @staticmethod
+    def release_writers(member: Member) -> None:
+        writers, member.blocked_writers = member.blocked_writers, set()
+        for w in writers:
+            if not w.port.closed:
+                w.port.resume_reading("writer")

@@ -43,6 +43,7 @@ class Terminals:
             for f in ev.frames():
                 if self.may_write(member, sess, f.request_id):
                     agent.write(f.data)
+        self.relay.streams.note_write(member, sess.agent)
 
     def may_write(self, member: Member, sess: Session, rid: int) -> bool:
         """Input for a terminal reaches the agent only from its writer; a free seat
