@@ -15,6 +15,7 @@ must end with the session ready.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -173,3 +174,75 @@ def test_boot_reference(benchmark, record):
     s = _stats(lat)
     record(benchmark, "boot", op=BOOT_REF,
            n=s["n"], p50_ms=s["p50_us"] / 1e3, p99_ms=s["p99_us"] / 1e3, max_ms=s["max_us"] / 1e3)
+
+
+# --- the event loop while a client lists 10,000 sessions ---------------------------------
+
+LIST_SESSIONS = 2_000 if QUICK else 10_000
+LIST_PINGS = 100 if QUICK else 500
+
+
+def test_sessions_listing_keeps_the_loop_responsive(benchmark, record, tmp_path_factory, loop):
+    """``vhub.sessions`` at the session cap: one client pages through every
+    session over and over while another pings the daemon; the pings' latency
+    beside the same pings on an idle daemon (the listing is paged, 1,000 a call,
+    so no call holds the loop long)."""
+    d = str(tmp_path_factory.mktemp("vs"))
+    daemon = Daemon(d, {}, "--max-sessions", str(LIST_SESSIONS), "--backend", "external").start()
+    try:
+        async def setup():
+            admin = await Client.connect(daemon.control)
+            calls = [admin.call("vhub.register", {"session": f"s{i:05d}"}) for i in range(LIST_SESSIONS - 1)]
+            for i in range(0, len(calls), 500):
+                await asyncio.gather(*calls[i:i + 500])
+            return admin, await Client.connect(daemon.control)
+
+        async def pings(c, n):
+            lat = []
+            for _ in range(n):
+                t0 = time.perf_counter_ns()
+                await c.call("vhub.ping")
+                lat.append(time.perf_counter_ns() - t0)
+            return lat
+
+        async def during(pinger):
+            # the lister is a process of its own: its decoding must not slow the pings we time
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", LISTER, daemon.control, str(LIST_SESSIONS), stdout=asyncio.subprocess.PIPE,
+                cwd=ROOT)
+            await asyncio.sleep(0.3)
+            lat = await pings(pinger, LIST_PINGS)
+            proc.terminate()
+            out, _ = await proc.communicate()
+            return lat, [float(x) for x in out.split()]
+
+        lister, pinger = loop.run_until_complete(setup())
+        idle = loop.run_until_complete(pings(pinger, LIST_PINGS))
+        busy, listed = benchmark.pedantic(lambda: loop.run_until_complete(during(pinger)), rounds=1, iterations=1)
+        assert listed, "the lister listed nothing"
+        loop.run_until_complete(lister.close())
+        loop.run_until_complete(pinger.close())
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+    full = sorted(listed)
+    record(benchmark, "sessions_listing", case="vhub.ping while another process lists every session",
+           sessions=LIST_SESSIONS, **_stats(busy), listings=len(listed),
+           listing_ms_p50=round(percentile(full, 50) * 1000, 1))
+    record(None, "sessions_listing", case="reference: vhub.ping on the idle daemon", sessions=LIST_SESSIONS,
+           **_stats(idle))
+
+
+LISTER = """
+import asyncio, signal, sys, time
+from vhubd.client import Client
+async def main():
+    c = await Client.connect(sys.argv[1])
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    while not stop.is_set():
+        t0 = time.perf_counter()
+        got = await c.sessions()
+        assert len(got) == int(sys.argv[2]), len(got)
+        print(time.perf_counter() - t0, flush=True)
+asyncio.run(main())
+"""

@@ -43,6 +43,7 @@ CSRC = ROOT / "csrc"
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
+from attacks import AFTER_BOUND_MIB, PEAK_BOUND_MIB, SESSIONS_BOUND_MS, UNTRUSTED  # noqa: E402
 from corpus import seeds  # noqa: E402
 from harness import Daemon  # noqa: E402
 
@@ -77,7 +78,9 @@ SLACK = 2.5  # scheduling allowance on top of a timeout (tick granularity + a lo
 DAEMON_FLAGS = ["--tcp", "127.0.0.1:0", "--handshake-timeout", f"{HANDSHAKE_TIMEOUT:g}",
                 "--stall-timeout", f"{STALL_TIMEOUT:g}", "--heartbeat", f"{HEARTBEAT:g}",
                 "--rpc-timeout", f"{RPC_TIMEOUT:g}", "--lossy-limit", "256k", "--backend", "external",
-                "--log-level", "info", "--max-attached", "100000"]
+                "--log-level", "info", "--max-attached", "100000", "--max-connections", "3000",
+                "--max-sessions", "3000"]
+MAX_SESSIONS = 3000
 MAX_HANDSHAKE = 64 << 10  # the daemon's default: a handshake frame's payload, at most (from the header)
 RSS_BOUND_MIB = 64  # the daemon's RSS after an attack, less new scrollback, stays within this of before
 FUZZ_SESSIONS = 8
@@ -91,12 +94,16 @@ QUICK = {
     "fuzz_runs": 300_000, "fuzz_cases": 240, "flood": 300, "slowloris": 6, "held": 24, "cycles": 2000,
     "rpc_calls": 300, "handlers": 20, "killed": 3, "slow_mib": 8, "shared_mib": 16, "baseline_s": 0.0,
     "healthy_rate": 32 << 20,
+    "impostors": 50, "flood_s": 2.0, "inflight_calls": 3000, "session_flood": MAX_SESSIONS + 100,
+    "lockout": 3000, "echo_tries": 30,
 }
 FULL = {
     "fuzz_runs": 20_000_000, "fuzz_cases": 5000, "flood": 5000, "slowloris": 60, "held": 200,
     "cycles": 2000, "cycle_rounds": 5, "rpc_calls": 5000, "handlers": 200, "killed": 20, "slow_mib": 64,
     "shared_mib": 256, "healthy_rate": 64 << 20,
     "baseline_s": 5.0,
+    "impostors": 1000, "flood_s": 10.0, "inflight_calls": 100_000, "session_flood": MAX_SESSIONS + 1000,
+    "lockout": 3000, "echo_tries": 300,
 }
 
 
@@ -588,6 +595,7 @@ class Env:
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.rate = rate  # of the healthy stream, bytes/s (0: as fast as the daemon takes it)
         self.d = Daemon(self.tmp, *DAEMON_FLAGS, *extra_flags)
+        self.max_sessions = MAX_SESSIONS
         self.tokens: dict[str, str] = {}
         self.failures: list[str] = []
         self.windows: list[tuple[str, float, float]] = []
@@ -1592,6 +1600,7 @@ SCENARIOS = {
     "vanishing_handlers": lambda env, s: vanishing_handlers(env, s["handlers"], s["killed"]),
     "killed_guests": lambda env, s: killed_guests(env, s["killed"]),
     "shared_session": lambda env, s: shared_session(env, s["shared_mib"]),
+    **UNTRUSTED,
 }
 
 
@@ -1821,8 +1830,9 @@ def render(report: dict) -> str:
         f"| handshake flood, including wrong tokens, another session's token, unknown and invalid sessions, the "
         f"client role on the guest socket and TCP, the guest role on the control socket | {hf.get('handshakes', 0):,} "
         f"handshakes in {hf.get('seconds')} s ({hf.get('per_s')}/s) | {hf.get('wrong', '?')} wrong; "
-        f"{hf.get('refused', 0):,} refused, each logged ({hf.get('refusals_logged', 0):,} `refused peer=` lines) | "
-        f"{_pct(win, 'handshake flood')} |",
+        f"{hf.get('refused', 0):,} refused, each counted by code in vhub.stats ({hf.get('refusals_counted', 0):,}) "
+        f"and logged at a bounded rate ({hf.get('refusals_logged', 0):,} `refused peer=` lines, the other "
+        f"{hf.get('refusals_summarized', 0):,} in summary lines) | {_pct(win, 'handshake flood')} |",
         f"| slowloris, one byte a second, before the handshake and in the middle of a frame | "
         f"{sl.get('connections')} connections | {sl.get('failed', '?')} survived; closed after "
         f"{sl.get('max_close_before_handshake_s')} s (handshake_timeout) and {sl.get('max_close_mid_frame_s')} s "
@@ -1855,6 +1865,7 @@ def render(report: dict) -> str:
         f"{sh.get('frames')} frames | every frame whole, in each guest's order: {sh.get('intact')} | "
         f"{_pct(win, 'shared session')} |",
     ]
+    lines += untrusted_rows(s, win, h)
     b, a = sm.get("before", {}), sm.get("after", {})
     u = report.get("unpaced", {}).get("summary", {})
     uw = _ratios(u)
@@ -1880,6 +1891,76 @@ def render(report: dict) -> str:
         END,
     ]
     return "\n".join(lines)
+
+
+UNTRUSTED_TEXT = {
+    "hijack": "impostors: a guest naming a registered session with no token, a wrong or empty one, attach with "
+              "no credential (Unix socket and TCP), clients naming sessions that do not exist",
+    "unknown_methods": "a guest sends RPCs with a 60 KB unknown method name and never reads the errors",
+    "ping_flood": "a guest floods pings and never reads the pongs",
+    "lossy_events": "a `flow: lossy` `events` subscriber stops reading while a guest publishes notifications",
+    "star_writer": "a `*` client writes 60 KB calls to an agent that does not read",
+    "unread_replies": "a client asks `vhub.sessions` over and over and never reads the answers",
+    "inflight_flood": "a guest calls a handler that never answers, far past the in-flight cap (1,024)",
+    "session_flood": "a client registers sessions past the cap, then removes them",
+    "lockout": "a guest holds connections up to the guest limit",
+    "echo_and_log": "60 KB session names, handshakes claiming 16 MiB, JSON nested 60,000 deep",
+}
+
+
+def untrusted_rows(s: dict, win: dict, h: dict) -> list[str]:
+    """One row per attack of the untrusted-guest issue (tests/attacks.py)."""
+    rows = [
+        "",
+        "**Untrusted guests.** The attacks of the issue \"a guest is untrusted\", against the same daemon "
+        "(`tests/attacks.py`). Per attack: the daemon's RSS and open fds before, at the peak and after the attacker "
+        "left; the slowest of the `blink sessions` commands run over and over meanwhile (a process each, Python "
+        "start included); the healthy stream's share of its undisturbed throughput. The healthy stream is "
+        "checked byte for byte over the whole run (sha256 at the end: "
+        f"{h.get('lossless')}). Targets: no hijack; RSS growth within {PEAK_BOUND_MIB} MiB and back within "
+        f"{AFTER_BOUND_MIB} MiB of the baseline once a single attacking connection left; `blink sessions` within "
+        f"{SESSIONS_BOUND_MS} ms throughout.",
+        "",
+        "| attack | outcome | RSS MiB (before / peak / after) | fds | blink sessions, slowest | healthy stream |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, text in UNTRUSTED_TEXT.items():
+        r = s.get(name)
+        if not r:
+            continue
+        rss, fds = r.get("rss_mib", ["?"] * 3), r.get("fds", ["?"] * 3)
+        rows.append(f"| {text} | {_untrusted_outcome(name, r)} | {' / '.join(map(str, rss))} | "
+                    f"{' / '.join(map(str, fds))} | {r.get('sessions_ms_max')} ms ({r.get('sessions_calls')} calls) | "
+                    f"{_pct(win, name)} |")
+    return rows
+
+
+def _untrusted_outcome(name: str, r: dict) -> str:
+    if "error" in r:
+        return f"ERROR {r['error']}"
+    if name == "hijack":
+        return (f"{r['impostors']} impostors, none in ({_outcomes(r['outcomes'])}); sessions created: "
+                f"{r['sessions_created']}; the agent is still the owner: {r['agent_still_the_owner']}")
+    if name in ("unknown_methods", "ping_flood", "unread_replies"):
+        return (f"the daemon took {r.get('bytes_taken', r.get('requests_taken', 0)):,} "
+                f"{'requests' if name == 'unread_replies' else 'bytes'}, stopped reading it, closed it with "
+                f"slow_consumer {r['closed_after_s']} s later: {r['closed']}")
+    if name == "lossy_events":
+        return f"dropped with slow_consumer: {r['subscriber_closed']} ({r['bytes_published']:,} bytes published)"
+    if name == "star_writer":
+        return f"the client was paused after {r['bytes_taken']:,} bytes"
+    if name == "inflight_flood":
+        return (f"{r['calls']:,} calls: {r['too_many_requests']:,} answered too_many_requests at once; "
+                f"in flight at most {r['peak_inflight']}")
+    if name == "session_flood":
+        return f"{r['registrations']:,} registrations: {_outcomes(r['outcomes'])}; {r['sessions']:,} sessions listed"
+    if name == "lockout":
+        return (f"{r['held']:,} held, the next refused with {r['refused_with']}; the control socket counts apart, "
+                f"so blink kept working")
+    if name == "echo_and_log":
+        return (f"{r['tries']} tries: {_outcomes(r['outcomes'])}; longest Error message {r['longest_echo']} "
+                f"characters; log +{r['log_growth_kib']} KiB; tracebacks: {r['tracebacks']}")
+    return json.dumps(r)
 
 
 def _outcomes(o) -> str:

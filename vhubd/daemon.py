@@ -23,6 +23,7 @@ from .relay import Relay
 from .server import Server
 from .sessions import SessionRegistry
 from .settings import DaemonConfig
+from .store import SessionStore
 
 log = logging.getLogger("vhubd")
 
@@ -119,9 +120,11 @@ async def run_daemon(cfg: DaemonConfig, ready: asyncio.Event | None = None) -> i
     boots = BootManager(registry, backend, state_dir=state_dir, agent_addr=agent_addr,
                         boot_timeout=cfg.boot_timeout, idle_stop=cfg.idle_stop)
     relay = Relay(cfg.relay_config(), registry, loop.call_later, boots=boots)
+    store = SessionStore(os.path.join(state_dir, "sessions.json"), registry, loop.call_later)
     server = Server(cfg, relay, loop)
     if cfg.guest_dir:
         guest_dir = GuestDir(cfg.guest_dir, server, registry, cfg.socket_mode)
+    store.load(cfg.backend)  # the sessions this daemon had before: their agents get back in
     relay.on_stats = lambda: {"connections": len(server.peers), "tasks": len(asyncio.all_tasks()),
                               "listeners": server.addresses()}
     await server.start(specs)
@@ -148,6 +151,7 @@ async def run_daemon(cfg: DaemonConfig, ready: asyncio.Event | None = None) -> i
     notifier.stopping(f"draining {len(server.peers)} connections")
     log.info("shutting down: draining %d connections", len(server.peers))
     ticker.cancel()
+    store.close()
     await boots.close()
     if guest_dir is not None:
         guest_dir.close_all()

@@ -30,6 +30,7 @@ _monotonic = time.monotonic
 MIN_FRAME_RATE = 1024
 
 
+
 class DeviceListener:
     """Guest connections that a VM's own vsock device delivers: the device
     names the session, so no token is asked."""
@@ -339,6 +340,7 @@ class Peer(asyncio.BufferedProtocol):
                 self._timeout("handshake_timeout", f"no handshake within {cfg.handshake_timeout:g} s")
             return
         if self.replies_blocked_at is not None and now - self.replies_blocked_at > cfg.stall_timeout:
+            self.relay.counters["slow_consumers"] += 1
             self._timeout("slow_consumer", f"it did not read its answers for {cfg.stall_timeout:g} s")
             return
         if self.read_paused:

@@ -184,6 +184,7 @@ class SessionRegistry:
         self.scrollback = scrollback
         self.max_sessions = max_sessions
         self.watchers: list[Callable[[Session, State], None]] = [on_change] if on_change else []
+        self.creation_watchers: list[Callable[[Session], None]] = []
         self.removal_watchers: list[Callable[[Session], None]] = []
         self._sorted: list[str] | None = None  # names in order, for paging; None: stale
 
@@ -209,6 +210,8 @@ class SessionRegistry:
             sess = Session(name, backend, token, self.scrollback, anonymous=anonymous)
             self.sessions[name] = sess
             self._sorted = None
+            for fn in self.creation_watchers:
+                fn(sess)
         return sess
 
     def page(self, after: str = "", limit: int = 1000, prefix: str = "", state: str | None = None) -> list[Session]:

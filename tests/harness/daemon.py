@@ -62,8 +62,9 @@ class Daemon:
         self._notify.bind(path)
         env = dict(self.env, NOTIFY_SOCKET=path)
         self._log = open(self.logpath, "wb")
+        state = [] if "--state-dir" in self.args else ["--state-dir", os.path.join(self.dir, "state")]
         cmd = [sys.executable, "-m", "vhubd", "serve", "--socket", self.socket, "--control", self.control,
-               *self.args]
+               *state, *self.args]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=self.tree)
         try:
             self.ready_notice = self.wait_notice("READY=1", timeout)
