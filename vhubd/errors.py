@@ -191,6 +191,8 @@ def clip(value: object, limit: int = CLIP) -> str:
         cut = len(value) > limit
         text = repr(value[:limit] if not isinstance(value, memoryview) else bytes(value[:limit]))
         return text[:limit + 8] + (f"... ({len(value)} long)" if cut else "")
+    if isinstance(value, list) and len(value) <= 8 and all(isinstance(v, str) and len(v) <= 64 for v in value):
+        return repr(value)  # a short list of short strings (served methods, subscriptions): as it is
     if value is None or isinstance(value, (bool, int, float)):
         try:
             return repr(value)[:limit]

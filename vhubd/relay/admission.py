@@ -116,7 +116,7 @@ class Admission:
                 return self.refuse(port, "session_stopping", f"session {sess.name!r} is stopping")
             member.ack = info.get("ack") is True
             sess.agent = member
-            sess.agent_info = {k: info[k] for k in ("agent", "pid", "version") if k in info}
+            sess.agent_info = {k: _short(info[k]) for k in ("agent", "pid", "version") if k in info}
             sess.agent_info["peer"] = port.label
         sess.guests.add(member)
         relay.guests.add(member)
@@ -229,9 +229,9 @@ class Admission:
         elif member.replay and member.subscribe_mask:
             relay.streams.replay(member)
         subs = [k for k, bit in KIND_MASK.items() if member.subscribe_mask & bit] + (["events"] if member.events else [])
+        serves = sorted(member.serve_exact) + [p + "*" for p in member.serve_prefix]
         log.info("client accepted peer=%s session=%s subscribe=%s serve=%s flow=%s", member.label,
-                 sess.name if sess else "*", subs, sorted(member.serve_exact) + [p + "*" for p in member.serve_prefix],
-                 "lossy" if member.lossy else "lossless")
+                 sess.name if sess else "*", subs, clip(serves), "lossy" if member.lossy else "lossless")
 
     def admitted(self, member: Member) -> None:
         if member.role == "guest":
@@ -252,3 +252,10 @@ def _decode_object(payload: bytes) -> Any:
         return None
     except RecursionError:
         return _TOO_DEEP
+
+
+def _short(value: Any) -> Any:
+    """What a guest says of itself (agent, pid, version): kept small, it is shown and logged."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return value[:64] if isinstance(value, str) else clip(value, 64)
