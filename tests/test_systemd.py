@@ -6,6 +6,7 @@ logging choices and install-units."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -450,3 +451,31 @@ def test_install_units_cli(tmp_path):
     svc = (tmp_path / "etc/systemd/system/blink-vhub.service").read_text()
     exe = svc.split("ExecStart=", 1)[1].split(" serve ", 1)[0]
     assert os.access(exe.split()[0], os.X_OK), exe
+
+
+@pytest.mark.parametrize("impl_name", ["stdlib", "libsystemd"])
+def test_status_and_watchdog_never_block_on_a_reader_that_is_behind(tmp_path, monkeypatch, impl_name):
+    """A NOTIFY_SOCKET whose reader does not keep up (its datagram queue is
+    full): STATUS= and WATCHDOG=1 are dropped, the event loop is never held.
+    (Our test harness once hung a daemon this way: libsystemd's sd_notify blocks.)"""
+    try:
+        implementation = sd.impl(impl_name)
+    except ImportError:
+        pytest.skip("systemd-python is not installed (the systemd extra)")
+    path = str(tmp_path / "notify")
+    reader = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    reader.bind(path)
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    n = sd.Notifier(implementation)
+    t0 = time.monotonic()
+    for i in range(5000):
+        n.status(f"{i} sessions")
+        n._send_nowait("WATCHDOG=1")
+    assert time.monotonic() - t0 < 5
+    reader.setblocking(False)
+    got = 0
+    with contextlib.suppress(BlockingIOError):
+        while reader.recv(4096):
+            got += 1
+    assert 0 < got < 10_000  # the queue filled and the rest was dropped, not waited for
+    reader.close()

@@ -70,7 +70,9 @@ class StdlibImpl:
         return fds
 
     @staticmethod
-    def notify(state: str, unset_environment: bool = False) -> bool:
+    def notify(state: str, unset_environment: bool = False, wait: bool = True) -> bool:
+        """Send ``state``; with ``wait=False`` never block: a reader that is
+        behind (its queue holds a few datagrams) costs this message, not the loop."""
         addr = os.environ.get("NOTIFY_SOCKET", "")
         if unset_environment:
             os.environ.pop("NOTIFY_SOCKET", None)
@@ -79,9 +81,15 @@ class StdlibImpl:
         elif not addr.startswith("/"):
             return False
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-            s.settimeout(2.0)  # systemd reads promptly; never hang the caller on a stuck reader
+            if wait:
+                s.settimeout(2.0)  # systemd reads promptly; never hang the caller on a stuck reader
+            else:
+                s.setblocking(False)
             s.connect(addr)
-            s.sendall(state.encode())
+            try:
+                s.send(state.encode())
+            except BlockingIOError:
+                return False
         return True
 
 
@@ -239,7 +247,21 @@ class Notifier:
     def status(self, text: str) -> None:
         if text != self._status:
             self._status = text
-            self.send(f"STATUS={text}")
+            self._send_nowait(f"STATUS={text}")
+
+    def _send_nowait(self, state: str) -> bool:
+        """Periodic messages (STATUS=, WATCHDOG=1) never block the event loop,
+        whichever implementation runs (libsystemd's sd_notify blocks while the
+        reader's queue is full): a message dropped now is sent again later."""
+        if not self.enabled:
+            return False
+        try:
+            return StdlibImpl.notify(state, wait=False)
+        except OSError as exc:
+            if not self._warned:
+                self._warned = True
+                logging.getLogger("vhubd").warning("sd_notify failed (%s); further failures are not logged", exc)
+            return False
 
     def stopping(self, status: str) -> None:
         self.stop()
@@ -260,7 +282,7 @@ class Notifier:
 
     def _pet(self) -> None:
         # a loop callback, not a thread: if the loop hangs, the pets stop and systemd kills us
-        self.send("WATCHDOG=1")
+        self._send_nowait("WATCHDOG=1")
         self._pet_handle = self._loop.call_later(self.watchdog_interval, self._pet)
 
     def _refresh(self) -> None:

@@ -4,6 +4,10 @@
 its own and knows it is ready the way systemd does: it listens on a test
 ``NOTIFY_SOCKET`` for ``READY=1`` (no log scraping). Its listeners' addresses
 then come from the daemon itself (``vhub.info``). Every wait is bounded.
+
+The notify socket is read for the daemon's whole life, as PID 1 would read
+it: a datagram socket nobody reads fills after a few ``STATUS=`` lines, and
+then a daemon sending with libsystemd's blocking ``sd_notify`` would hang.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 from vhubd.frames import HEADER, HEADER_SIZE, MsgType
@@ -53,6 +58,8 @@ class Daemon:
         self.notices: list[str] = []  # every sd_notify message it sent
         self.listeners: dict = {}
         self._notify: socket.socket | None = None
+        self._notified = threading.Condition()
+        self._reader: threading.Thread | None = None
         self._log = None
 
     # -- lifecycle --
@@ -60,6 +67,8 @@ class Daemon:
         path = os.path.join(self.dir, f"notify-{time.monotonic_ns()}.sock")
         self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._notify.bind(path)
+        self._reader = threading.Thread(target=self._read_notices, args=(self._notify,), daemon=True)
+        self._reader.start()
         env = dict(self.env, NOTIFY_SOCKET=path)
         self._log = open(self.logpath, "wb")
         state = [] if "--state-dir" in self.args else ["--state-dir", os.path.join(self.dir, "state")]
@@ -74,25 +83,32 @@ class Daemon:
             raise
         return self
 
-    def wait_notice(self, word: str, timeout: float = 20.0) -> str:
-        """The next sd_notify message that contains ``word``; fails if the process exits first."""
-        assert self._notify is not None
-        deadline = time.monotonic() + timeout
+    def _read_notices(self, sock: socket.socket) -> None:
         while True:
-            for msg in self.notices:
-                if word in msg.split("\n"):
-                    self.notices.remove(msg)
-                    return msg
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited {self.proc.returncode}: {self.log()[-3000:]}")
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"no {word} from the daemon within {timeout}s: {self.log()[-3000:]}")
-            self._notify.settimeout(min(0.2, left))
             try:
-                self.notices.append(self._notify.recv(4096).decode())
-            except TimeoutError:
-                pass
+                msg = sock.recv(4096).decode()
+            except OSError:
+                return  # closed by stop()
+            with self._notified:
+                self.notices.append(msg)
+                self._notified.notify_all()
+
+    def wait_notice(self, word: str, timeout: float = 20.0) -> str:
+        """The first sd_notify message that contains ``word`` (taken out of
+        ``notices``); fails if the process exits first."""
+        deadline = time.monotonic() + timeout
+        with self._notified:
+            while True:
+                for msg in self.notices:
+                    if word in msg.split("\n"):
+                        self.notices.remove(msg)
+                        return msg
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"daemon exited {self.proc.returncode}: {self.log()[-3000:]}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no {word} from the daemon within {timeout}s: {self.log()[-3000:]}")
+                self._notified.wait(min(0.2, left))
 
     def stop(self, sig=signal.SIGTERM, timeout: float = 15.0) -> int:
         if self.proc is None:
@@ -107,14 +123,12 @@ class Daemon:
         if self._log is not None:
             self._log.close()
         if self._notify is not None:
-            self._notify.setblocking(False)
-            try:
-                while True:  # what it said on the way out (STOPPING=1...)
-                    self.notices.append(self._notify.recv(4096).decode())
-            except OSError:
-                pass
+            time.sleep(0.05)  # what it said on the way out (STOPPING=1...) is read by now
+            self._notify.shutdown(socket.SHUT_RDWR)
             self._notify.close()
             self._notify = None
+            if self._reader is not None:
+                self._reader.join(5)
         return self.proc.returncode
 
     # -- what it is doing --
