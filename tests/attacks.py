@@ -267,16 +267,23 @@ async def inflight_flood(env, n: int) -> dict:
         handler = await AsyncPeer.open(env.d.control)
         await handler.handshake({"role": "client", "session": "caller", "serve": ["never.*"]})
         g = await AsyncPeer.guest(env.d.socket, {"session": "caller", "token": token})
-        g.send_raw(b"".join(frm(T().RPC_REQUEST, i + 1, {"method": "never.x"}) for i in range(n)))
-        await g.drain()
+        calls = b"".join(frm(T().RPC_REQUEST, i + 1, {"method": "never.x"}) for i in range(n))
+
+        async def send():  # a caller that reads its answers while it sends (one that does not is dropped)
+            for i in range(0, len(calls), 1 << 16):
+                g.send_raw(calls[i:i + (1 << 16)])
+                await g.drain()
+
+        sender = asyncio.ensure_future(send())
         refused = 0
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while refused < n - 1024 and time.monotonic() < deadline:
             f = await g.next_frame(max(0.05, deadline - time.monotonic()))
             if f is None:
                 break
             if f.msg_type == T().RPC_ERROR and b"too_many_requests" in bytes(f.payload):
                 refused += 1
+        await sender
         peak = (await env.stats())["inflight_rpcs"]
         row.update(calls=n, too_many_requests=refused, peak_inflight=peak)
         await handler.close()

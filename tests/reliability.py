@@ -1164,8 +1164,9 @@ async def connect_close(env: Env, n: int, rounds: int = 1) -> dict:
 async def rpc_flood(env: Env, n: int) -> dict:
     """Unanswered ids both ways: ``n`` client calls to an agent that never
     answers, ``n`` guest calls to a handler that never answers, ``n`` answers
-    to ids nobody asked. Every call gets RpcError timeout; the pending maps
-    empty again."""
+    to ids nobody asked. Every call gets RpcError timeout, or, past the
+    1,024 calls a connection may have in flight, too_many_requests at once; the
+    pending maps empty again."""
     token = await env.register("rpcsink")
     agent = await Raw.open(env.d.socket)
     assert (await agent.handshake({"session": "rpcsink", "token": token}))[0] == "ok"
@@ -1184,14 +1185,17 @@ async def rpc_flood(env: Env, n: int) -> dict:
         await asyncio.gather(caller.drain(), agent.drain(), handler.drain())
         peak = (await env.stats()).get("inflight_rpcs")
 
-        async def timeouts(p: Raw, want: int) -> int:
+        def answered(p: Raw) -> tuple[int, int]:
+            fs = [f for f in parse_frames(bytes(p.got)) if f[0] == T.RPC_ERROR]
+            return (sum(1 for f in fs if b'"timeout"' in f[2]), sum(1 for f in fs if b'"too_many_requests"' in f[2]))
+
+        async def timeouts(p: Raw, want: int) -> tuple[int, int]:
             deadline = time.monotonic() + RPC_TIMEOUT + 15
             while time.monotonic() < deadline:
-                got = sum(1 for f in parse_frames(bytes(p.got)) if f[0] == T.RPC_ERROR and b'"timeout"' in f[2])
-                if got >= want:
-                    return got
+                if sum(answered(p)) >= want:
+                    break
                 await p.read_some(0.5)
-            return sum(1 for f in parse_frames(bytes(p.got)) if f[0] == T.RPC_ERROR and b'"timeout"' in f[2])
+            return answered(p)
 
         # the agent and the handler must keep reading (they are not slow, only silent)
         reader = asyncio.ensure_future(handler.quiet(RPC_TIMEOUT + 5, RPC_TIMEOUT + 15))
@@ -1200,12 +1204,17 @@ async def rpc_flood(env: Env, n: int) -> dict:
         with contextlib.suppress(asyncio.CancelledError):
             await reader
     drained = await env.resources()  # the three peers are still connected: only the timeouts emptied it
-    env.check(got_client == n, f"client calls to a silent agent: {got_client}/{n} got RpcError timeout")
-    env.check(got_guest == n, f"guest calls to a silent handler: {got_guest}/{n} got RpcError timeout")
+    capped = min(n, 1024)  # Limits.max_inflight: the rest are refused at once
+    for who, (tmo, tmr) in (("client calls to a silent agent", got_client), ("guest calls to a silent handler",
+                                                                             got_guest)):
+        env.check(tmo == capped and tmr == n - capped,
+                  f"{who}: {tmo} RpcError timeout (want {capped}), {tmr} too_many_requests (want {n - capped})")
     env.check(not drained["inflight"], f"pending RPCs after the timeouts: {drained['inflight']}")
+    env.check(peak <= 2 * capped, f"pending RPCs peaked at {peak}, past the caps (2 x {capped})")
     for p in (agent, caller, handler):
         await p.close()
-    return {"calls": 2 * n, "stray_answers": 2 * n, "peak_inflight": peak, "timeouts": got_client + got_guest,
+    return {"calls": 2 * n, "stray_answers": 2 * n, "peak_inflight": peak,
+            "timeouts": got_client[0] + got_guest[0], "too_many_requests": got_client[1] + got_guest[1],
             "inflight_after": drained["inflight"], "seconds": round(time.monotonic() - t0, 1)}
 
 
@@ -1845,7 +1854,8 @@ def render(report: dict) -> str:
         f"daemon connections back to {cc.get('connections_after')} | {_pct(win, 'connect/close')} |",
         f"| RPC flood: client calls to an agent that never answers, guest calls to a handler that never answers, "
         f"answers to ids nobody asked | {rf.get('calls', 0):,} calls + {rf.get('stray_answers', 0):,} stray answers | "
-        f"{rf.get('timeouts', 0):,} RpcError timeout; pending RPCs peaked at {rf.get('peak_inflight')}, "
+        f"{rf.get('timeouts', 0):,} RpcError timeout, {rf.get('too_many_requests', 0):,} too_many_requests at once "
+        f"(past the 1,024 a connection may have in flight); pending RPCs peaked at {rf.get('peak_inflight')}, "
         f"{rf.get('inflight_after')} after | {_pct(win, 'rpc flood')} |",
         f"| a guest that answered pings, then goes silent (and a Blink guest that never answers) | 2 guests | "
         f"{hb.get('code')} {hb.get('closed_after_s')} s after its last pong; the never-answering guest kept: "
