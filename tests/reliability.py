@@ -1914,7 +1914,7 @@ UNTRUSTED_TEXT = {
     "inflight_flood": "a guest calls a handler that never answers, far past the in-flight cap (1,024)",
     "session_flood": "a client registers sessions past the cap, then removes them",
     "lockout": "a guest holds connections up to the guest limit",
-    "echo_and_log": "60 KB session names, handshakes claiming 16 MiB, JSON nested 60,000 deep",
+    "echo_and_log": "60 KB session names, handshakes claiming 16 MiB, JSON nested 30,000 deep",
 }
 
 
