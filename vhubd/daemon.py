@@ -152,10 +152,10 @@ async def run_daemon(cfg: DaemonConfig, ready: asyncio.Event | None = None) -> i
     log.info("shutting down: draining %d connections", len(server.peers))
     ticker.cancel()
     store.close()
+    await server.shutdown(cfg.drain_timeout)  # first: accept nothing more, and drop nothing accepted
     await boots.close()
     if guest_dir is not None:
         guest_dir.close_all()
-    await server.shutdown(cfg.drain_timeout)
     log.info("stopped")
     return 0
 

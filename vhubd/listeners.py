@@ -36,6 +36,7 @@ class ListenerSpec:
         self.activated = activated  # passed by systemd: never unlinked or re-bound (owned_path is None)
         self.fixed_session = fixed_session
         self.server: asyncio.AbstractServer | None = None
+        self.address: object = None  # where it listens, for vhub.info (set when it is served)
 
 
 def bind_unix(path: str, mode: int | None = None) -> socket.socket:

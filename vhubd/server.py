@@ -330,6 +330,36 @@ class Peer(asyncio.BufferedProtocol):
     def buffered(self) -> int:
         return (self.transport.get_write_buffer_size() if self.transport is not None else 0) + self.held_bytes
 
+    # -- shutdown --
+    def subscriber_backlog(self) -> int:
+        """Stream output still queued toward this lossless subscriber."""
+        m = self.member
+        if self.closed or m is None or m.role != "client" or m.lossy or not m.subscribe_mask:
+            return 0
+        return self.buffered()
+
+    def shut_down(self) -> None:
+        """``Error shutting_down`` after whatever was queued, then half-close
+        and keep reading (dropped) until the peer closes: a peer still writing
+        gets no reset, it reads the Error and goes (to the next daemon)."""
+        if self.closed or self.transport is None:
+            return
+        if self.held is not None:  # an Error now would land inside a cut-through frame's payload
+            self.close()
+            return
+        self.conn.fail("shutting_down", "the daemon is shutting down; connect again")
+        self.flush()
+        self.closed = True  # nothing more is written to it, and what it sends is dropped (conn is closed)
+        transport = self.transport
+        if transport.can_write_eof():
+            transport.write_eof()
+            self.pause_reasons.clear()
+            if self.read_paused:
+                self.read_paused = False
+                transport.resume_reading()
+        else:
+            transport.close()
+
     # -- the tick --
     def tick(self, now: float) -> None:
         cfg = self.hub.config
@@ -417,6 +447,8 @@ class Server:
         """Serve a bound, listening socket (connections already queue in the kernel)."""
         if spec.sock.fileno() < 0:
             return  # removed before it was served
+        addr = spec.owned_path or spec.sock.getsockname()
+        spec.address = list(addr) if isinstance(addr, tuple) else addr
         factory = functools.partial(Peer, self, spec)
         if spec.sock.family == socket.AF_UNIX:
             kw: dict = {}
@@ -439,12 +471,9 @@ class Server:
         unlink_socket(spec.owned_path)
 
     def addresses(self) -> dict:
-        """Each listener's address: a path, or [host, port], or a vsock port."""
-        out = {}
-        for spec in self.listeners:
-            addr = spec.owned_path or spec.sock.getsockname()
-            out[spec.name] = list(addr) if isinstance(addr, tuple) else addr
-        return out
+        """Each listener's address: a path, or [host, port], or a vsock port
+        (known from its start: a closed listener still names where it was)."""
+        return {spec.name: spec.address for spec in self.listeners}
 
     def guest_protocol(self, name: str, session: str):
         """A protocol factory for guest connections that a transport of its own
@@ -463,23 +492,41 @@ class Server:
                 log.exception("tick failed for peer=%s", p.label)
         self._schedule_tick()
 
-    async def shutdown(self, drain: float = 5.0) -> None:
-        """Stop accepting, tell every peer, flush what was accepted, close."""
-        if self._tick_handle:
-            self._tick_handle.cancel()
+    def stop_accepting(self) -> None:
+        """Close the listening sockets without unlinking them: a socket systemd
+        passed stays open in PID 1, so new connections wait in its queue for the
+        next daemon instead of being refused."""
         for spec in self.listeners:
             if spec.server is not None:
                 spec.server.close()
+            else:
+                spec.sock.close()
+
+    async def shutdown(self, drain: float = 5.0) -> None:
+        """A restart that drops nothing. Stop accepting; stop reading guests'
+        output and let what was read reach its subscribers, then acknowledge it
+        (an agent resends only what the next daemon has not seen); tell every
+        connection ``shutting_down`` after what it was sent, half-close, and read
+        (and drop) until it closes, so nobody writing to us gets a reset."""
+        if self._tick_handle:
+            self._tick_handle.cancel()
+        self.stop_accepting()
+        loop = self.loop
+        deadline = loop.time() + drain
+        peers = [p for p in self.peers if not p.closed]
+        for p in peers:
+            if p.spec.role == "guest":
+                p.pause_reading("shutdown")
+        while loop.time() < deadline and any(p.subscriber_backlog() for p in peers):
+            await asyncio.sleep(0.01)
+        for p in peers:
+            if p.member is not None and p.member.ack and not p.closed:
+                self.relay.streams.ack_now(p.member)
         for p in list(self.peers):
-            if not p.closed:
-                p.conn.fail("shutting_down", "the daemon is shutting down")
-                p.flush()
-                p.closed = True
-                if p.transport is not None:
-                    p.transport.close()  # flushes buffered bytes first
-        deadline = self.loop.time() + drain
-        while any(p.transport is not None for p in self.peers) and self.loop.time() < deadline:
-            await asyncio.sleep(0.02)
+            p.shut_down()
+        grace = max(deadline, loop.time() + 1.0)
+        while any(p.transport is not None for p in self.peers) and loop.time() < grace:
+            await asyncio.sleep(0.01)
         for p in list(self.peers):
             if p.transport is not None:
                 p.transport.abort()

@@ -17,13 +17,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
-from typing import Any, Awaitable, Callable, Iterator
+from typing import Any, Awaitable, Callable
 
 from . import protocol as P
 from .address import Address, parse_address
 from .errors import CallTimeout, ConnectionLost, HandshakeRejected, ProtocolError, RpcError
-from .link import Link, open_link
+from .link import Link, backoff_delays, open_link
 from .outbox import DEFAULT_BUFFER_BYTES, parse_size
 from .output import STREAM_CHUNK, HubOutput
 from .rpc import Handler, Handlers, PendingCalls
@@ -32,18 +31,6 @@ from .wire import DEFAULT_MAX_PAYLOAD, MsgType
 __all__ = ["AsyncHub", "backoff_delays", "STREAM_CHUNK"]
 
 log = logging.getLogger("blink_agent")
-
-
-def backoff_delays(
-    first: float = 0.05, cap: float = 2.0, rng: random.Random | None = None
-) -> Iterator[float]:
-    """Reconnect delays: ``first`` doubling up to ``cap``, each scaled by a random
-    factor in [0.5, 1.0] so that many agents do not reconnect in lockstep."""
-    rng = rng or random.Random()
-    delay = first
-    while True:
-        yield delay * rng.uniform(0.5, 1.0)
-        delay = min(cap, delay * 2)
 
 
 class AsyncHub(HubOutput):
@@ -140,8 +127,8 @@ class AsyncHub(HubOutput):
         good. In-flight calls fail with :class:`ConnectionLost`."""
         if self._closed:
             return
-        if self._link is not None and flush_timeout > 0:
-            await self.flush(flush_timeout)
+        if flush_timeout > 0 and (self._link is not None or not self._given_up()):
+            await self.flush(flush_timeout)  # across a reconnection under way, too
         self._closed = True
         self._broadcast()
         link = self._link
@@ -293,7 +280,7 @@ class AsyncHub(HubOutput):
                     await self._wait_until(lambda: self._closed, delay)
                     continue
             reason = await self._serve_link(link)
-            lived = link.age
+            lived = 2.0 if link.restart else link.age  # told to connect again: at once
             link = None
             self.last_error = reason
             if self._closed:
@@ -388,7 +375,11 @@ class AsyncHub(HubOutput):
             else:
                 log.debug("ignored %s frame for stream %d", MsgType(event.msg_type).name, event.request_id)
         elif isinstance(event, P.RemoteError):
-            log.error("daemon sent Error %s: %s", event.code, event.message)
+            if event.code == "shutting_down":  # a restart: the next daemon is already waiting for us
+                link.restart = True
+                log.warning("the daemon is restarting: connecting again")
+            else:
+                log.error("daemon sent Error %s: %s", event.code, event.message)
             return f"daemon sent Error {event.code}: {event.message}"
         elif isinstance(event, P.Violation):
             log.error("protocol error from %s: %s: %s", self.address, event.code, event.message)

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import socket
 import threading
-from typing import Any, Callable, Coroutine, Iterable, Optional
+from typing import Any, Callable, Coroutine, Iterable, Iterator, Optional
 
 from . import protocol as P
 from .address import Address
@@ -34,6 +35,19 @@ READ_SIZE = 256 * 1024
 
 #: Acts on one protocol event; returns a reason when the link must close.
 Dispatch = Callable[[Any], Optional[str]]
+
+
+
+def backoff_delays(
+    first: float = 0.05, cap: float = 2.0, rng: random.Random | None = None
+) -> Iterator[float]:
+    """Reconnect delays: ``first`` doubling up to ``cap``, each scaled by a random
+    factor in [0.5, 1.0] so that many agents do not reconnect in lockstep."""
+    rng = rng or random.Random()
+    delay = first
+    while True:
+        yield delay * rng.uniform(0.5, 1.0)
+        delay = min(cap, delay * 2)
 
 
 class Link:
@@ -62,6 +76,7 @@ class Link:
         #: Events that came in the same read as the handshake reply, not yet dispatched.
         self.early_events: list[Any] = []
         self.stop_reason: asyncio.Future[str] = self.loop.create_future()
+        self.restart = False  # the daemon said shutting_down: it restarts, connect again at once
         self.ack_probe_id: int | None = None
         self.ack_timer: asyncio.TimerHandle | None = None
         #: Why the link ended, once :meth:`run` has returned (or was cancelled).

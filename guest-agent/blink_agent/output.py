@@ -125,12 +125,15 @@ class HubOutput:
 
     async def flush(self, timeout: float | None = None) -> bool:
         """Wait until every buffered stream frame has been written (and acknowledged,
-        when the daemon acks). Returns False on timeout or disconnection."""
+        when the daemon acks), across a reconnection if one is under way. Returns
+        False on timeout, or once no connection will come again."""
 
         def drained() -> bool:
             ob = self.outbox
-            if self._link is None or self._closed:
+            if self._closed or self._given_up():
                 return True
+            if self._link is None:
+                return len(ob) == 0  # disconnected: what is buffered goes out after the reconnection
             if ob.ack_mode is None or ob.unsent_frames or ob.pending_dropped_bytes:
                 return False
             return not ob.ack_mode or len(ob) == 0

@@ -190,6 +190,17 @@ class Streams:
         member.ack_pending = True
         self.relay.call_later(0, lambda: self._send_ack(member))
 
+    def ack_now(self, member: Member) -> bool:
+        """At shutdown: acknowledge what every lossless subscriber has taken; False
+        if one has not (those frames stay unacknowledged: the agent resends them)."""
+        sess = member.session
+        if sess is None or any(not c.lossy and c.port.buffered() for c in self.subscribers(sess)):
+            return False
+        if member.stream_frames != member.acked:
+            member.acked = member.stream_frames
+            member.port.send(notification("vhub.ack", {"frames": member.acked}))
+        return True
+
     def _send_ack(self, member: Member) -> None:
         """Ack stream frames once every lossless destination has taken them
         (the kernel then owns the bytes: a daemon crash cannot lose them)."""
