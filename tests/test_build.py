@@ -13,8 +13,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _install(tmp_path, env_extra):
     src = tmp_path / "src"
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.so", "*.egg-info",
-                                                             "__pycache__", ".hypothesis", "bench", "tests"))
+    # symlinks stay links: a link to a directory (a venv's, /usr/bin/X11 -> .) must never be walked
+    shutil.copytree(ROOT, src, symlinks=True,
+                    ignore=shutil.ignore_patterns(".venv*", ".minimal-bin", ".git", "build", "*.so", "*.egg-info",
+                                                  "__pycache__", ".hypothesis", "bench", "tests", "dist"))
     venv = tmp_path / "venv"
     # a plain venv: the checkout's own editable install must not leak in
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)

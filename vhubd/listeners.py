@@ -66,8 +66,21 @@ def bind_unix(path: str, mode: int | None = None) -> socket.socket:
         os.makedirs(parent, exist_ok=True)
     except OSError as exc:
         raise ListenError(f"cannot create {parent}: {exc.strerror}") from None
-    return _listen(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM), path, path,
-                   chmod=(lambda: os.chmod(path, mode)) if mode is not None else None)
+    # bound and listening under a temporary name, then renamed into place: whoever
+    # sees the path finds a socket that accepts (a connect never meets one that does not)
+    tmp = os.path.join(parent, f".{os.getpid()}.{os.path.basename(path)}")
+    if len(os.fsencode(tmp)) >= 108:  # sun_path's limit: no room for a temporary name
+        tmp = path
+    sock = _listen(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM), tmp, path,
+                   chmod=(lambda: os.chmod(tmp, mode)) if mode is not None else None)
+    if tmp != path:
+        try:
+            os.rename(tmp, path)
+        except OSError as exc:
+            sock.close()
+            unlink_socket(tmp)
+            raise ListenError(f"cannot listen on {path}: {exc.strerror}") from None
+    return sock
 
 
 def _listen(sock: socket.socket, address, what: str, chmod=None, reuse: bool = False) -> socket.socket:

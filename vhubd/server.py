@@ -301,12 +301,24 @@ class Peer(asyncio.BufferedProtocol):
                 self._bound(True)
 
     def close(self, code: str | None = None, message: str = "") -> None:
+        """Close after what is queued (with ``code``, an Error first), without a
+        reset: half-close, then read and drop until the peer goes (or the close
+        grace passes), so a peer still writing reads the Error instead of EPIPE."""
         if self.closed or self.transport is None:
             return
+        transport = self.transport
         if code is not None and self.held is None:  # never inside a cut-through frame's payload
-            self.transport.write(error_frame(code, message))
+            transport.write(error_frame(code, message))
         self.closed = True
-        self.transport.close()  # flushes what is buffered first
+        self.conn.close()  # what it sends from now on is dropped
+        if transport.can_write_eof():
+            transport.write_eof()  # after what is buffered
+            self.pause_reasons.clear()
+            if self.read_paused:
+                self.read_paused = False
+                transport.resume_reading()
+        else:
+            transport.close()  # flushes what is buffered first
         self.abort_timer = self.hub.loop.call_later(self.hub.config.close_grace, self._abort)
 
     def _abort(self) -> None:
@@ -339,26 +351,10 @@ class Peer(asyncio.BufferedProtocol):
         return self.buffered()
 
     def shut_down(self) -> None:
-        """``Error shutting_down`` after whatever was queued, then half-close
-        and keep reading (dropped) until the peer closes: a peer still writing
-        gets no reset, it reads the Error and goes (to the next daemon)."""
-        if self.closed or self.transport is None:
-            return
-        if self.held is not None:  # an Error now would land inside a cut-through frame's payload
-            self.close()
-            return
-        self.conn.fail("shutting_down", "the daemon is shutting down; connect again")
+        """``Error shutting_down`` after whatever was queued, then the close
+        without a reset: it reads the Error and goes (to the next daemon)."""
         self.flush()
-        self.closed = True  # nothing more is written to it, and what it sends is dropped (conn is closed)
-        transport = self.transport
-        if transport.can_write_eof():
-            transport.write_eof()
-            self.pause_reasons.clear()
-            if self.read_paused:
-                self.read_paused = False
-                transport.resume_reading()
-        else:
-            transport.close()
+        self.close("shutting_down", "the daemon is shutting down; connect again")
 
     # -- the tick --
     def tick(self, now: float) -> None:

@@ -149,6 +149,10 @@ class Connection:
             self._out.append(error_frame(code, message, request_id))
             self.state = State.CLOSED
 
+    def close(self) -> None:
+        """Stop: further input is dropped (the I/O layer is closing)."""
+        self.state = State.CLOSED
+
     def ping(self, request_id: int = 0) -> None:
         self.send_frame(heartbeat(request_id))
 
