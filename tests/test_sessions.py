@@ -129,9 +129,9 @@ def test_host_check_is_cheap_and_overridable(monkeypatch):
     assert time.monotonic() - t < 1.0 and why
     if os.path.isdir("/sys/module/kvm_pvm"):
         assert not ok and "kvm-pvm" in why
-    monkeypatch.setenv("VHUB_BOXLITE_VMS", "yes")
+    monkeypatch.setenv("BLINK_BOXLITE_VMS", "yes")
     assert bl.host_can_boot_vms()[0]
-    monkeypatch.setenv("VHUB_BOXLITE_VMS", "no")
+    monkeypatch.setenv("BLINK_BOXLITE_VMS", "no")
     assert not bl.host_can_boot_vms()[0]
 
 

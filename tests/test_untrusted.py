@@ -38,7 +38,7 @@ async def flood(target, data: bytes, seconds: float = 3.0, handshake: bytes | No
     while time.monotonic() < end:
         try:
             await asyncio.wait_for(loop.sock_sendall(s, data), 0.5)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             break  # the daemon stopped reading us
         except OSError:
             break
@@ -236,7 +236,7 @@ def test_silent_attached_connections_are_closed_by_the_heartbeat(make_daemon):
         while time.monotonic() - t0 < 10:  # it reads (pings arrive) but never answers them
             try:
                 d_ = await asyncio.wait_for(loop.sock_recv(s, 65536), 10)
-            except (asyncio.TimeoutError, ConnectionResetError):
+            except (TimeoutError, ConnectionResetError):
                 break
             if not d_:
                 break

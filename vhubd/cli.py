@@ -126,7 +126,7 @@ def build_parser() -> Parser:
     iu = sub.add_parser("install-units", help="install the systemd units (socket activation, Type=notify)")
     iu.add_argument("--prefix", default="/", metavar="DIR",
                     help="install under DIR/etc/systemd/system, DIR/etc/sysusers.d, DIR/etc/tmpfiles.d (default /)")
-    iu.add_argument("--variant", default="external", choices=["external", "local", "boxlite"],
+    iu.add_argument("--variant", default="external", choices=["external", "local", "boxlite", "qemu"],
                     help="which backend the service runs (adds that backend's drop-in; default external)")
     im = sub.add_parser("build-image", help="build a local OCI layout with the guest agent baked in")
     im.add_argument("out", metavar="DIR")
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     except RemoteError as exc:
         sys.stderr.write(f"blink: {exc.code}: {exc.message}\n")
         return EXIT_FAIL
-    except (asyncio.TimeoutError, TimeoutError):
+    except TimeoutError:
         sys.stderr.write("blink: timed out\n")
         return EXIT_FAIL
     except KeyboardInterrupt:

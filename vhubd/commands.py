@@ -212,7 +212,7 @@ async def cmd_run(args) -> int:
                 get.cancel()
                 try:
                     await c.call("agent.kill", {"execution_id": eid, "signal": 2}, timeout=5)
-                except (RemoteError, ConnectionClosed, asyncio.TimeoutError):
+                except (TimeoutError, RemoteError, ConnectionClosed):
                     pass
                 interrupted.clear()
                 continue

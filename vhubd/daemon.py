@@ -132,7 +132,7 @@ async def run_daemon(cfg: DaemonConfig, ready: asyncio.Event | None = None) -> i
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    sd.install_debug_hang(loop)  # watchdog test hook, off unless VHUBD_DEBUG_HANG_ON_SIGUSR2 is set
+    sd.install_debug_hang(loop)  # watchdog test hook, off unless BLINK_DEBUG_HANG_ON_SIGUSR2 is set
     names = ", ".join(f"{s.name}={s.owned_path or s.sock.getsockname()}{' (systemd)' if s.activated else ''}"
                       for s in specs)
     log.info("vhubd ready pid=%d listeners: %s; backend=%s codec=%s systemd=%s", os.getpid(), names, cfg.backend,
@@ -213,7 +213,7 @@ async def run_once(cfg: DaemonConfig) -> int:
                 raise OnceError(f"no handshake within {cfg.handshake_timeout:g} s")
             try:
                 data = await asyncio.wait_for(reader.read(65536), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise OnceError(f"no handshake within {cfg.handshake_timeout:g} s") from None
             if not data:
                 raise OnceError("the agent closed the connection before sending an RPC request")

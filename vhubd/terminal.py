@@ -227,7 +227,7 @@ async def _conclude(client: Client, term: Terminal, session: str, kind: str, val
     if kind == "signal":
         try:  # our terminal went away or we were told to stop: hang up the remote one too
             await asyncio.wait_for(term.kill("SIGHUP"), 2.0)
-        except (RemoteError, ConnectionClosed, asyncio.TimeoutError):
+        except (TimeoutError, RemoteError, ConnectionClosed):
             pass
         return 128 + int(value)
     reason = value.message if isinstance(value, ConnectionClosed) else f"{type(value).__name__}: {value}"
