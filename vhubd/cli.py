@@ -143,8 +143,11 @@ def build_parser() -> Parser:
     c.add_argument("params", nargs="?", default=None, help="JSON params")
     r = client("run", "run a command in a session and relay its output")
     r.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD")
-    r.add_argument("--cwd")
-    r.add_argument("-e", "--env", action="append", default=[], metavar="K=V")
+    r.add_argument("--cwd", help="working directory of CMD in the session (default: the agent's)")
+    r.add_argument("-e", "--env", action="append", default=[], metavar="K=V",
+                   help="set a variable for CMD (repeatable)")
+    r.add_argument("-n", "--no-stdin", action="store_true",
+                   help="do not forward stdin: CMD reads /dev/null (pipes only; like ssh -n)")
     tt = r.add_mutually_exclusive_group()
     tt.add_argument("-t", "--tty", action="store_true", default=None,
                     help="run CMD on a terminal, this one in raw mode (default when stdin and stdout "
@@ -153,8 +156,10 @@ def build_parser() -> Parser:
     r.add_argument("--escape", default="^]", metavar="CHAR",
                    help="with -t: detach key, ^X or a character, 'none' to disable (default ^], Ctrl-])")
     r.formatter_class = argparse.RawDescriptionHelpFormatter
-    r.description = "Run CMD in session NAME (booted on demand) and exit with its exit code."
-    r.epilog = ("With -t the command gets a terminal of the local window's size: keys (Ctrl-C too) go to\n"
+    r.description = ("Run CMD in session NAME (booted on demand) and exit with its exit code (127: not found, "
+                     "126: cannot execute, 128+N: killed by signal N). Options go before NAME.")
+    r.epilog = ("Without -t, stdin is forwarded to CMD as a stream (EOF included) unless -n.\n"
+                "With -t the command gets a terminal of the local window's size: keys (Ctrl-C too) go to\n"
                 "it, resizes follow. Ctrl-] (--escape) detaches: the local terminal is restored,\n"
                 "blink exits 0, the command keeps running in the session.")
     return p
