@@ -54,7 +54,8 @@ def make_listeners(cfg: DaemonConfig, inherited: dict | None = None) -> list[Lis
             specs.append(ListenerSpec("vsock", "guest", bind_vsock(cfg.vsock_port)))
         if not take("control", "client"):
             control = cfg.control or default_control_path()
-            specs.append(ListenerSpec("control", "client", bind_unix(control, cfg.control_mode),
+            specs.append(ListenerSpec("control", "client", bind_unix(control, cfg.control_mode,
+                                                                     create_parent=not cfg.control),
                                       owned_path=control))
     except Exception:
         for s in specs:

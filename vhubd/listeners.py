@@ -38,9 +38,11 @@ class ListenerSpec:
         self.server: asyncio.AbstractServer | None = None
 
 
-def bind_unix(path: str, mode: int | None = None) -> socket.socket:
+def bind_unix(path: str, mode: int | None = None, create_parent: bool = False) -> socket.socket:
     """Bind a Unix stream socket at ``path``, replacing a stale socket file but
-    never a live one or a non-socket."""
+    never a live one or a non-socket. Its directory must exist, unless
+    ``create_parent`` (a default path, e.g. ``$XDG_RUNTIME_DIR/blink``): a path
+    someone gave is never made up."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -61,10 +63,13 @@ def bind_unix(path: str, mode: int | None = None) -> socket.socket:
         finally:
             probe.close()
     parent = os.path.dirname(path) or "."
-    try:
-        os.makedirs(parent, exist_ok=True)
-    except OSError as exc:
-        raise ListenError(f"cannot create {parent}: {exc.strerror}") from None
+    if create_parent:
+        try:
+            os.makedirs(parent, exist_ok=True)
+        except OSError as exc:
+            raise ListenError(f"cannot create {parent}: {exc.strerror}") from None
+    elif not os.path.isdir(parent):
+        raise ListenError(f"cannot listen on {path}: the directory {parent} does not exist")
     return _listen(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM), path, path,
                    chmod=(lambda: os.chmod(path, mode)) if mode is not None else None)
 
