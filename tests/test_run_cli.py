@@ -34,6 +34,7 @@ def run(d, *args: str, input: bytes | None = None, timeout: float = 60) -> subpr
 
 
 def test_stdin_reaches_the_command_with_its_eof(local):
+    assert run(local, "demo", "--", "true").returncode == 0  # booted: no boot lines on stderr from now on
     r = run(local, "demo", "--", "wc", "-l", input=b"a\nb\n")
     assert (r.returncode, r.stdout, r.stderr) == (0, b"2\n", b"")
     r = run(local, "demo", "--", "cat", input=b"no newline at the end")  # cat ends only at EOF

@@ -46,11 +46,15 @@ def build_parser() -> Parser:
 
     def client(name: str, help: str, session: bool = True) -> Parser:
         c = sub.add_parser(name, help=help)
-        c.add_argument("--control", default=None, help="daemon control socket (env BLINK_CONTROL)")
-        c.add_argument("--json", action="store_true", help="machine-readable output")
-        c.add_argument("--timeout", type=_positive, default=None)
+        c.add_argument("--control", default=None, metavar="PATH",
+                       help="daemon control socket (default: $BLINK_CONTROL, else $XDG_RUNTIME_DIR/blink/"
+                            "control.sock, /run/blink/control.sock for root: where `blink serve` listens)")
+        c.add_argument("--json", action="store_true", help="machine-readable output (default: tables)")
+        c.add_argument("--timeout", type=_positive, default=None, metavar="SECONDS",
+                       help="give up after this long (default: connect 10 s, calls 60 s, boots the daemon's "
+                            "--boot-timeout)")
         if session:
-            c.add_argument("name", metavar="NAME")
+            c.add_argument("name", metavar="NAME", help="session name")
         return c
 
     client("sessions", "list sessions", session=False)
@@ -59,9 +63,9 @@ def build_parser() -> Parser:
     client("stats", "daemon counters", session=False)
     client("register", "pre-register an external session and print its token")
     b = client("boot", "boot a session (if no agent of it is connected)")
-    b.add_argument("--image")
-    b.add_argument("--cpus", type=int)
-    b.add_argument("--memory-mib", type=int)
+    b.add_argument("--image", help="image for this boot (default: the daemon's --image)")
+    b.add_argument("--cpus", type=int, help="vCPUs (default: the backend's)")
+    b.add_argument("--memory-mib", type=int, help="memory in MiB (default: the backend's)")
     client("stop", "stop a session")
     client("rm", "remove a session (stopping it first): its token, scrollback and sockets go")
     iu = sub.add_parser("install-units", help="install the systemd units (socket activation, Type=notify)")
@@ -70,18 +74,22 @@ def build_parser() -> Parser:
     iu.add_argument("--variant", default="external", choices=["external", "local", "boxlite", "qemu"],
                     help="which backend the service runs (adds that backend's drop-in; default external)")
     im = sub.add_parser("build-image", help="build a local OCI layout with the guest agent baked in")
-    im.add_argument("out", metavar="DIR")
+    im.add_argument("out", metavar="DIR", help="where to write the OCI layout")
     im.add_argument("--base", metavar="LAYOUT", help="local OCI layout to build on (one with python3)")
     from .guest import add_arguments as _guest_args
 
     _guest_args(sub.add_parser("build-guest", help="build the qemu backend's guest kernel + initramfs from "
                                                    "Debian packages (cached in the state dir)"))
     t = client("tail", "print a session's output")
-    t.add_argument("-f", "--follow", action="store_true")
-    t.add_argument("--no-replay", action="store_true")
+    t.add_argument("-f", "--follow", action="store_true", help="keep printing new output (default: print the "
+                                                               "scrollback and exit)")
+    t.add_argument("--no-replay", action="store_true", help="skip the scrollback (default: print it first)")
     c = client("call", "call a method on a session's agent (or a vhub.* daemon call)")
-    c.add_argument("method")
-    c.add_argument("params", nargs="?", default=None, help="JSON params")
+    c.add_argument("--boot", action="store_true",
+                   help="boot the session first if no agent of it is connected (creating it; default: off, an "
+                        "unknown session is an error)")
+    c.add_argument("method", help="e.g. agent.info, agent.run, vhub.stats")
+    c.add_argument("params", nargs="?", default=None, help="JSON params (default: {})")
     r = client("run", "run a command in a session and relay its output")
     r.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD")
     r.add_argument("--cwd", help="working directory of CMD in the session (default: the agent's)")

@@ -382,6 +382,17 @@ class Client:
             return None
         return item
 
+    def drain(self) -> list:
+        """The Outputs and Events queued now, without waiting."""
+        out = []
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if item is _END:
+                self._queue.put_nowait(_END)
+                break
+            out.append(item)
+        return out
+
     def __aiter__(self):
         return self
 

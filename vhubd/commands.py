@@ -87,8 +87,9 @@ async def cmd_register(args) -> int:
 async def cmd_boot(args) -> int:
     params = {k: v for k, v in (("image", args.image), ("cpus", args.cpus), ("memory_mib", args.memory_mib))
               if v is not None}
-    async with await _connect(args) as c:
-        res = await c.boot(args.name, timeout=args.timeout, **params)
+    from .progress import boot_with_progress
+
+    res = await boot_with_progress(args.control, args.name, params, timeout=args.timeout)
     if args.json:
         _print_json(res)
     else:
@@ -123,7 +124,11 @@ async def cmd_call(args) -> int:
     except json.JSONDecodeError as exc:
         sys.stderr.write(f"blink call: error: params are not JSON: {exc}\n")
         return EXIT_USAGE
-    async with await _connect(args, session=args.name) as c:
+    if args.boot:
+        from .progress import boot_with_progress
+
+        await boot_with_progress(args.control, args.name, timeout=args.timeout)
+    async with await _connect(args, session=args.name, boot=args.boot) as c:
         result = await c.call(args.method, params, timeout=args.timeout or 60.0)
     _print_json(result)
     return 0
@@ -182,6 +187,9 @@ async def cmd_run(args) -> int:
         params["env"] = env
     if args.cwd:
         params["cwd"] = args.cwd
+    from .progress import boot_with_progress
+
+    await boot_with_progress(args.control, args.name, timeout=args.timeout)  # shows its progress, if it boots
     use_tty = args.tty if args.tty is not None else sys.stdin.isatty() and sys.stdout.isatty()
     if use_tty and not sys.stdin.isatty():
         sys.stderr.write("blink run: stdin is not a terminal, so no terminal for the command: running it on "

@@ -121,6 +121,7 @@ async def run_daemon(cfg: DaemonConfig, ready: asyncio.Event | None = None) -> i
     boots = BootManager(registry, backend, state_dir=state_dir, agent_addr=agent_addr,
                         boot_timeout=cfg.boot_timeout, idle_stop=cfg.idle_stop)
     relay = Relay(cfg.relay_config(), registry, loop.call_later, boots=boots)
+    boots.on_event = relay.publish  # boot phases reach events subscribers as {"type": "boot", ...}
     store = SessionStore(os.path.join(state_dir, "sessions.json"), registry, loop.call_later)
     server = Server(cfg, relay, loop)
     if cfg.guest_dir:

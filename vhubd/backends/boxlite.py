@@ -107,7 +107,9 @@ class BoxliteBackend(Backend):
         return box, created
 
     async def start(self, spec: BootSpec):
+        spec.progress("creating the box")
         box, _ = await self.create_box(spec)
+        spec.progress("starting the VM (BoxLite: pulls the image the first time)")
         try:
             await box.start()
         except asyncio.CancelledError:

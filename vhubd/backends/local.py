@@ -47,6 +47,7 @@ class LocalBackend(Backend):
             path = None  # --agent-command brings its own agent
         if path:
             env["PYTHONPATH"] = path + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        spec.progress("starting the agent process")
         logf = open(os.path.join(spec.workdir, "agent.log"), "ab")
         try:
             proc = await asyncio.create_subprocess_exec(

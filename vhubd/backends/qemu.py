@@ -242,7 +242,10 @@ class QemuBackend(Backend):
         if spec.session in self.vms:
             await self.stop(spec.session)
         img = self.image(spec.image)
+        if self._accel is None:
+            spec.progress("probing KVM")
         accel, why = await self.accel()
+        spec.progress(f"starting QEMU ({accel})")
         os.makedirs(spec.workdir, exist_ok=True)
         cid = self._cid()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
