@@ -90,6 +90,16 @@ def build_parser() -> Parser:
                         "unknown session is an error)")
     c.add_argument("method", help="e.g. agent.info, agent.run, vhub.stats")
     c.add_argument("params", nargs="?", default=None, help="JSON params (default: {})")
+    a = client("attach", "re-attach to a running execution (a terminal, or a pipe's output), with its scrollback")
+    a.add_argument("execution", type=int, metavar="EXECUTION", help="the execution id (blink run -t prints it "
+                                                                    "when you detach)")
+    a.add_argument("--escape", default="^]", metavar="CHAR",
+                   help="terminal: detach key, ^X or a character, 'none' to disable (default ^], Ctrl-])")
+    a.formatter_class = argparse.RawDescriptionHelpFormatter
+    a.description = "Re-attach to execution EXECUTION of session NAME and exit with its exit code."
+    a.epilog = ("A terminal: its scrollback, then this terminal in raw mode (keys, resizes; Ctrl-] detaches\n"
+                "again), taking over the writer seat. A pipe execution: its output from the scrollback on,\n"
+                "live; Ctrl-C detaches. It keeps running after a detach either way.")
     r = client("run", "run a command in a session and relay its output")
     r.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD")
     r.add_argument("--cwd", help="working directory of CMD in the session (default: the agent's)")

@@ -215,7 +215,23 @@ async def cmd_run(args) -> int:
         await c.close()
 
 
+async def cmd_attach(args) -> int:
+    from .attach import attach
+    from .terminal import parse_escape
+
+    try:
+        escape = parse_escape(args.escape)
+    except ValueError as exc:
+        sys.stderr.write(f"blink attach: error: --escape: {exc}\n")
+        return EXIT_USAGE
+    if args.execution <= 0:
+        sys.stderr.write(f"blink attach: error: EXECUTION is a positive execution id, not {args.execution}\n")
+        return EXIT_USAGE
+    return await attach(args.control, args.name, args.execution, escape=escape, timeout=args.timeout)
+
+
 CLIENT_COMMANDS = {
     "sessions": cmd_sessions, "info": cmd_info, "stats": cmd_stats, "register": cmd_register,
     "call": cmd_call, "tail": cmd_tail, "run": cmd_run, "boot": cmd_boot, "stop": cmd_stop, "rm": cmd_rm,
+    "attach": cmd_attach,
 }

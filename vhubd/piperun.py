@@ -128,11 +128,12 @@ class StdinPump:
 
 
 async def relay_execution(client: Client, eid: int, *, pump: StdinPump | None = None, early: list | None = None,
-                          name: str = "blink run") -> int:
+                          name: str = "blink run", detach_on_interrupt: bool = False) -> int:
     """Write execution ``eid``'s output to ours until its ``execution_result``;
     returns its exit status. SIGINT/SIGTERM are sent to it as ``agent.kill``
-    SIGINT (the result still decides our exit). ``early``: items that came before
-    the id was known."""
+    SIGINT (the result still decides our exit), or with ``detach_on_interrupt``
+    (``blink attach``) end the relay and leave it running. ``early``: items
+    that came before the id was known."""
     out, err = sys.stdout.buffer, sys.stderr.buffer
     loop = asyncio.get_running_loop()
     interrupted = asyncio.Event()
@@ -151,6 +152,10 @@ async def relay_execution(client: Client, eid: int, *, pump: StdinPump | None = 
             done, _ = await asyncio.wait({get, intr}, return_when=asyncio.FIRST_COMPLETED)
             if intr in done:
                 interrupted.clear()
+                if detach_on_interrupt:
+                    get.cancel()
+                    sys.stderr.write(f"{name}: detached; execution {eid} keeps running\n")
+                    return 0
                 try:
                     await client.call("agent.kill", {"execution_id": eid, "signal": 2}, timeout=5)
                 except (RemoteError, ConnectionClosed, TimeoutError):
