@@ -24,11 +24,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _mode() -> str:
-    for name in ("BLINK_BUILD_EXTENSION", "VHUBD_BUILD_EXTENSION"):
-        value = os.environ.get(name)
-        if value:
-            return value.strip().lower()
-    return "auto"
+    value = os.environ.get("BLINK_BUILD_EXTENSION")
+    if not value and os.environ.get("VHUBD_BUILD_EXTENSION"):
+        sys.stderr.write("blink: VHUBD_BUILD_EXTENSION is deprecated; use BLINK_BUILD_EXTENSION\n")
+        value = os.environ["VHUBD_BUILD_EXTENSION"]
+    return (value or "auto").strip().lower()
 
 
 MODE = _mode()

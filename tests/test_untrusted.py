@@ -298,7 +298,7 @@ def test_sessions_are_capped_and_listing_them_stays_cheap(make_daemon):
 def test_unknown_sessions_in_client_commands_are_errors(make_daemon):
     d = make_daemon("--backend", "external")
     for args in (["tail", "nosuch"], ["tail", "-f", "nosuch"], ["stop", "nosuch"], ["info", "nosuch"],
-                 ["call", "nosuch", "agent.ping"], ["rm", "nosuch"]):
+                 ["call", "nosuch", "agent.ping"], ["rm", "nosuch"], ["attach", "nosuch", "1"]):
         r = d.cli(*args, timeout=20)
         err = r.stderr.decode()
         assert r.returncode == 1 and err.count("\n") == 1 and "nosuch" in err, (args, err)
