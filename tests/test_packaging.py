@@ -205,6 +205,50 @@ def test_build_guest_from_the_wheel(built, tmp_path):
     assert re.search(r"guest image \w+", r.stderr)
 
 
+def test_qemu_backend_from_the_wheel(built, tmp_path):
+    """A real VM booted by the installed daemon: the guest image is the one the
+    wheel's build-guest resolves (the agent inside is the wheel's)."""
+    from qemu_testing import require_guest_image
+
+    image = require_guest_image()
+    d = Daemon(tmp_path / "d", "--backend", "qemu", "--image", image.dir, "--boot-timeout", "120",
+               python=built.python, tree=str(built.elsewhere), env=_clean_env()).start()
+    try:
+        r = built.run("run", "--control", d.control, "vm1", "--", "sh", "-c", "uname -r; wc -c", input="12345",
+                      timeout=180)
+        assert r.returncode == 0, r.stderr + d.log()[-2000:]
+        assert r.stdout.splitlines() == [image.kernel_release, "5"]
+    finally:
+        d.stop()
+
+
+def _python312() -> str | None:
+    import glob
+
+    for cand in [shutil.which("python3.12"), *sorted(glob.glob(os.path.expanduser(
+            "~/.pyenv/versions/3.12*/bin/python3.12")))]:
+        if cand and subprocess.run([cand, "-c", "import sys; assert sys.version_info[:2] == (3, 12)"],
+                                   capture_output=True, timeout=30).returncode == 0:
+            return cand
+    return None
+
+
+def test_the_abi3_wheel_installs_on_python_312(built, tmp_path):
+    """cp311-abi3: pip on 3.12 takes the same wheel, and the C codec loads there."""
+    py312 = _python312()
+    if py312 is None:
+        pytest.skip("no Python 3.12 interpreter on this machine")
+    venv = tmp_path / "v312"
+    subprocess.run([py312, "-m", "venv", str(venv)], check=True, timeout=300, env=_clean_env())
+    vpy = str(venv / "bin" / "python")
+    r = subprocess.run([vpy, "-m", "pip", "install", "-q", "--no-deps", str(built.wheel), "cffi>=1.15"],
+                       capture_output=True, text=True, timeout=600, env=_clean_env())
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    r = subprocess.run([vpy, "-c", "import vhubd.codec as c; print(c.BACKEND)"], capture_output=True, text=True,
+                       timeout=60, cwd=built.elsewhere, env=_clean_env())
+    assert (r.returncode, r.stdout.strip()) == (0, "c"), r.stderr
+
+
 def _blob(layout, digest: str) -> bytes:
     algo, hexd = digest.split(":", 1)
     return (layout / "blobs" / algo / hexd).read_bytes()
