@@ -1,17 +1,43 @@
-"""Builds the C codec through cffi (API mode, out-of-line).
+"""Builds vhubd: the C codec through cffi (API mode, out-of-line), the
+version from the one version file, and the package data the wheel carries.
 
-``VHUBD_BUILD_EXTENSION=no`` skips it; ``auto`` (default) tries and falls back
-to the pure-Python codec if the compiler is missing; ``yes`` makes a failed
-build fatal (CI uses it).
+``BLINK_BUILD_EXTENSION=no`` skips the C codec; ``auto`` (default) tries and
+falls back to the pure-Python codec if the compiler is missing; ``yes`` makes a
+failed build fatal (CI uses it). The old name ``VHUBD_BUILD_EXTENSION`` still
+works. The extension uses the limited API, so the wheel is tagged abi3.
+
+``build_py`` copies ``guest-agent/blink_agent`` and ``systemd/`` into
+``vhubd/_shipped/`` in the build: the wheel then runs the local backend,
+``install-units``, ``build-image`` and ``build-guest`` without a checkout.
 """
 
 import os
+import re
+import shutil
 import sys
 
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
-MODE = os.environ.get("VHUBD_BUILD_EXTENSION", "auto").lower()
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _mode() -> str:
+    value = os.environ.get("BLINK_BUILD_EXTENSION")
+    if not value and os.environ.get("VHUBD_BUILD_EXTENSION"):
+        sys.stderr.write("blink: VHUBD_BUILD_EXTENSION is deprecated; use BLINK_BUILD_EXTENSION\n")
+        value = os.environ["VHUBD_BUILD_EXTENSION"]
+    return (value or "auto").strip().lower()
+
+
+MODE = _mode()
+SHIPPED = {"guest-agent/blink_agent": "guest-agent/blink_agent", "systemd": "systemd"}
+
+
+def version() -> str:
+    with open(os.path.join(HERE, "guest-agent", "blink_agent", "_version.py"), encoding="utf-8") as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
 
 
 class optional_build_ext(build_ext):
@@ -32,7 +58,28 @@ class optional_build_ext(build_ext):
             sys.stderr.write(f"WARNING: C codec not built ({exc}); vhubd will use the pure-Python codec\n")
 
 
+class build_py_shipped(build_py):
+    """Also copy the guest agent and the systemd units into vhubd/_shipped/."""
+
+    def run(self):
+        super().run()
+        if self.editable_mode:  # an editable install finds them in the checkout
+            return
+        for src, dst in SHIPPED.items():
+            target = os.path.join(self.build_lib, "vhubd", "_shipped", dst)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            shutil.copytree(os.path.join(HERE, src), target,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
+
+
+options = {}
+if MODE != "no":
+    options["bdist_wheel"] = {"py_limited_api": "cp311"}  # the extension is abi3 (cffi's limited API)
+
 setup(
+    version=version(),
     cffi_modules=[] if MODE == "no" else ["csrc/build_blin.py:ffi"],
-    cmdclass={"build_ext": optional_build_ext},
+    cmdclass={"build_ext": optional_build_ext, "build_py": build_py_shipped},
+    options=options,
 )

@@ -74,7 +74,7 @@ def main() -> int:
         top(args.top)
         return 0
     tmp = tempfile.mkdtemp(prefix="vprof")
-    d = Daemon(tmp, {"VHUBD_CODEC": args.codec}, *args.daemon_arg).start()
+    d = Daemon(tmp, {"BLINK_CODEC": args.codec}, *args.daemon_arg).start()
     print(f"daemon pid {d.pid} codec {d.codec}", flush=True)
     guest = Worker("guest")
     handler = Worker("handler") if args.kind == "rpc" else None

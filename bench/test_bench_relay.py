@@ -3,7 +3,7 @@ in the same run:
 
 - stream: a guest process sends Stdout frames (64 B .. 1 MiB payloads) as fast
   as it can; one subscriber on the control socket receives them. Transports:
-  vhubd (C codec), vhubd with VHUBD_CODEC=python, a direct Unix socket pair,
+  vhubd (C codec), vhubd with BLINK_CODEC=python, a direct Unix socket pair,
   ``socat -b 262144`` and plain ``socat`` as blind relays. Every byte is
   counted and checksummed at the sink.
 - rpc: a guest sends RpcRequest ``bench.echo`` to a host handler that answers
@@ -83,7 +83,7 @@ def bench_dir(tmp_path_factory):
 def _daemon(bench_dir, name, codec_choice, tree=None):
     d = os.path.join(bench_dir, name)
     os.makedirs(d, exist_ok=True)
-    return Daemon(d, {"VHUBD_CODEC": codec_choice}, tree=tree).start()
+    return Daemon(d, {"BLINK_CODEC": codec_choice}, tree=tree).start()
 
 
 @pytest.fixture(scope="session")

@@ -35,9 +35,13 @@ size_t blin_frame_boundary(const uint8_t *buf, size_t len, size_t min_offset);
 """
 
 
+def sanitize() -> bool:
+    return (os.environ.get("BLINK_SANITIZE") or os.environ.get("VHUBD_SANITIZE")) == "1"
+
+
 def compile_args():
     args = ["-std=c99", "-O2", "-Wall", "-Wextra", "-Werror"]
-    if os.environ.get("VHUBD_SANITIZE") == "1":
+    if sanitize():
         args += ["-O1", "-g", "-fsanitize=address,undefined", "-fno-omit-frame-pointer",
                  "-fno-sanitize-recover=all"]
     return args
@@ -51,7 +55,7 @@ ffi.set_source(
     sources=[os.path.relpath(HERE / "blin.c")],
     include_dirs=[os.path.relpath(HERE)],
     extra_compile_args=compile_args(),
-    extra_link_args=["-fsanitize=address,undefined"] if os.environ.get("VHUBD_SANITIZE") == "1" else [],
+    extra_link_args=["-fsanitize=address,undefined"] if sanitize() else [],
 )
 
 if __name__ == "__main__":

@@ -124,7 +124,7 @@ async def _push(s: socket.socket, data: bytes, seconds: float) -> int:
     while time.monotonic() < end:
         try:
             await asyncio.wait_for(loop.sock_sendall(s, data), 0.5)
-        except (asyncio.TimeoutError, OSError):
+        except (TimeoutError, OSError):
             break
         sent += len(data)
     return sent

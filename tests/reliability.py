@@ -448,7 +448,7 @@ class Raw:
             return b""
         try:
             d = await asyncio.wait_for(self.loop.sock_recv(self.sock, 1 << 18), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return b""
         except OSError:  # reset: what was readable has been read
             d = b""

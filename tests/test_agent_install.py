@@ -49,11 +49,20 @@ def test_sources_parse_as_python_38():
         ast.parse(path.read_text(), filename=str(path), feature_version=(3, 8))
 
 
-def test_versions_agree():
+def test_version_is_written_once():
+    """blink_agent/_version.py is the one place: both builds and vhubd read it."""
+    import vhubd
+
     pyproject = (AGENT_SRC / "pyproject.toml").read_text()
-    declared = re.search(r'^version = "([^"]+)"', pyproject, re.M).group(1)
+    assert not re.search(r'^version = "', pyproject, re.M)
+    assert 'version = { attr = "blink_agent._version.__version__" }' in pyproject
     code = re.search(r'__version__ = "([^"]+)"', (PACKAGE / "_version.py").read_text()).group(1)
-    assert declared == code
+    assert vhubd.__version__ == code
+    root = AGENT_SRC.parent
+    assert not re.search(r'^version = "', (root / "pyproject.toml").read_text(), re.M)
+    hits = [p for p in [*root.glob("vhubd/**/*.py"), *PACKAGE.glob("*.py"), root / "setup.py"]
+            if re.search(r'^__version__ = "', p.read_text(), re.M)]
+    assert hits == [PACKAGE / "_version.py"], hits
     assert 'requires-python = ">=3.8"' in pyproject
     assert "dependencies = []" in pyproject
     assert 'blink-agent = "blink_agent.cli:main"' in pyproject

@@ -31,6 +31,7 @@ LAYERS = [
     "blocking",
     "hub",
     "execution",
+    "stdin",
     "pty",
     "runner",
     "cli",
@@ -85,7 +86,7 @@ def test_imports_point_down():
     assert not upward, upward
 
 
-@pytest.mark.parametrize("name", ["pty", "runner", "execution", "link", "async_hub", "blocking", "hub", "cli"])
+@pytest.mark.parametrize("name", ["pty", "stdin", "runner", "execution", "link", "async_hub", "blocking", "hub", "cli"])
 def test_each_module_imports_alone_in_a_fresh_interpreter(name):
     """Imported first, a module of a cycle would find its partner half-initialised."""
     code = f"import blink_agent.{name} as m, sys; print(sorted(k for k in sys.modules if k.startswith('blink_agent')))"

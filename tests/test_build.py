@@ -36,18 +36,30 @@ def _install(tmp_path, env_extra):
 
 @pytest.mark.slow
 def test_no_compiler_falls_back_to_python_codec(tmp_path):
-    r, (backend, reason) = _install(tmp_path, {"CC": "/bin/false", "VHUBD_BUILD_EXTENSION": "auto"})
+    r, (backend, reason) = _install(tmp_path, {"CC": "/bin/false", "BLINK_BUILD_EXTENSION": "auto"})
     assert backend == "python"
     assert "not built" in reason and "pure-Python" in reason
 
 
 @pytest.mark.slow
 def test_extension_off_by_switch(tmp_path):
-    _, (backend, reason) = _install(tmp_path, {"VHUBD_BUILD_EXTENSION": "no"})
+    _, (backend, reason) = _install(tmp_path, {"BLINK_BUILD_EXTENSION": "no"})
     assert backend == "python" and "not built" in reason
 
 
 def test_forcing_c_when_absent_is_an_import_error():
     r = subprocess.run([sys.executable, "-c", "import vhubd.codec"], capture_output=True, text=True,
-                       env=dict(os.environ, VHUBD_CODEC="bogus"), timeout=60)
-    assert r.returncode != 0 and "VHUBD_CODEC must be auto, c or python" in r.stderr
+                       env=dict(os.environ, BLINK_CODEC="bogus"), timeout=60)
+    assert r.returncode != 0 and "BLINK_CODEC must be auto, c or python" in r.stderr
+
+
+def test_old_variable_names_still_work_with_a_deprecation_line():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BLINK_", "VHUBD_"))}
+    r = subprocess.run([sys.executable, "-c", "import vhubd.codec as c; print(c.BACKEND)"], capture_output=True,
+                       text=True, env=dict(env, VHUBD_CODEC="python"), timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "python"
+    assert r.stderr.splitlines() == ["blink: VHUBD_CODEC is deprecated; use BLINK_CODEC"]
+    r = subprocess.run([sys.executable, "-c", "import vhubd.codec as c; print(c.BACKEND)"], capture_output=True,
+                       text=True, env=dict(env, VHUBD_CODEC="c", BLINK_CODEC="python"), timeout=60)
+    assert (r.returncode, r.stdout.strip(), r.stderr) == (0, "python", "")  # the new name wins, silently

@@ -38,7 +38,10 @@ def test_names_are_validated():
 
 def test_blink_run_boots_on_demand_and_exits_with_code(local):
     r = run(local, "demo", "--", "sh", "-c", "echo out; echo err >&2; exit 3")
-    assert (r.returncode, r.stdout, r.stderr) == (3, b"out\n", b"err\n")
+    assert (r.returncode, r.stdout) == (3, b"out\n")
+    boot, booted, err = r.stderr.split(b"\n", 2)  # on a pipe: one line as the boot starts, one as it ends
+    assert (boot, booted[:30], err) == (b"blink: booting session demo (local)", b"blink: session demo booted in ",
+                                        b"err\n")
     s = json.loads(local.cli("sessions", "--json").stdout)
     demo = next(x for x in s if x["name"] == "demo")
     assert demo["state"] == "ready" and demo["backend"] == "local" and demo["agent_connected"]
@@ -129,9 +132,9 @@ def test_host_check_is_cheap_and_overridable(monkeypatch):
     assert time.monotonic() - t < 1.0 and why
     if os.path.isdir("/sys/module/kvm_pvm"):
         assert not ok and "kvm-pvm" in why
-    monkeypatch.setenv("VHUB_BOXLITE_VMS", "yes")
+    monkeypatch.setenv("BLINK_BOXLITE_VMS", "yes")
     assert bl.host_can_boot_vms()[0]
-    monkeypatch.setenv("VHUB_BOXLITE_VMS", "no")
+    monkeypatch.setenv("BLINK_BOXLITE_VMS", "no")
     assert not bl.host_can_boot_vms()[0]
 
 
@@ -190,7 +193,8 @@ def test_boxlite_boot_failure_is_reported_and_cleaned_up(make_daemon, tmp_path):
         r = d.cli("boot", "x", timeout=90)
         took = time.monotonic() - t
         assert r.returncode == 1, r.stdout
-        line = r.stderr.decode().strip()
+        first, line = r.stderr.decode().strip().split("\n")
+        assert first == "blink: booting session x (boxlite)"
         assert line.startswith("blink: boot_failed:") and "The VM failed to start" in line, line
         assert took < 60
         info = json.loads(d.cli("info", "x", "--json").stdout)

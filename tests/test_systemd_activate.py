@@ -50,7 +50,7 @@ class Activated:
         self.notify = NotifySocket(os.path.join(self.dir, "notify"))
         self.logpath = os.path.join(self.dir, "daemon.log")
         listen = listen if listen is not None else [self.vhub, self.control]
-        envs = {"NOTIFY_SOCKET": self.notify.path, "VHUBD_SYSTEMD": impl_name, **(env or {})}
+        envs = {"NOTIFY_SOCKET": self.notify.path, "BLINK_SYSTEMD": impl_name, **(env or {})}
         if watchdog_usec:
             envs["WATCHDOG_USEC"] = str(watchdog_usec)
         cmd = [SOCKET_ACTIVATE, *(f"--listen={a}" for a in listen)]
@@ -167,10 +167,10 @@ def test_first_connection_starts_the_daemon_on_named_fds(activated, impl_name):
 
 @needs_activate
 def test_a_hung_event_loop_stops_the_watchdog_pets(activated, impl_name):
-    """The debug hook (only when VHUBD_DEBUG_HANG_ON_SIGUSR2 is set) blocks the
+    """The debug hook (only when BLINK_DEBUG_HANG_ON_SIGUSR2 is set) blocks the
     loop with time.sleep: no WATCHDOG=1 while it is blocked, so systemd's
     watchdog would fire (the nspawn test lets it)."""
-    a = activated(impl_name, env={"VHUBD_DEBUG_HANG_ON_SIGUSR2": "2"}, watchdog_usec=300000)
+    a = activated(impl_name, env={"BLINK_DEBUG_HANG_ON_SIGUSR2": "2"}, watchdog_usec=300000)
     RawGuest(a.vhub).close()
     a.notify.wait_for(lambda m: "READY=1" in m)
     time.sleep(0.6)

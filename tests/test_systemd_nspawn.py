@@ -217,7 +217,7 @@ def _scenario(res: dict) -> None:
     os.makedirs("/run/systemd/system/blink-vhub.service.d", exist_ok=True)
     with open("/run/systemd/system/blink-vhub.service.d/50-watchdog-test.conf", "w") as f:
         # and the stdlib notify/listen_fds under a real systemd (the first daemon used libsystemd where installed)
-        f.write("[Service]\nEnvironment=VHUBD_DEBUG_HANG_ON_SIGUSR2=1 VHUBD_SYSTEMD=stdlib\nWatchdogSec=2s\n")
+        f.write("[Service]\nEnvironment=BLINK_DEBUG_HANG_ON_SIGUSR2=1 BLINK_SYSTEMD=stdlib\nWatchdogSec=2s\n")
     _run("systemctl", "daemon-reload")
     _run("systemctl", "restart", "blink-vhub.service")
     svc = _show("blink-vhub.service", "MainPID", "NRestarts", "WatchdogUSec", "ActiveState")
@@ -511,7 +511,7 @@ def boot(tmp_path_factory):
     res["boot_seconds"] = seconds
     try:
         sd.impl("libsystemd")
-        res["host_impl"] = "libsystemd"  # what the service's VHUBD_SYSTEMD=auto picks with this interpreter
+        res["host_impl"] = "libsystemd"  # what the service's BLINK_SYSTEMD=auto picks with this interpreter
     except ImportError:
         res["host_impl"] = "stdlib"
     res["console_tail"] = tail

@@ -43,7 +43,7 @@ class Screen:
 
         try:
             await asyncio.wait_for(read(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise AssertionError(f"{pattern!r} not shown within {timeout}s: {self.data[-300:]!r}") from None
         head, _, self.data = self.data.partition(pattern)
         return head + pattern

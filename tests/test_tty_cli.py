@@ -49,7 +49,8 @@ class LocalTerminal:
     """A person's terminal: a PTY pair owned by the test, ``blink run ARGS`` on its
     slave (as controlling terminal, in its own session: it gets SIGWINCH)."""
 
-    def __init__(self, daemon: Daemon, *args: str, rows: int = 24, cols: int = 80, env: dict | None = None):
+    def __init__(self, daemon: Daemon, *args: str, rows: int = 24, cols: int = 80, env: dict | None = None,
+                 command: str = "run"):
         self.master, self.slave = os.openpty()
         set_winsize(self.slave, rows, cols)
         self.before = stty_g(self.slave)
@@ -58,7 +59,7 @@ class LocalTerminal:
         environ = dict(os.environ, TERM="xterm", **(env or {}))
         environ.pop("BLINK_CONTROL", None)
         self.proc = subprocess.Popen(
-            [SETSID, "-c", PY, "-m", "vhubd", "run", "--control", daemon.control, *args],
+            [SETSID, "-c", PY, "-m", "vhubd", command, "--control", daemon.control, *args],
             stdin=self.slave, stdout=self.slave, stderr=self.slave, cwd=ROOT, env=environ)
 
     def _pump(self, timeout: float) -> bool:

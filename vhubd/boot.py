@@ -39,6 +39,8 @@ class BootManager:
         self.stops: dict[str, asyncio.Task] = {}
         self.booted: set[str] = set()  # sessions whose sandbox we started
         self.boot_count = 0
+        #: gets each boot phase of a session as a ``{"type": "boot", ...}`` event (the daemon publishes them)
+        self.on_event: Callable[[Session, dict], None] | None = None
         registry.watch(self._state_changed)
 
     # -- boot --
@@ -72,10 +74,15 @@ class BootManager:
         waiter = asyncio.get_running_loop().create_future()
         self.waiters[name] = waiter
         addr = self.agent_addr(name) if callable(self.agent_addr) else self.agent_addr
+
+        def phase(what: str, **extra: object) -> None:
+            self._phase(sess, t0, what, **extra)
+
         spec = BootSpec(session=name, token=sess.token or "", addr=addr,
                         workdir=os.path.join(self.state_dir, "sessions", name), image=params.get("image"),
                         cpus=params.get("cpus"), memory_mib=params.get("memory_mib"),
-                        env={str(k): str(v) for k, v in (params.get("env") or {}).items()})
+                        env={str(k): str(v) for k, v in (params.get("env") or {}).items()}, progress=phase)
+        phase("starting")
         stage = "starting the sandbox"
         try:
             async with asyncio.timeout(self.boot_timeout):
@@ -83,6 +90,7 @@ class BootManager:
                 handle = await self.backend.start(spec)
                 stage = "waiting for the agent's handshake"
                 if sess.agent is None:
+                    phase("waiting for the agent to connect")
                     if sess.state is State.BOOTING:
                         self.registry.set_state(sess, State.WAITING_AGENT, "sandbox started; waiting for its agent")
                     exited = getattr(handle, "exited", None)
@@ -92,17 +100,31 @@ class BootManager:
                         raise BackendError(exited.result())
         except TimeoutError:
             msg = f"boot of {name!r} timed out after {self.boot_timeout:g} s while {stage}"
+            phase("failed", reason=msg)
             await self._fail(sess, msg)
             raise BootFailed(msg) from None
         except (BackendError, OSError) as exc:
+            phase("failed", reason=str(exc))
             await self._fail(sess, str(exc))
             raise BootFailed(str(exc)) from None
+        except asyncio.CancelledError:
+            phase("failed", reason="boot cancelled (session stopping)")
+            raise
         finally:
             self.waiters.pop(name, None)
+        phase("ready")
         ms = (time.monotonic() - t0) * 1000
         log.info("session booted session=%s backend=%s in %.0f ms", name, self.backend.name, ms)
         sess.last_activity = time.monotonic()
         return {"session": name, "state": sess.state.value, "booted": True, "boot_ms": round(ms, 1)}
+
+    def _phase(self, sess: Session, t0: float, what: str, **extra: object) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(sess, {"type": "boot", "phase": what, "elapsed": round(time.monotonic() - t0, 2),
+                                     "backend": self.backend.name, **extra})
+            except Exception:
+                log.exception("publishing a boot event of %s", sess.name)
 
     async def _fail(self, sess: Session, msg: str) -> None:
         log.warning("boot failed session=%s: %s", sess.name, msg)

@@ -11,7 +11,7 @@ import argparse
 import asyncio
 import sys
 
-from . import __version__, frames
+from . import __version__
 from .commands import EXIT_FAIL, EXIT_UNREACHABLE, EXIT_USAGE
 from .errors import ConfigError, ConnectionClosed, RemoteError
 
@@ -20,17 +20,6 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2
         sys.stderr.write(f"{self.prog}: error: {message}\n")
         sys.exit(EXIT_USAGE)
-
-
-def _size(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    t = text.strip().lower().rstrip("ib")
-    try:
-        if t and t[-1] in units:
-            return int(float(t[:-1]) * units[t[-1]])
-        return int(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
 
 
 def _positive(text: str) -> float:
@@ -43,73 +32,29 @@ def _positive(text: str) -> float:
     return v
 
 
-def _mode(text: str) -> int:
-    try:
-        return int(text, 8)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an octal mode: {text!r}") from None
-
-
 def build_parser() -> Parser:
     p = Parser(prog="blink", description="V-Hub: host-side BLIN channel for sandboxed agents")
     p.add_argument("--version", action="version", version=f"vhubd {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
-    s = sub.add_parser("serve", help="run the daemon")
-    s.add_argument("--socket", default="/tmp/blink-vhub.sock",
-                   help="guest-facing Unix socket (where the VMM maps guest vsock port 10000)")
-    s.add_argument("--control", default=None, help="control socket for host clients")
-    s.add_argument("--tcp", metavar="HOST:PORT", help="guest-facing loopback TCP listener (token required)")
-    s.add_argument("--vsock-port", type=int, metavar="N", help="AF_VSOCK guest listener port")
-    s.add_argument("--socket-mode", type=_mode, help="mode of the guest socket (octal)")
-    g = s.add_mutually_exclusive_group()
-    g.add_argument("--anonymous-session", default="default", metavar="NAME",
-                   help="session for agents that send an empty handshake (default: default)")
-    g.add_argument("--no-anonymous", action="store_true", help="refuse agents without a session")
-    s.add_argument("--max-payload", type=_size, default=frames.DEFAULT_MAX_PAYLOAD)
-    s.add_argument("--handshake-timeout", type=_positive, default=10.0)
-    s.add_argument("--stall-timeout", type=_positive, default=10.0)
-    s.add_argument("--heartbeat", type=float, default=10.0, help="heartbeat interval in seconds (0: off)")
-    s.add_argument("--rpc-timeout", type=_positive, default=30.0)
-    s.add_argument("--max-connections", type=int, default=10000, help="guest connections, at most")
-    s.add_argument("--max-clients", type=int, default=1024,
-                   help="control-socket connections, at most (counted apart from guests)")
-    s.add_argument("--max-sessions", type=int, default=10_000, help="sessions the daemon holds, at most")
-    s.add_argument("--max-attached", type=int, default=64, help="attached guest connections per session")
-    s.add_argument("--max-inflight", type=int, default=1024, help="RPCs one connection may have in flight")
-    s.add_argument("--max-output", type=_size, default=32 << 20,
-                   help="bytes queued toward one connection, at most (slow_consumer above)")
-    s.add_argument("--max-handshake", type=_size, default=64 << 10, help="handshake payload, at most")
-    s.add_argument("--guest-dir", metavar="DIR",
-                   help="per-session guest sockets DIR/<session>.sock (Firecracker, cloud-hypervisor, libkrun "
-                        "map a VM's vsock port to it): the socket names the session, no token")
-    s.add_argument("--scrollback", type=_size, default=1 << 20)
-    s.add_argument("--lossy-limit", type=_size, default=4 << 20)
-    s.add_argument("--multiple-agents", action="store_true", help="allow several agents per session")
-    s.add_argument("--backend", default="auto", choices=["auto", "boxlite", "qemu", "local", "external"],
-                   help="how sessions boot (auto: boxlite where VMs can boot, else external)")
-    s.add_argument("--state-dir", help="per-daemon state (BoxLite home, session dirs)")
-    s.add_argument("--boot-timeout", type=_positive, default=120.0)
-    s.add_argument("--idle-stop", type=_positive, metavar="SECONDS",
-                   help="stop booted sessions with no clients and no agent traffic for this long")
-    s.add_argument("--image", help="BoxLite image: OCI reference or local OCI layout directory; qemu: a guest "
-                                   "image directory (default: the one `blink build-guest` made)")
-    s.add_argument("--qemu-accel", default="auto", choices=["auto", "kvm", "tcg"],
-                   help="qemu backend: auto = KVM when a probe VM runs on it, else TCG")
-    s.add_argument("--agent-command", help="local backend: command that runs the guest agent")
-    s.add_argument("--once", action="store_true", help="Blink one-shot mode: one agent, first RPC, exit")
-    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    s.add_argument("--log", default="auto", choices=["auto", "journal", "stderr"],
-                   help="journal: structured journald entries (needs systemd-python); auto: journal when "
-                        "stderr is systemd's journal stream (JOURNAL_STREAM), else stderr")
+    s = sub.add_parser("serve", help="run the daemon",
+                       description="Run the daemon. Settings: defaults, then the TOML config file, then these "
+                                   "flags (a flag wins).")
+    from .serveconfig import add_serve_arguments
+
+    add_serve_arguments(s)
 
     def client(name: str, help: str, session: bool = True) -> Parser:
         c = sub.add_parser(name, help=help)
-        c.add_argument("--control", default=None, help="daemon control socket (env BLINK_CONTROL)")
-        c.add_argument("--json", action="store_true", help="machine-readable output")
-        c.add_argument("--timeout", type=_positive, default=None)
+        c.add_argument("--control", default=None, metavar="PATH",
+                       help="daemon control socket (default: $BLINK_CONTROL, else $XDG_RUNTIME_DIR/blink/"
+                            "control.sock, /run/blink/control.sock for root: where `blink serve` listens)")
+        c.add_argument("--json", action="store_true", help="machine-readable output (default: tables)")
+        c.add_argument("--timeout", type=_positive, default=None, metavar="SECONDS",
+                       help="give up after this long (default: connect 10 s, calls 60 s, boots the daemon's "
+                            "--boot-timeout)")
         if session:
-            c.add_argument("name", metavar="NAME")
+            c.add_argument("name", metavar="NAME", help="session name")
         return c
 
     client("sessions", "list sessions", session=False)
@@ -118,33 +63,50 @@ def build_parser() -> Parser:
     client("stats", "daemon counters", session=False)
     client("register", "pre-register an external session and print its token")
     b = client("boot", "boot a session (if no agent of it is connected)")
-    b.add_argument("--image")
-    b.add_argument("--cpus", type=int)
-    b.add_argument("--memory-mib", type=int)
+    b.add_argument("--image", help="image for this boot (default: the daemon's --image)")
+    b.add_argument("--cpus", type=int, help="vCPUs (default: the backend's)")
+    b.add_argument("--memory-mib", type=int, help="memory in MiB (default: the backend's)")
     client("stop", "stop a session")
     client("rm", "remove a session (stopping it first): its token, scrollback and sockets go")
     iu = sub.add_parser("install-units", help="install the systemd units (socket activation, Type=notify)")
     iu.add_argument("--prefix", default="/", metavar="DIR",
                     help="install under DIR/etc/systemd/system, DIR/etc/sysusers.d, DIR/etc/tmpfiles.d (default /)")
-    iu.add_argument("--variant", default="external", choices=["external", "local", "boxlite"],
+    iu.add_argument("--variant", default="external", choices=["external", "local", "boxlite", "qemu"],
                     help="which backend the service runs (adds that backend's drop-in; default external)")
     im = sub.add_parser("build-image", help="build a local OCI layout with the guest agent baked in")
-    im.add_argument("out", metavar="DIR")
+    im.add_argument("out", metavar="DIR", help="where to write the OCI layout")
     im.add_argument("--base", metavar="LAYOUT", help="local OCI layout to build on (one with python3)")
     from .guest import add_arguments as _guest_args
 
     _guest_args(sub.add_parser("build-guest", help="build the qemu backend's guest kernel + initramfs from "
                                                    "Debian packages (cached in the state dir)"))
     t = client("tail", "print a session's output")
-    t.add_argument("-f", "--follow", action="store_true")
-    t.add_argument("--no-replay", action="store_true")
+    t.add_argument("-f", "--follow", action="store_true", help="keep printing new output (default: print the "
+                                                               "scrollback and exit)")
+    t.add_argument("--no-replay", action="store_true", help="skip the scrollback (default: print it first)")
     c = client("call", "call a method on a session's agent (or a vhub.* daemon call)")
-    c.add_argument("method")
-    c.add_argument("params", nargs="?", default=None, help="JSON params")
+    c.add_argument("--boot", action="store_true",
+                   help="boot the session first if no agent of it is connected (creating it; default: off, an "
+                        "unknown session is an error)")
+    c.add_argument("method", help="e.g. agent.info, agent.run, vhub.stats")
+    c.add_argument("params", nargs="?", default=None, help="JSON params (default: {})")
+    a = client("attach", "re-attach to a running execution (a terminal, or a pipe's output), with its scrollback")
+    a.add_argument("execution", type=int, metavar="EXECUTION", help="the execution id (blink run -t prints it "
+                                                                    "when you detach)")
+    a.add_argument("--escape", default="^]", metavar="CHAR",
+                   help="terminal: detach key, ^X or a character, 'none' to disable (default ^], Ctrl-])")
+    a.formatter_class = argparse.RawDescriptionHelpFormatter
+    a.description = "Re-attach to execution EXECUTION of session NAME and exit with its exit code."
+    a.epilog = ("A terminal: its scrollback, then this terminal in raw mode (keys, resizes; Ctrl-] detaches\n"
+                "again), taking over the writer seat. A pipe execution: its output from the scrollback on,\n"
+                "live; Ctrl-C detaches. It keeps running after a detach either way.")
     r = client("run", "run a command in a session and relay its output")
     r.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD")
-    r.add_argument("--cwd")
-    r.add_argument("-e", "--env", action="append", default=[], metavar="K=V")
+    r.add_argument("--cwd", help="working directory of CMD in the session (default: the agent's)")
+    r.add_argument("-e", "--env", action="append", default=[], metavar="K=V",
+                   help="set a variable for CMD (repeatable)")
+    r.add_argument("-n", "--no-stdin", action="store_true",
+                   help="do not forward stdin: CMD reads /dev/null (pipes only; like ssh -n)")
     tt = r.add_mutually_exclusive_group()
     tt.add_argument("-t", "--tty", action="store_true", default=None,
                     help="run CMD on a terminal, this one in raw mode (default when stdin and stdout "
@@ -153,8 +115,10 @@ def build_parser() -> Parser:
     r.add_argument("--escape", default="^]", metavar="CHAR",
                    help="with -t: detach key, ^X or a character, 'none' to disable (default ^], Ctrl-])")
     r.formatter_class = argparse.RawDescriptionHelpFormatter
-    r.description = "Run CMD in session NAME (booted on demand) and exit with its exit code."
-    r.epilog = ("With -t the command gets a terminal of the local window's size: keys (Ctrl-C too) go to\n"
+    r.description = ("Run CMD in session NAME (booted on demand) and exit with its exit code (127: not found, "
+                     "126: cannot execute, 128+N: killed by signal N). Options go before NAME.")
+    r.epilog = ("Without -t, stdin is forwarded to CMD as a stream (EOF included) unless -n.\n"
+                "With -t the command gets a terminal of the local window's size: keys (Ctrl-C too) go to\n"
                 "it, resizes follow. Ctrl-] (--escape) detaches: the local terminal is restored,\n"
                 "blink exits 0, the command keeps running in the session.")
     return p
@@ -194,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     except RemoteError as exc:
         sys.stderr.write(f"blink: {exc.code}: {exc.message}\n")
         return EXIT_FAIL
-    except (asyncio.TimeoutError, TimeoutError):
+    except TimeoutError:
         sys.stderr.write("blink: timed out\n")
         return EXIT_FAIL
     except KeyboardInterrupt:
@@ -226,40 +190,33 @@ def cmd_install_units(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .daemon import DaemonConfig, serve
+    from .daemon import serve
     from .listeners import ListenError, parse_tcp, vsock_address
+    from .serveconfig import daemon_config, render, resolve, source_hint
     from .systemd import ActivationError
 
     try:
-        setup_logging(args.log_level, args.log)
-    except ImportError:
-        sys.stderr.write("blink serve: error: --log journal needs systemd-python (pip install 'vhubd[systemd]')\n")
-        return EXIT_USAGE
-    try:
-        if args.tcp:
-            parse_tcp(args.tcp)
-        if args.vsock_port is not None:
-            vsock_address(args.vsock_port)
-    except ValueError as exc:
-        sys.stderr.write(f"blink serve: error: {exc}\n")
-        return EXIT_USAGE
-    cfg = DaemonConfig(
-        socket=args.socket, control=args.control, tcp=args.tcp, vsock_port=args.vsock_port,
-        socket_mode=args.socket_mode, anonymous_session=None if args.no_anonymous else args.anonymous_session,
-        max_payload=args.max_payload, handshake_timeout=args.handshake_timeout,
-        stall_timeout=args.stall_timeout, heartbeat_interval=args.heartbeat, dead_after=3 * args.heartbeat,
-        rpc_timeout=args.rpc_timeout, max_connections=args.max_connections, scrollback=args.scrollback,
-        lossy_limit=args.lossy_limit, allow_multiple_agents=args.multiple_agents, once=args.once,
-        backend=args.backend, state_dir=args.state_dir, boot_timeout=args.boot_timeout,
-        idle_stop=args.idle_stop, image=args.image, agent_command=args.agent_command, qemu_accel=args.qemu_accel,
-        max_clients=args.max_clients, max_sessions=args.max_sessions, max_attached=args.max_attached,
-        max_inflight=args.max_inflight, max_output=args.max_output, max_handshake=args.max_handshake,
-        guest_dir=args.guest_dir,
-    )
-    try:
-        cfg.validate()
+        settings = resolve(args)
     except ConfigError as exc:
         sys.stderr.write(f"blink serve: error: {exc}\n")
+        return EXIT_USAGE
+    if args.print_config:
+        sys.stdout.write(render(settings))
+        return 0
+    try:
+        if settings["tcp"]:
+            parse_tcp(settings["tcp"])
+        if settings["vsock-port"] is not None:
+            vsock_address(settings["vsock-port"])
+        cfg = daemon_config(settings)
+        cfg.validate()
+    except (ValueError, ConfigError) as exc:
+        sys.stderr.write(f"blink serve: error: {source_hint(settings, str(exc))}\n")
+        return EXIT_USAGE
+    try:
+        setup_logging(settings["log-level"], settings["log"])
+    except ImportError:
+        sys.stderr.write("blink serve: error: --log journal needs systemd-python (pip install 'vhubd[systemd]')\n")
         return EXIT_USAGE
     try:
         return serve(cfg)

@@ -106,7 +106,7 @@ class Client:
         path = path or default_control_path()
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path, limit=1 << 20), timeout)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             reason = getattr(exc, "strerror", None) or "timed out"
             raise ConnectionClosed(f"cannot connect to the daemon at {path}: {reason} "
                                    "(is `blink serve` running?)", "unreachable") from None
@@ -121,7 +121,7 @@ class Client:
         self._task = asyncio.ensure_future(self._read_loop())
         try:
             self.hello = await asyncio.wait_for(asyncio.shield(self._handshake), None if boot else timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             await self.close()
             raise ConnectionClosed("the daemon did not answer the handshake", "timeout") from None
         except BaseException:
@@ -381,6 +381,17 @@ class Client:
             self._queue.put_nowait(_END)
             return None
         return item
+
+    def drain(self) -> list:
+        """The Outputs and Events queued now, without waiting."""
+        out = []
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if item is _END:
+                self._queue.put_nowait(_END)
+                break
+            out.append(item)
+        return out
 
     def __aiter__(self):
         return self

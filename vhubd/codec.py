@@ -1,6 +1,6 @@
 """The one place that picks the BLIN codec backend.
 
-``VHUBD_CODEC=auto`` (default) uses the C backend when it was built, else the
+``BLINK_CODEC=auto`` (default) uses the C backend when it was built, else the
 pure-Python one; ``c`` insists on C (ImportError if absent); ``python`` forces
 the twin. ``BACKEND`` names the backend in use; both stay importable by name
 (``vhubd._codec_c``, ``vhubd._codec_py``) for tests and benchmarks.
@@ -8,27 +8,27 @@ the twin. ``BACKEND`` names the backend in use; both stay importable by name
 
 from __future__ import annotations
 
-import os
 from types import ModuleType
 
 from . import _codec_py
+from .paths import env
 
 
 def _choose(choice: str) -> tuple[ModuleType, str]:
     if choice == "python":
-        return _codec_py, "forced by VHUBD_CODEC=python"
+        return _codec_py, "forced by BLINK_CODEC=python"
     if choice not in ("auto", "c"):
-        raise ImportError(f"VHUBD_CODEC must be auto, c or python, not {choice!r}")
+        raise ImportError(f"BLINK_CODEC must be auto, c or python, not {choice!r}")
     try:
         from . import _codec_c
     except ImportError as exc:
         if choice == "c":
-            raise ImportError(f"VHUBD_CODEC=c but the C codec is not built: {exc}") from exc
+            raise ImportError(f"BLINK_CODEC=c but the C codec is not built: {exc}") from exc
         return _codec_py, f"C codec not built ({exc}); using the pure-Python codec"
     return _codec_c, "C codec (cffi)"
 
 
-_impl, REASON = _choose(os.environ.get("VHUBD_CODEC", "auto").strip().lower() or "auto")
+_impl, REASON = _choose(env("BLINK_CODEC", "auto").strip().lower() or "auto")
 BACKEND: str = _impl.NAME
 
 Scanner = _impl.Scanner

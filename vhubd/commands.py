@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import sys
-
-from .errors import ConnectionClosed, RemoteError
 
 EXIT_FAIL = 1  # the operation failed
 EXIT_USAGE = 2  # bad usage
@@ -90,8 +87,9 @@ async def cmd_register(args) -> int:
 async def cmd_boot(args) -> int:
     params = {k: v for k, v in (("image", args.image), ("cpus", args.cpus), ("memory_mib", args.memory_mib))
               if v is not None}
-    async with await _connect(args) as c:
-        res = await c.boot(args.name, timeout=args.timeout, **params)
+    from .progress import boot_with_progress
+
+    res = await boot_with_progress(args.control, args.name, params, timeout=args.timeout)
     if args.json:
         _print_json(res)
     else:
@@ -126,7 +124,11 @@ async def cmd_call(args) -> int:
     except json.JSONDecodeError as exc:
         sys.stderr.write(f"blink call: error: params are not JSON: {exc}\n")
         return EXIT_USAGE
-    async with await _connect(args, session=args.name) as c:
+    if args.boot:
+        from .progress import boot_with_progress
+
+        await boot_with_progress(args.control, args.name, timeout=args.timeout)
+    async with await _connect(args, session=args.name, boot=args.boot) as c:
         result = await c.call(args.method, params, timeout=args.timeout or 60.0)
     _print_json(result)
     return 0
@@ -165,6 +167,10 @@ async def cmd_tail(args) -> int:
 
 
 async def cmd_run(args) -> int:
+    if args.argv[:1] != ["--"] and args.argv[:1] and args.argv[0].startswith("-"):
+        sys.stderr.write(f"blink run: error: options go before NAME, not after it: {args.argv[0]!r} "
+                         "(blink run [OPTIONS] NAME -- CMD ARGS...)\n")
+        return EXIT_USAGE
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     if not argv:
         sys.stderr.write("blink run: error: no command given (blink run NAME -- CMD ARGS...)\n")
@@ -181,7 +187,14 @@ async def cmd_run(args) -> int:
         params["env"] = env
     if args.cwd:
         params["cwd"] = args.cwd
+    from .progress import boot_with_progress
+
+    await boot_with_progress(args.control, args.name, timeout=args.timeout)  # shows its progress, if it boots
     use_tty = args.tty if args.tty is not None else sys.stdin.isatty() and sys.stdout.isatty()
+    if use_tty and not sys.stdin.isatty():
+        sys.stderr.write("blink run: stdin is not a terminal, so no terminal for the command: running it on "
+                         "pipes (-T)\n")
+        use_tty = False
     if use_tty:
         from .terminal import parse_escape, run_tty
 
@@ -192,76 +205,33 @@ async def cmd_run(args) -> int:
             return EXIT_USAGE
         return await run_tty(args.control, args.name, argv, env=env or None, cwd=args.cwd, escape=escape,
                              timeout=args.timeout)
-    out, err = sys.stdout.buffer, sys.stderr.buffer
+    from .piperun import run_pipes
+
     c = await _connect(args, session=args.name, subscribe=["stdout", "stderr", "events"], boot=True,
                        timeout=args.timeout or 10.0)
     try:
-        call = asyncio.ensure_future(c.call("agent.run", params, timeout=args.timeout or 60.0))
-        eid = None
-        early: list = []
-        loop = asyncio.get_running_loop()
-        interrupted = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, interrupted.set)
-        while True:
-            get = asyncio.ensure_future(c.next())
-            waits = {get} | ({call} if eid is None else set())
-            intr = asyncio.ensure_future(interrupted.wait())
-            done, _ = await asyncio.wait(waits | {intr}, return_when=asyncio.FIRST_COMPLETED)
-            if intr in done and eid is not None:
-                get.cancel()
-                try:
-                    await c.call("agent.kill", {"execution_id": eid, "signal": 2}, timeout=5)
-                except (RemoteError, ConnectionClosed, asyncio.TimeoutError):
-                    pass
-                interrupted.clear()
-                continue
-            intr.cancel()
-            if call in done and eid is None:
-                eid = call.result()["execution_id"]  # raises RemoteError on failure
-                for item in early:
-                    code = _emit(item, eid, out, err)
-                    if code is not None:
-                        return code
-                early = []
-            if get not in done:
-                get.cancel()
-                continue
-            item = get.result()
-            if item is None:
-                reason = c.closed_reason.message if c.closed_reason else "connection closed"
-                sys.stderr.write(f"blink run: lost the daemon before the command finished: {reason}\n")
-                return EXIT_FAIL
-            if eid is None:
-                early.append(item)
-                continue
-            code = _emit(item, eid, out, err)
-            if code is not None:
-                return code
+        return await run_pipes(c, params, forward_stdin=not args.no_stdin, timeout=args.timeout)
     finally:
         await c.close()
 
 
-def _emit(item, eid: int, out, err) -> int | None:
-    if hasattr(item, "kind"):
-        if item.request_id == eid:
-            stream = err if item.kind == "stderr" else out
-            stream.write(item.data)
-            stream.flush()
-        return None
-    ev = item.data
-    if ev.get("type") == "execution_result" and ev.get("execution_id") == eid:
-        code = ev.get("exit_code")
-        if not isinstance(code, int):
-            return EXIT_FAIL
-        return code if code >= 0 else 128 + (-code)
-    if ev.get("type") == "state" and ev.get("state") in ("agent_lost", "stopped", "failed"):
-        sys.stderr.write(f"blink run: session {ev.get('session')} is {ev.get('state')}: {ev.get('reason', '')}\n")
-        return EXIT_FAIL
-    return None
+async def cmd_attach(args) -> int:
+    from .attach import attach
+    from .terminal import parse_escape
+
+    try:
+        escape = parse_escape(args.escape)
+    except ValueError as exc:
+        sys.stderr.write(f"blink attach: error: --escape: {exc}\n")
+        return EXIT_USAGE
+    if args.execution <= 0:
+        sys.stderr.write(f"blink attach: error: EXECUTION is a positive execution id, not {args.execution}\n")
+        return EXIT_USAGE
+    return await attach(args.control, args.name, args.execution, escape=escape, timeout=args.timeout)
 
 
 CLIENT_COMMANDS = {
     "sessions": cmd_sessions, "info": cmd_info, "stats": cmd_stats, "register": cmd_register,
     "call": cmd_call, "tail": cmd_tail, "run": cmd_run, "boot": cmd_boot, "stop": cmd_stop, "rm": cmd_rm,
+    "attach": cmd_attach,
 }

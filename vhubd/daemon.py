@@ -54,7 +54,8 @@ def make_listeners(cfg: DaemonConfig, inherited: dict | None = None) -> list[Lis
             specs.append(ListenerSpec("vsock", "guest", bind_vsock(cfg.vsock_port)))
         if not take("control", "client"):
             control = cfg.control or default_control_path()
-            specs.append(ListenerSpec("control", "client", bind_unix(control, cfg.control_mode),
+            specs.append(ListenerSpec("control", "client", bind_unix(control, cfg.control_mode,
+                                                                     create_parent=not cfg.control),
                                       owned_path=control))
     except Exception:
         for s in specs:
@@ -120,6 +121,7 @@ async def run_daemon(cfg: DaemonConfig, ready: asyncio.Event | None = None) -> i
     boots = BootManager(registry, backend, state_dir=state_dir, agent_addr=agent_addr,
                         boot_timeout=cfg.boot_timeout, idle_stop=cfg.idle_stop)
     relay = Relay(cfg.relay_config(), registry, loop.call_later, boots=boots)
+    boots.on_event = relay.publish  # boot phases reach events subscribers as {"type": "boot", ...}
     store = SessionStore(os.path.join(state_dir, "sessions.json"), registry, loop.call_later)
     server = Server(cfg, relay, loop)
     if cfg.guest_dir:
@@ -132,7 +134,7 @@ async def run_daemon(cfg: DaemonConfig, ready: asyncio.Event | None = None) -> i
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    sd.install_debug_hang(loop)  # watchdog test hook, off unless VHUBD_DEBUG_HANG_ON_SIGUSR2 is set
+    sd.install_debug_hang(loop)  # watchdog test hook, off unless BLINK_DEBUG_HANG_ON_SIGUSR2 is set
     names = ", ".join(f"{s.name}={s.owned_path or s.sock.getsockname()}{' (systemd)' if s.activated else ''}"
                       for s in specs)
     log.info("vhubd ready pid=%d listeners: %s; backend=%s codec=%s systemd=%s", os.getpid(), names, cfg.backend,
@@ -213,7 +215,7 @@ async def run_once(cfg: DaemonConfig) -> int:
                 raise OnceError(f"no handshake within {cfg.handshake_timeout:g} s")
             try:
                 data = await asyncio.wait_for(reader.read(65536), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise OnceError(f"no handshake within {cfg.handshake_timeout:g} s") from None
             if not data:
                 raise OnceError("the agent closed the connection before sending an RPC request")

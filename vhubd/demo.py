@@ -49,10 +49,11 @@ async def drive(control: str) -> int:
         greeted.append(params)
         return {"greeting": f"hello {params.get('from')}, this is the host", "time": time.time()}
 
-    handler = await Client.connect(control, session="demo", serve={"host.greet": greet})
     t0 = time.monotonic()
     say("connecting to session 'demo' with boot=true (no agent yet: the daemon boots it)")
     c = await Client.connect(control, session="demo", subscribe=["stdout", "stderr", "events"], boot=True)
+    # the session exists now (a client never creates one without boot): serve host.greet in it
+    handler = await Client.connect(control, session="demo", serve={"host.greet": greet})
     say(f"session booted and its agent connected in {(time.monotonic() - t0) * 1000:.0f} ms: "
         f"state={c.hello['session']['state']} backend={c.hello['session']['backend']}")
     info = await c.call("agent.info")

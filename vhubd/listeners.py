@@ -39,9 +39,11 @@ class ListenerSpec:
         self.address: object = None  # where it listens, for vhub.info (set when it is served)
 
 
-def bind_unix(path: str, mode: int | None = None) -> socket.socket:
+def bind_unix(path: str, mode: int | None = None, create_parent: bool = False) -> socket.socket:
     """Bind a Unix stream socket at ``path``, replacing a stale socket file but
-    never a live one or a non-socket."""
+    never a live one or a non-socket. Its directory must exist, unless
+    ``create_parent`` (a default path, e.g. ``$XDG_RUNTIME_DIR/blink``): a path
+    someone gave is never made up."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -62,10 +64,13 @@ def bind_unix(path: str, mode: int | None = None) -> socket.socket:
         finally:
             probe.close()
     parent = os.path.dirname(path) or "."
-    try:
-        os.makedirs(parent, exist_ok=True)
-    except OSError as exc:
-        raise ListenError(f"cannot create {parent}: {exc.strerror}") from None
+    if create_parent:
+        try:
+            os.makedirs(parent, exist_ok=True)
+        except OSError as exc:
+            raise ListenError(f"cannot create {parent}: {exc.strerror}") from None
+    elif not os.path.isdir(parent):
+        raise ListenError(f"cannot listen on {path}: the directory {parent} does not exist")
     # bound and listening under a temporary name, then renamed into place: whoever
     # sees the path finds a socket that accepts (a connect never meets one that does not)
     tmp = os.path.join(parent, f".{os.getpid()}.{os.path.basename(path)}")

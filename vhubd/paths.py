@@ -5,8 +5,34 @@ package, so every layer (CLI, client, daemon, backends) can use it."""
 from __future__ import annotations
 
 import os
+import sys
 
 DEFAULT_SOCKET = "/tmp/blink-vhub.sock"
+DEFAULT_CONFIG = "/etc/blink/vhubd.toml"
+
+# Every variable the host side reads is BLINK_*; the old names still work, with
+# one deprecation line on stderr. (The guest agent's VHUB_* variables are the
+# guest's contract with the daemon, not settings of this package.)
+RENAMED_ENV = {
+    "BLINK_CODEC": "VHUBD_CODEC", "BLINK_SYSTEMD": "VHUBD_SYSTEMD", "BLINK_BOXLITE_VMS": "VHUB_BOXLITE_VMS",
+    "BLINK_QEMU": "VHUB_QEMU", "BLINK_DEBUG_HANG_ON_SIGUSR2": "VHUBD_DEBUG_HANG_ON_SIGUSR2",
+}
+_warned: set[str] = set()
+
+
+def env(name: str, default: str = "") -> str:
+    """``$name`` (a ``BLINK_*`` variable), else its old name with a deprecation
+    line on stderr (once per process), else ``default``."""
+    value = os.environ.get(name)
+    if value is not None:
+        return value
+    old = RENAMED_ENV.get(name)
+    if old is not None and old in os.environ:
+        if old not in _warned:
+            _warned.add(old)
+            sys.stderr.write(f"blink: {old} is deprecated; use {name}\n")
+        return os.environ[old]
+    return default
 
 
 def default_state_dir() -> str:

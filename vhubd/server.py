@@ -68,6 +68,7 @@ class Peer(asyncio.BufferedProtocol):
         now = _monotonic()
         self.connected_at = now
         self.last_rx = now
+        self.frames_counted = 0  # of conn.frames_received, added to the frames_in counter
         self.last_ping = now
         self.ping_id = 0
         self.read_paused = False
@@ -106,6 +107,13 @@ class Peer(asyncio.BufferedProtocol):
             return
         log.debug("connected peer=%s", self.label)
 
+    def _count_frames(self) -> None:
+        """``frames_in``: every frame from every peer after its handshake (heartbeats too)."""
+        n = self.conn.frames_received
+        if n != self.frames_counted:
+            self.relay.counters["frames_in"] += n - self.frames_counted
+            self.frames_counted = n
+
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.conn.rx.get_buffer()
 
@@ -113,6 +121,7 @@ class Peer(asyncio.BufferedProtocol):
         try:
             self.last_rx = _monotonic()
             events = self.conn.buffer_updated(nbytes)
+            self._count_frames()
             if events:
                 if self.handshaken:
                     self.on_events(self.member, events)  # type: ignore[arg-type]
@@ -161,6 +170,7 @@ class Peer(asyncio.BufferedProtocol):
                     self.transport.set_write_buffer_limits(high=2 * self.limits.lossy_limit)
             self.relay.admitted(member)
             more = self.conn.resume()  # what the peer sent behind its handshake
+            self._count_frames()
             if more:
                 self.on_events(member, more)
             if self.conn._out:

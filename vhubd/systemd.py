@@ -4,7 +4,7 @@
 Two implementations of the service-manager protocols, one contract:
 ``libsystemd`` (systemd-python's ``systemd.daemon``, the ``systemd`` extra)
 and ``stdlib`` (the documented wire protocols in a few lines, for hosts
-without it). ``VHUBD_SYSTEMD=auto|libsystemd|stdlib`` picks (``auto``:
+without it). ``BLINK_SYSTEMD=auto|libsystemd|stdlib`` picks (``auto``:
 libsystemd where importable); ``IMPL`` is the one in use and ``impl(name)``
 returns either by name, so tests run both.
 
@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .errors import ActivationError
+from .paths import env
 
 LISTEN_FDS_START = 3
 
@@ -127,7 +128,7 @@ def impl(name: str):
 
 
 def _choose():
-    want = os.environ.get("VHUBD_SYSTEMD", "auto").lower()
+    want = env("BLINK_SYSTEMD", "auto").lower()
     if want != "auto":
         return impl(want)
     try:
@@ -300,10 +301,10 @@ class Notifier:
 
 
 def install_debug_hang(loop) -> bool:
-    """Test hook for the watchdog, off unless ``VHUBD_DEBUG_HANG_ON_SIGUSR2``
+    """Test hook for the watchdog, off unless ``BLINK_DEBUG_HANG_ON_SIGUSR2``
     is set: then SIGUSR2 blocks the event loop in ``time.sleep`` (for that
     many seconds if the value is > 1, else an hour), as a real hang would."""
-    value = os.environ.get("VHUBD_DEBUG_HANG_ON_SIGUSR2", "")
+    value = env("BLINK_DEBUG_HANG_ON_SIGUSR2")
     if value in ("", "0"):
         return False
     try:

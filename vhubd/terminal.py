@@ -110,17 +110,27 @@ async def run_tty(control: str | None, session: str, argv: list[str], *, env: di
                   cwd: str | None = None, escape: int | None = 0x1D, timeout: float | None = None) -> int:
     """``blink run -t``: returns the exit status for ``sys.exit`` (128+N for signal N)."""
     fd_in, fd_out = sys.stdin.fileno(), sys.stdout.fileno()
-    interactive = os.isatty(fd_in)
     rows, cols = window_size(fd_out, fd_in)
     client = await Client.connect(control, session=session, subscribe=["stream", "events"], boot=True,
                                   timeout=timeout or 10.0)
-    raw = RawMode(fd_in) if interactive else None
+    try:
+        term = await client.open_terminal(argv, rows, cols, term=os.environ.get("TERM") or None, env=env,
+                                          cwd=cwd, timeout=timeout or 60.0)
+        return await relay_terminal(client, term, session, escape)
+    finally:
+        await client.close()
+
+
+async def relay_terminal(client: Client, term: Terminal, session: str, escape: int | None,
+                         name: str = "blink run") -> int:
+    """This terminal <-> ``term`` until the program ends, the detach key, a
+    signal or a lost daemon; the exit status (``blink run -t``, ``blink attach``)."""
+    fd_in, fd_out = sys.stdin.fileno(), sys.stdout.fileno()
+    raw = RawMode(fd_in) if os.isatty(fd_in) else None
     loop = asyncio.get_running_loop()
     installed: list[signal.Signals] = []
     reading = False
     try:
-        term = await client.open_terminal(argv, rows, cols, term=os.environ.get("TERM") or None, env=env,
-                                          cwd=cwd, timeout=timeout or 60.0)
         if raw is not None:
             raw.enter()
         outcome: asyncio.Future = loop.create_future()
@@ -199,7 +209,7 @@ async def run_tty(control: str | None, session: str, argv: list[str], *, env: di
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        return await _conclude(client, term, session, kind, value, raw)
+        return await _conclude(term, session, kind, value, raw, name)
     finally:
         if reading:
             loop.remove_reader(fd_in)
@@ -207,10 +217,9 @@ async def run_tty(control: str | None, session: str, argv: list[str], *, env: di
             loop.remove_signal_handler(sig)
         if raw is not None:
             raw.restore()
-        await client.close()
 
 
-async def _conclude(client: Client, term: Terminal, session: str, kind: str, value, raw: RawMode | None) -> int:
+async def _conclude(term: Terminal, session: str, kind: str, value, raw: RawMode | None, name: str) -> int:
     """After the relay ends: restore the terminal first, then say what happened."""
     if raw is not None:
         raw.restore()
@@ -222,14 +231,15 @@ async def _conclude(client: Client, term: Terminal, session: str, kind: str, val
         return code if code >= 0 else 128 - code
     if kind == "detach":
         sys.stderr.write(f"\r\nblink: detached; execution {eid} keeps running in session {session} "
-                         f"(stop it: blink call {session} agent.kill '{{\"execution_id\": {eid}}}')\n")
+                         f"(back: blink attach {session} {eid}; stop it: blink call {session} agent.kill "
+                         f"'{{\"execution_id\": {eid}}}')\n")
         return 0
     if kind == "signal":
         try:  # our terminal went away or we were told to stop: hang up the remote one too
             await asyncio.wait_for(term.kill("SIGHUP"), 2.0)
-        except (RemoteError, ConnectionClosed, asyncio.TimeoutError):
+        except (TimeoutError, RemoteError, ConnectionClosed):
             pass
         return 128 + int(value)
     reason = value.message if isinstance(value, ConnectionClosed) else f"{type(value).__name__}: {value}"
-    sys.stderr.write(f"\r\nblink run: the terminal connection ended before the program did: {reason}\n")
+    sys.stderr.write(f"\r\n{name}: the terminal connection ended before the program did: {reason}\n")
     return EXIT_FAIL

@@ -9,20 +9,17 @@ import re
 import shutil
 import sys
 
+from . import shipped
+
 UNIT_FILES = ("blink-vhub.socket", "blink-vhub-control.socket", "blink-vhub.service")
-VARIANTS = ("external", "local", "boxlite")
+VARIANTS = ("external", "local", "boxlite", "qemu")
 _HOME_DIRS = ("/home", "/root", "/run/user")
 _TMP_DIRS = ("/tmp", "/var/tmp")  # hidden by PrivateTmp=yes
 
 
-def units_source() -> str | None:
-    """The systemd/ directory that ships with this checkout or installation."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    for cand in (os.path.join(os.path.dirname(here), "systemd"),
-                 os.path.join(sys.prefix, "share", "vhubd", "systemd")):
-        if os.path.isfile(os.path.join(cand, "blink-vhub.service")):
-            return cand
-    return None
+def units_source() -> str:
+    """The systemd/ directory this installation ships (``vhubd.shipped``)."""
+    return shipped.units_dir()
 
 
 def blink_command() -> list[str]:
@@ -78,8 +75,6 @@ def install_units(prefix: str = "/", variant: str = "external", command: list[st
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r} ({', '.join(VARIANTS)})")
     src = units_source()
-    if src is None:
-        raise FileNotFoundError("the unit files (systemd/) were not found beside vhubd; install from a checkout")
     command = command or blink_command()
     exe = " ".join(shlex.quote(c) for c in command)
     unit_dir = os.path.join(prefix, "etc/systemd/system")

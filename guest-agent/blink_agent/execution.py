@@ -39,6 +39,8 @@ class Execution:
         self.stderr_bytes = 0
         self.timed_out = False
         self.result: dict[str, Any] | None = None
+        #: A pipe execution's streamed stdin (``blink_agent.stdin.StdinFeed``), if it has one.
+        self.stdin_feed: Any = None
         loop = asyncio.get_running_loop()
         #: Set to the result once the process has exited and its pipes are drained.
         self.exited: asyncio.Future[dict[str, Any]] = loop.create_future()

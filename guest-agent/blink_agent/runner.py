@@ -29,6 +29,7 @@ from ._version import __version__
 from .async_hub import AsyncHub
 from .errors import ConnectionLost, RpcError
 from .execution import Execution, next_execution_id
+from .stdin import WINDOW, StdinFeed
 from .wire import MsgType
 
 __all__ = ["Execution", "ExecutionManager", "next_execution_id"]
@@ -87,8 +88,15 @@ class ExecutionManager:
             self.hub.on_stream = self.on_stream
 
     def on_stream(self, msg_type: int, request_id: int, payload: bytes) -> None:
-        """Host StreamData (keyboard input) / TtyResize for a terminal execution."""
-        pty.deliver(self.executions.get(request_id), msg_type, request_id, payload)
+        """Host StreamData: stdin of a pipe execution started with ``stdin_stream``
+        (:mod:`blink_agent.stdin`), or keyboard input / TtyResize for a terminal."""
+        execution = self.executions.get(request_id)
+        feed = getattr(execution, "stdin_feed", None)
+        if feed is not None:
+            if msg_type == MsgType.StreamData:
+                feed.put(payload)
+            return
+        pty.deliver(execution, msg_type, request_id, payload)
 
     # -- RPC methods ---------------------------------------------------------------
 
@@ -117,16 +125,24 @@ class ExecutionManager:
                 stdin_data = base64.b64decode(params["stdin_b64"], validate=True)
             except (TypeError, ValueError) as exc:
                 raise _bad_params(f"stdin_b64 is not valid base64: {exc}") from None
+        stdin_stream = params.get("stdin_stream", False)
+        if not isinstance(stdin_stream, bool):
+            raise _bad_params("stdin_stream must be true or false")
+        if stdin_stream and stdin_data is not None:
+            raise _bad_params("stdin_stream does not combine with stdin / stdin_b64")
         timeout = params.get("timeout")
         if timeout is not None and (
             isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0
         ):
             raise _bad_params("timeout must be a positive number of seconds")
         if params.get("tty"):
-            if stdin_data is not None:
+            if stdin_data is not None or stdin_stream:
                 raise _bad_params("stdin does not combine with tty: send keyboard input as StreamData")
             return await self.start_tty(argv, params, env=env_over, cwd=cwd, timeout=timeout)
-        execution = await self.start(argv, env=env_over, cwd=cwd, stdin=stdin_data, timeout=timeout)
+        execution = await self.start(argv, env=env_over, cwd=cwd, stdin=stdin_data, timeout=timeout,
+                                     stdin_stream=stdin_stream)
+        if stdin_stream:
+            return {"execution_id": execution.id, "pid": execution.pid, "stdin_window": WINDOW}
         return {"execution_id": execution.id, "pid": execution.pid}
 
     async def start_tty(
@@ -210,10 +226,11 @@ class ExecutionManager:
         inherit_stdin: bool = False,
         timeout: float | None = None,
         execution_id: int | None = None,
+        stdin_stream: bool = False,
     ) -> Execution:
         """Spawn ``argv`` and start relaying; raises ``RpcError("spawn_failed")``."""
         full_env = self._env(env)
-        if stdin is not None:
+        if stdin is not None or stdin_stream:
             stdin_mode: Any = asyncio.subprocess.PIPE
         elif inherit_stdin:
             stdin_mode = None
@@ -233,6 +250,9 @@ class ExecutionManager:
             raise RpcError("spawn_failed", str(exc)) from None
         eid = execution_id if execution_id is not None else next_execution_id()
         execution = Execution(eid, list(argv), proc, self.new_session)
+        if stdin_stream:
+            assert proc.stdin is not None
+            execution.stdin_feed = StdinFeed(eid, proc.stdin, self.hub.notify)
         self.executions[eid] = execution
         shown = " ".join(shlex.quote(a) for a in argv)
         log.info("execution %d: started pid %d: %s", eid, proc.pid, shown.replace("\n", "\\n")[:300])
@@ -279,7 +299,12 @@ class ExecutionManager:
         timer = None
         if timeout is not None:
             timer = loop.call_later(timeout, self._time_out, execution, timeout)
-        feeder = self._spawn(self._feed_stdin(execution, stdin)) if stdin is not None else None
+        if execution.stdin_feed is not None:
+            feeder: asyncio.Task[Any] | None = self._spawn(execution.stdin_feed.run())
+        elif stdin is not None:
+            feeder = self._spawn(self._feed_stdin(execution, stdin))
+        else:
+            feeder = None
         try:
             await asyncio.gather(
                 self._relay(execution, proc.stdout, MsgType.Stdout),

@@ -41,11 +41,13 @@ class Daemon:
     """One ``blink serve`` process.
 
     ``args`` are extra ``serve`` flags; ``tree`` is the source tree it imports
-    ``vhubd`` from (benchmarks compare trees with ``VHUB_BENCH_TREE``).
+    ``vhubd`` from (benchmarks compare trees with ``VHUB_BENCH_TREE``), its
+    working directory; ``python`` the interpreter (another venv's, to run an
+    installed vhubd: then ``tree`` is any directory without a ``vhubd/``).
     """
 
     def __init__(self, directory, *args: str, env: dict | None = None, socket_name: str = "vhub.sock",
-                 tree: str | None = None):
+                 tree: str | None = None, python: str | None = None):
         self.dir = str(directory)
         os.makedirs(self.dir, exist_ok=True)
         self.socket = os.path.join(self.dir, socket_name)
@@ -53,6 +55,7 @@ class Daemon:
         self.args = list(args)
         self.env = dict(os.environ, **(env or {}))
         self.tree = tree or ROOT
+        self.python = python or sys.executable
         self.logpath = os.path.join(self.dir, f"vhubd-{time.monotonic_ns()}.log")
         self.proc: subprocess.Popen | None = None
         self.notices: list[str] = []  # every sd_notify message it sent
@@ -72,7 +75,7 @@ class Daemon:
         env = dict(self.env, NOTIFY_SOCKET=path)
         self._log = open(self.logpath, "wb")
         state = [] if "--state-dir" in self.args else ["--state-dir", os.path.join(self.dir, "state")]
-        cmd = [sys.executable, "-m", "vhubd", "serve", "--socket", self.socket, "--control", self.control,
+        cmd = [self.python, "-m", "vhubd", "serve", "--socket", self.socket, "--control", self.control,
                *state, *self.args]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=self.tree)
         try:
@@ -167,7 +170,7 @@ class Daemon:
     def cli(self, *args: str, timeout: float = 30.0, input: bytes | None = None) -> subprocess.CompletedProcess:
         """Run a ``blink`` client command against this daemon."""
         sub, rest = args[0], args[1:]
-        return subprocess.run([sys.executable, "-m", "vhubd", sub, "--control", self.control, *rest],
+        return subprocess.run([self.python, "-m", "vhubd", sub, "--control", self.control, *rest],
                               capture_output=True, timeout=timeout, input=input, cwd=self.tree, env=self.env)
 
 

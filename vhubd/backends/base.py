@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 from ..errors import BackendError
 
@@ -20,6 +21,8 @@ class BootSpec:
     cpus: int | None = None
     memory_mib: int | None = None
     env: dict = dataclasses.field(default_factory=dict)
+    #: the backend says what it is doing ("starting QEMU (tcg)"): boot events, progress lines
+    progress: Callable[[str], None] = dataclasses.field(default=lambda phase: None, repr=False)
 
     def agent_env(self) -> dict:
         return {**self.env, "VHUB_SESSION": self.session, "VHUB_TOKEN": self.token, "VHUB_ADDR": self.addr}

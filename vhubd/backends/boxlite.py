@@ -2,7 +2,7 @@
 
 One ``boxlite.Boxlite`` runtime per daemon (home under the state dir); box
 ``vhub-<session>``, persistent (``auto_remove=False``); the guest agent is
-the entrypoint, mounted read-only from guest-agent/ at /opt/blink-agent, with
+the entrypoint, mounted read-only at /opt/blink-agent from the copy this vhubd ships, with
 VHUB_SESSION / VHUB_TOKEN / VHUB_ADDR in its env. Facts of boxlite 0.10.8:
 create is instant; a start() that cannot boot fails after ~13-20 s with
 EngineError; a cancelled start() keeps the VM going, so failures always stop
@@ -12,26 +12,31 @@ and remove the box.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import os
 from typing import Any
 
+from ..paths import env
 from .base import Backend, BackendError, BootSpec
 from .local import agent_pythonpath
 
 log = logging.getLogger("vhubd")
 GUEST_AGENT_DIR = "/opt/blink-agent"
 DEFAULT_IMAGE = "python:3.12-slim"
+INSTALL_HINT = "pip install 'vhubd[boxlite]'"
 
 
 def host_can_boot_vms() -> tuple[bool, str]:
     """Cheap check (no boot attempt): can BoxLite VMs start on this host?
-    ``VHUB_BOXLITE_VMS=yes|no`` overrides."""
-    env = os.environ.get("VHUB_BOXLITE_VMS", "").strip().lower()
-    if env in ("1", "yes", "true"):
-        return True, "VHUB_BOXLITE_VMS=yes"
-    if env in ("0", "no", "false"):
-        return False, "VHUB_BOXLITE_VMS=no"
+    ``BLINK_BOXLITE_VMS=yes|no`` overrides."""
+    forced = env("BLINK_BOXLITE_VMS").strip().lower()
+    if forced in ("1", "yes", "true"):
+        return True, "BLINK_BOXLITE_VMS=yes"
+    if forced in ("0", "no", "false"):
+        return False, "BLINK_BOXLITE_VMS=no"
+    if importlib.util.find_spec("boxlite") is None:
+        return False, f"BoxLite is not installed ({INSTALL_HINT})"
     if not os.path.exists("/dev/kvm"):
         return False, "no /dev/kvm"
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
@@ -66,7 +71,11 @@ class BoxliteBackend(Backend):
     name = "boxlite"
 
     def __init__(self, home_dir: str, image: str | None = None):
-        import boxlite
+        try:
+            import boxlite
+        except ImportError as exc:
+            raise BackendError(f"the boxlite backend needs BoxLite, which is not installed: {INSTALL_HINT} "
+                               f"({exc})") from None
 
         self.boxlite = boxlite
         self.home_dir = home_dir
@@ -82,8 +91,7 @@ class BoxliteBackend(Backend):
             kw["rootfs_path"] = image
         else:
             kw["image"] = image
-        src = agent_pythonpath()
-        volumes = [(src, GUEST_AGENT_DIR, True)] if src else []
+        volumes = [(agent_pythonpath(), GUEST_AGENT_DIR, True)]
         env = {**spec.agent_env(), "PYTHONPATH": GUEST_AGENT_DIR}
         return self.boxlite.BoxOptions(
             cpus=spec.cpus, memory_mib=spec.memory_mib, env=sorted(env.items()), volumes=volumes,
@@ -99,7 +107,9 @@ class BoxliteBackend(Backend):
         return box, created
 
     async def start(self, spec: BootSpec):
+        spec.progress("creating the box")
         box, _ = await self.create_box(spec)
+        spec.progress("starting the VM (BoxLite: pulls the image the first time)")
         try:
             await box.start()
         except asyncio.CancelledError:

@@ -11,19 +11,17 @@ import shlex
 import signal
 import sys
 
-from .base import Backend, BootSpec
+from .. import shipped
+from .base import Backend, BackendError, BootSpec
 
 log = logging.getLogger("vhubd")
 
 
-def agent_pythonpath() -> str | None:
-    """Where blink_agent lives: the checkout's guest-agent/ if present (so the
-    agent runs from the same tree), else wherever it is installed."""
-    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    src = os.path.join(here, "guest-agent")
-    if os.path.isdir(os.path.join(src, "blink_agent")):
-        return src
-    return None
+def agent_pythonpath() -> str:
+    """Where blink_agent lives: the copy this vhubd ships (package data in a
+    wheel, ``guest-agent/`` in a checkout), so the agent is always the one of
+    this daemon's version."""
+    return shipped.agent_dir()
 
 
 class LocalBackend(Backend):
@@ -34,15 +32,22 @@ class LocalBackend(Backend):
         self.state_dir = state_dir
         self.agent_command = shlex.split(agent_command) if agent_command else [
             sys.executable, "-m", "blink_agent", "serve"]
+        self.shipped_agent = not agent_command  # the default command runs the agent this vhubd ships
         self.procs: dict[str, asyncio.subprocess.Process] = {}
         log.warning("backend local: agents run as host processes; this is NOT a sandbox")
 
     async def start(self, spec: BootSpec):
         os.makedirs(spec.workdir, exist_ok=True)
         env = dict(os.environ, **spec.agent_env())
-        path = agent_pythonpath()
+        try:
+            path: str | None = agent_pythonpath()
+        except shipped.NotShipped as exc:
+            if self.shipped_agent:
+                raise BackendError(str(exc)) from None
+            path = None  # --agent-command brings its own agent
         if path:
             env["PYTHONPATH"] = path + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        spec.progress("starting the agent process")
         logf = open(os.path.join(spec.workdir, "agent.log"), "ab")
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -64,7 +69,7 @@ class LocalBackend(Backend):
             return
         try:
             await asyncio.wait_for(proc.wait(), 5)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 
 from .. import guest as guest_image
+from ..paths import env as env_var
 from ..vhost.service import VhostUserVsockService
 from .base import Backend, BackendError, BootSpec
 
@@ -136,7 +137,7 @@ class QemuBackend(Backend):
         if accel not in ("auto", "kvm", "tcg"):
             raise BackendError(f"--qemu-accel must be auto, kvm or tcg, got {accel!r}")
         self.accel_choice = accel
-        found = qemu or os.environ.get("VHUB_QEMU") or shutil.which(QEMU)
+        found = qemu or env_var("BLINK_QEMU") or shutil.which(QEMU)
         if not found:
             raise BackendError(f"{QEMU} not found: install Debian's qemu-system-x86 (./dev setup does)")
         self.qemu: str = found
@@ -191,7 +192,7 @@ class QemuBackend(Backend):
             start_new_session=True, preexec_fn=_die_with_parent)
         try:
             _, err = await asyncio.wait_for(proc.communicate(), 10)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             os.killpg(proc.pid, signal.SIGKILL)
             await proc.wait()
             err = b"the KVM probe did not finish within 10 s"
@@ -241,7 +242,10 @@ class QemuBackend(Backend):
         if spec.session in self.vms:
             await self.stop(spec.session)
         img = self.image(spec.image)
+        if self._accel is None:
+            spec.progress("probing KVM")
         accel, why = await self.accel()
+        spec.progress(f"starting QEMU ({accel})")
         os.makedirs(spec.workdir, exist_ok=True)
         cid = self._cid()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -280,7 +284,7 @@ class QemuBackend(Backend):
             _killpg(vm.proc.pid, signal.SIGTERM)
             try:
                 await asyncio.wait_for(asyncio.shield(vm.watch), STOP_GRACE)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.warning("qemu session=%s pid=%d ignored SIGTERM; killing it", session, vm.proc.pid)
                 _killpg(vm.proc.pid, signal.SIGKILL)
         await vm.watch

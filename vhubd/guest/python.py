@@ -5,15 +5,14 @@ Owns choosing what of an unpacked ``pythonX.Y-minimal`` /
 the part of the standard library the agent can import (modulefinder's
 over-approximation, minus ``STDLIB_EXCLUDE``, plus whole packages it
 uses), the extension modules whose libraries are present, the closure of
-shared libraries and the loader; and ``blink_agent`` from this checkout
-(``agent_source_dir``, ``agent_files``). Modules go in as reproducible
+shared libraries and the loader; and ``blink_agent``
+(``agent_source_dir``, ``agent_files``; from the copy vhubd ships). Modules go in as reproducible
 ``.pyc`` (fixed hash seed, unchecked-hash invalidation) when this host's
 Python has the guest's X.Y, else as sources.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -22,6 +21,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 
+from .. import shipped
 from ..errors import GuestImageError
 from .cpio import Tree
 from .elf import MULTIARCH, elf_needed, find_lib, shared_libraries
@@ -36,15 +36,11 @@ STDLIB_EXCLUDE = ("test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2
 
 
 def agent_source_dir() -> str:
-    """The directory holding ``blink_agent``: this checkout's ``guest-agent/``, else the installed one."""
-    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    src = os.path.join(here, "guest-agent")
-    if os.path.isdir(os.path.join(src, "blink_agent")):
-        return src
-    spec = importlib.util.find_spec("blink_agent")
-    if spec is None or not spec.submodule_search_locations:
-        raise GuestImageError("blink_agent is neither in this checkout (guest-agent/) nor installed")
-    return os.path.dirname(list(spec.submodule_search_locations)[0])
+    """The directory holding ``blink_agent``: the copy this vhubd ships (see ``vhubd.shipped``)."""
+    try:
+        return shipped.agent_dir()
+    except shipped.NotShipped as exc:
+        raise GuestImageError(str(exc)) from None
 
 
 def agent_files(src: str) -> list[tuple[str, str]]:

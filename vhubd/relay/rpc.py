@@ -134,8 +134,8 @@ class Rpc:
         """Forward an RpcRequest, rewriting its id in the receive buffer. A peer
         has at most ``Limits.max_inflight`` calls in flight; past that the answer
         is ``too_many_requests`` at once."""
-        self.counters["rpc_forwarded"] += 1
         if origin_id == 0:  # a notification: no id, no reply
+            self.counters["rpc_forwarded"] += 1
             dest.port.write(ev.data)
             self.relay.streams.note_write(origin, dest)
             return
@@ -145,6 +145,7 @@ class Rpc:
                                        f"{origin.outstanding} calls of this connection are in flight already "
                                        "(the limit): wait for their answers"))
             return
+        self.counters["rpc_forwarded"] += 1  # a refused call is not forwarded
         new_id = dest.new_id()
         _set_request_id(ev.data, 12, new_id)
         # a deadline per call and one relay timer for the earliest (not a timer per call)
