@@ -92,8 +92,9 @@ def build_parser() -> Parser:
     s.add_argument("--boot-timeout", type=_positive, default=120.0)
     s.add_argument("--idle-stop", type=_positive, metavar="SECONDS",
                    help="stop booted sessions with no clients and no agent traffic for this long")
-    s.add_argument("--image", help="BoxLite image: OCI reference or local OCI layout directory; qemu: a guest "
-                                   "image directory (default: the one `blink build-guest` made)")
+    s.add_argument("--image", help="boxlite: an OCI reference (a registry image) or a local OCI layout directory "
+                                   "(default: the layout `blink build-image` builds from Debian packages, built on "
+                                   "first use); qemu: a guest image directory (default: `blink build-guest`'s)")
     s.add_argument("--qemu-accel", default="auto", choices=["auto", "kvm", "tcg"],
                    help="qemu backend: auto = KVM when a probe VM runs on it, else TCG")
     s.add_argument("--agent-command", help="local backend: command that runs the guest agent")
@@ -128,9 +129,11 @@ def build_parser() -> Parser:
                     help="install under DIR/etc/systemd/system, DIR/etc/sysusers.d, DIR/etc/tmpfiles.d (default /)")
     iu.add_argument("--variant", default="external", choices=["external", "local", "boxlite"],
                     help="which backend the service runs (adds that backend's drop-in; default external)")
-    im = sub.add_parser("build-image", help="build a local OCI layout with the guest agent baked in")
-    im.add_argument("out", metavar="DIR")
-    im.add_argument("--base", metavar="LAYOUT", help="local OCI layout to build on (one with python3)")
+    from .guest import oci as _oci
+
+    _oci.add_arguments(sub.add_parser("build-image", help="build BoxLite's default image, an OCI layout from Debian "
+                                                         "packages with the guest agent as its entrypoint (cached "
+                                                         "in the state dir)"))
     from .guest import add_arguments as _guest_args
 
     _guest_args(sub.add_parser("build-guest", help="build the qemu backend's guest kernel + initramfs from "
@@ -175,15 +178,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return build_guest(args)
     if args.command == "build-image":
-        from .backends.image import build_agent_layout
+        from .guest.oci import run as build_image
 
-        try:
-            out = build_agent_layout(args.out, base=args.base)
-        except (OSError, KeyError, ValueError) as exc:
-            sys.stderr.write(f"blink build-image: error: {exc}\n")
-            return EXIT_FAIL
-        sys.stdout.write(f"{out}\n")
-        return 0
+        return build_image(args)
     try:
         from .commands import CLIENT_COMMANDS
 
