@@ -1,6 +1,7 @@
 """Where things live by default: the guest socket, the control socket, the
-state directory. Plain functions of the environment; imports nothing of the
-package, so every layer (CLI, client, daemon, backends) can use it."""
+state directory, the guest agent's sources. Plain functions of the
+environment; imports nothing of the package, so every layer (CLI, client,
+daemon, backends) can use it."""
 
 from __future__ import annotations
 
@@ -30,3 +31,14 @@ def default_control_path() -> str:
     if os.geteuid() == 0:
         return "/run/blink/control.sock"
     return f"/tmp/blink-{os.geteuid()}/control.sock"
+
+
+def agent_dir() -> str | None:
+    """The directory holding the guest agent's ``blink_agent`` sources that
+    ship with this vhubd: the checkout's ``guest-agent/``, or the copy a
+    wheel carries (``vhubd/_agent``); None if neither is there."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for cand in (os.path.join(os.path.dirname(here), "guest-agent"), os.path.join(here, "_agent")):
+        if os.path.isfile(os.path.join(cand, "blink_agent", "__init__.py")):
+            return cand
+    return None

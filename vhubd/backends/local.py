@@ -11,19 +11,17 @@ import shlex
 import signal
 import sys
 
+from ..paths import agent_dir
 from .base import Backend, BootSpec
 
 log = logging.getLogger("vhubd")
 
 
 def agent_pythonpath() -> str | None:
-    """Where blink_agent lives: the checkout's guest-agent/ if present (so the
-    agent runs from the same tree), else wherever it is installed."""
-    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    src = os.path.join(here, "guest-agent")
-    if os.path.isdir(os.path.join(src, "blink_agent")):
-        return src
-    return None
+    """Where blink_agent lives: the checkout's guest-agent/ or the copy in
+    this vhubd's wheel (so the agent is the one shipped with the daemon),
+    else None (wherever it is installed)."""
+    return agent_dir()
 
 
 class LocalBackend(Backend):

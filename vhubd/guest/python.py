@@ -23,6 +23,7 @@ import tempfile
 from collections.abc import Callable
 
 from ..errors import GuestImageError
+from ..paths import agent_dir
 from .cpio import Tree
 from .elf import MULTIARCH, elf_needed, find_lib, shared_libraries
 
@@ -36,11 +37,11 @@ STDLIB_EXCLUDE = ("test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2
 
 
 def agent_source_dir() -> str:
-    """The directory holding ``blink_agent``: this checkout's ``guest-agent/``, else the installed one."""
-    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    src = os.path.join(here, "guest-agent")
-    if os.path.isdir(os.path.join(src, "blink_agent")):
-        return src
+    """The directory holding ``blink_agent``: the one that ships with vhubd
+    (this checkout's ``guest-agent/``, or the wheel's copy), else the installed one."""
+    shipped = agent_dir()
+    if shipped:
+        return shipped
     spec = importlib.util.find_spec("blink_agent")
     if spec is None or not spec.submodule_search_locations:
         raise GuestImageError("blink_agent is neither in this checkout (guest-agent/) nor installed")
