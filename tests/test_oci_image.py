@@ -179,9 +179,9 @@ def test_the_images_entrypoint_becomes_a_sessions_agent(make_daemon, tmp_path):
     assert b"Traceback" not in out, out.decode(errors="replace")[-2000:]
 
 
-def build_image(*args, timeout=300):
+def build_image(*args, timeout=300, cwd=ROOT):
     return subprocess.run([sys.executable, "-m", "vhubd", "build-image", *args], capture_output=True, timeout=timeout,
-                          cwd=ROOT)
+                          cwd=cwd)
 
 
 @pytest.mark.slow
@@ -200,6 +200,12 @@ def test_blink_build_image(tmp_path):
                                                                                             "sha256")))
     r = build_image("--state-dir", str(state), "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["layout"] == img.layout
+    # a relative state dir builds the same image (modulefinder's paths are absolute)
+    (tmp_path / "rel" / "guest").mkdir(parents=True)
+    os.symlink(oci.default_debs_dir(image_state_dir()), oci.default_debs_dir(str(tmp_path / "rel")))
+    r = build_image("--state-dir", "rel", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["manifest_digest"] == img.manifest["manifest_digest"]
     # the agent on top of another layout (here: this one)
     on = tmp_path / "on"
     r = build_image(str(on), "--base", str(out))

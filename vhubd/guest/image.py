@@ -149,6 +149,7 @@ def build(cache_dir: str, *, force: bool = False, log: Callable[[str], object] |
     """Build (or reuse) the guest image in ``cache_dir``; returns it. The
     packages are kept in ``debs_dir`` (default ``cache_dir/debs``)."""
     say = log or (lambda msg: None)
+    cache_dir = os.path.abspath(cache_dir)
     agent_src = agent_source_dir()
     say("resolving Debian packages")
     packages = resolve_packages()
