@@ -99,6 +99,8 @@ def test_default_image_options_and_boxes(tmp_path):
         assert env["VHUB_SESSION"] == "unit" and env["VHUB_TOKEN"] == "tok" and env["X"] == "1"
         opts = be.options(spec(tmp_path), image, default)  # boxlite takes them
         assert opts.rootfs_path == kw["rootfs_path"] and opts.entrypoint is None
+        # a layout `blink build-image` made, named explicitly, is used as it is
+        assert await be.image_for(spec(tmp_path, image=img.layout)) == (img.layout, True)
         # a registry image gets the agent mounted and run by python3
         image, default = await be.image_for(spec(tmp_path, image="registry.example/python:3"))
         assert (image, default) == ("registry.example/python:3", False)

@@ -8,9 +8,10 @@ The image, unless ``--image`` or the boot names one, is the OCI layout
 ``vhubd.guest.oci`` builds from Debian packages (the agent baked in, as its
 entrypoint): built on first use, with progress in the log, in a thread, once
 for all the sessions booting meanwhile, and cached in ``STATE_DIR/oci``. A
-registry reference or another layout gets the agent mounted read-only from
-guest-agent/ at /opt/blink-agent and ``python3 -m blink_agent serve`` as
-its entrypoint.
+layout whose entrypoint is the agent (``blink build-image DIR [--base]``)
+is used as it is. A registry reference, or a layout without the agent, gets it
+mounted read-only from guest-agent/ at /opt/blink-agent and ``python3 -m
+blink_agent serve`` as its entrypoint.
 
 Facts of boxlite 0.10.8: create is instant; a start() that cannot boot fails
 after ~10-20 s with EngineError; a cancelled start() keeps the VM going, so
@@ -75,6 +76,20 @@ def explain(exc: BaseException, image: str | None = None, after: float | None = 
     return f"BoxLite {kind}: {text}"
 
 
+def baked_in(image: str) -> bool:
+    """Whether ``image`` is a local layout whose entrypoint is the agent."""
+    if not os.path.isdir(image):
+        return False
+    from ..errors import GuestImageError
+    from ..guest import layout
+
+    try:
+        entry = (layout.read(image).config.get("config") or {}).get("Entrypoint") or []
+    except GuestImageError:
+        return False
+    return isinstance(entry, list) and "blink_agent" in entry
+
+
 class BoxliteBackend(Backend):
     name = "boxlite"
 
@@ -123,10 +138,11 @@ class BoxliteBackend(Backend):
         return await asyncio.shield(fut)
 
     async def image_for(self, spec: BootSpec) -> tuple[str, bool]:
-        """(image, whether it is the default layout)."""
+        """(image, whether the agent is baked in as its entrypoint: the
+        default layout, or another `blink build-image` made)."""
         image = spec.image or self.image
         if image:
-            return image, False
+            return image, baked_in(image)
         return await self.default_layout(), True
 
     def box_options(self, spec: BootSpec, image: str, default: bool = False) -> dict:
@@ -137,7 +153,7 @@ class BoxliteBackend(Backend):
             kw["rootfs_path"] = os.path.realpath(image)
         else:
             kw["image"] = image
-        if default:  # the agent is in the image, and its entrypoint
+        if default:  # the agent is in the image, as its entrypoint
             kw["volumes"] = []
         else:
             src = agent_pythonpath()
