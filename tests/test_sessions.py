@@ -118,3 +118,21 @@ def test_auto_backend_on_this_host(make_daemon, tmp_path):
     if not ok:  # one line that offers the choice, qemu first
         line = next(x for x in d.log().splitlines() if "backend auto:" in x)
         assert why in line and "--backend qemu" in line and "--backend local" in line and "--backend boxlite" in line
+
+
+@pytest.mark.parametrize("params", [
+    {"image": 5}, {"image": ""}, {"image": "x" * 5000}, {"image": "a\0b"}, {"image": {"ref": "x"}},
+    {"cpus": "2"}, {"cpus": 0}, {"cpus": True}, {"memory_mib": 10**9}, {"env": ["A=1"]},
+    {"env": {"A": {"nested": 1}}}, {"env": {f"K{i}": "v" for i in range(300)}},
+])
+def test_bad_boot_params_are_refused_before_anything_happens(local, params):
+    with pytest.raises(RuntimeError, match="bad_params") as info:
+        local.call("vhub.boot", {"session": "bp", **params})
+    assert len(str(info.value)) < 400
+    assert "bp" not in [s["name"] for s in local.call("vhub.sessions")]  # nothing created, nothing booted
+    # the same through a client handshake's boot_params
+    from harness.daemon import client_handshake
+
+    with pytest.raises(Exception, match="bad_params"):
+        client_handshake(local.control, {"role": "client", "session": "bp", "boot": True, "boot_params": params})
+    assert local.call("vhub.ping")["pong"]

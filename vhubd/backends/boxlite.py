@@ -174,7 +174,7 @@ class BoxliteBackend(Backend):
             raise BackendError(explain(exc, image)) from exc
         self.boxes[spec.session] = box
         log.info("boxlite box %s %s session=%s image=%s", box_name(spec.session),
-                 "created" if created else "found", spec.session, image)
+                 "created" if created else "found", spec.session, image[:200])
         return box, created
 
     async def start(self, spec: BootSpec):
