@@ -1,5 +1,6 @@
-"""Shared by the QEMU tests and benchmarks: find (or build) the guest image,
-find QEMU, and say clearly why a test cannot run when one is missing."""
+"""Shared by the QEMU and BoxLite tests and benchmarks: find (or build) the
+qemu guest image and BoxLite's default OCI image, find QEMU, and say
+clearly why a test cannot run when one is missing."""
 
 from __future__ import annotations
 
@@ -36,6 +37,37 @@ def require_guest_image() -> guest_image.GuestImage:
         return guest_image.build(cache)
     except (guest_image.GuestImageError, OSError) as exc:
         pytest.skip(f"no guest image in {cache} and it cannot be built here: {exc}")
+
+
+def image_state_dir() -> str:
+    """The state dir whose caches `./dev setup` fills ($BLINK_IMAGE_STATE, else the default)."""
+    from vhubd.paths import default_state_dir
+
+    return os.environ.get("BLINK_IMAGE_STATE") or default_state_dir()
+
+
+def require_rootfs_image():
+    """BoxLite's default image (an OCI layout from Debian packages), built if
+    it is not up to date for these sources; skips (with the reason) when the
+    Debian tooling to build it is missing."""
+    from vhubd.guest import oci
+
+    state = image_state_dir()
+    try:
+        return oci.build(oci.default_cache_dir(state), debs_dir=oci.default_debs_dir(state))
+    except (guest_image.GuestImageError, OSError) as exc:
+        pytest.skip(f"BoxLite's default image cannot be built here: {exc}")
+
+
+def share_image_cache(state_dir) -> None:
+    """Make a daemon's fresh ``state_dir`` use the shared image cache and
+    packages (``require_rootfs_image``'s), as a daemon on this host would."""
+    from vhubd.guest import oci
+
+    state = image_state_dir()
+    os.makedirs(os.path.join(state_dir, "guest"), exist_ok=True)
+    os.symlink(oci.default_cache_dir(state), oci.default_cache_dir(str(state_dir)))
+    os.symlink(oci.default_debs_dir(state), oci.default_debs_dir(str(state_dir)))
 
 
 def qemu_pids() -> set[int]:

@@ -184,13 +184,43 @@ def test_install_units_and_build_image_from_the_wheel(built, tmp_path):
     assert f"ExecStart={built.blink} serve" in unit
     assert (tmp_path / "root/etc/systemd/system/blink-vhub.service.d/qemu.conf").is_file()
     assert (tmp_path / "root/etc/tmpfiles.d/blink-vhub.conf").is_file()
-    r = built.run("build-image", str(tmp_path / "oci"))
+
+
+def test_build_image_from_the_wheel_is_the_checkouts(built, tmp_path):
+    """BoxLite's default image built by the installed package: byte for byte the
+    checkout's (the wheel's agent is the checkout's), with the agent inside."""
+    from qemu_testing import image_state_dir, require_rootfs_image
+
+    from vhubd.guest import oci
+
+    img = require_rootfs_image()
+    state = built.elsewhere / "s"
+    (state / "guest").mkdir(parents=True)
+    os.symlink(oci.default_debs_dir(image_state_dir()), oci.default_debs_dir(str(state)))  # no new download
+    r = built.run("build-image", str(tmp_path / "oci"), "--state-dir", "s", "--json", timeout=600)
     assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["manifest_digest"] == img.manifest["manifest_digest"]
     index = json.loads((tmp_path / "oci/index.json").read_text())
     manifest = _blob(tmp_path / "oci", index["manifests"][0]["digest"])
     layer = _blob(tmp_path / "oci", json.loads(manifest)["layers"][-1]["digest"])
     with tarfile.open(fileobj=io.BytesIO(layer)) as tf:
         assert "opt/blink-agent/blink_agent/__main__.py" in tf.getnames()
+
+
+def test_the_demo_from_the_wheel(built):
+    """The README's main job from the installed package: the local backend, and a
+    real VM where the guest image is there."""
+    r = subprocess.run([built.python, "-m", "vhubd.demo", "--backend", "local"],
+                       capture_output=True, text=True, timeout=300, cwd=built.elsewhere, env=_clean_env())
+    assert r.returncode == 0 and "end to end OK" in r.stderr, r.stderr[-3000:]
+    from qemu_testing import guest_cache_dir
+
+    cache = guest_cache_dir()
+    if os.path.basename(cache) == "guest" and os.path.isdir(os.path.join(cache, "current")):
+        r = subprocess.run([built.python, "-m", "vhubd.demo", "--state-dir", os.path.dirname(cache)],
+                           capture_output=True, text=True, timeout=300, cwd=built.elsewhere, env=_clean_env())
+        assert r.returncode == 0 and "end to end OK" in r.stderr, r.stderr[-3000:]
+        assert "a QEMU microvm booted" in r.stderr
 
 
 def test_build_guest_from_the_wheel(built, tmp_path):

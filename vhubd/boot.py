@@ -24,6 +24,27 @@ from .sessions import Session, SessionRegistry, State, new_token, validate_name
 log = logging.getLogger("vhubd")
 
 
+MAX_IMAGE = 4096  # characters of an image reference or path
+MAX_ENV = 256  # variables a boot may set
+
+
+def check_boot_params(params: dict) -> None:
+    """``CallFailed bad_params`` unless the boot's ``image``, ``cpus``,
+    ``memory_mib`` and ``env`` are what a backend takes (a client chose them)."""
+    image = params.get("image")
+    if image is not None and (not isinstance(image, str) or not image or len(image) > MAX_IMAGE or "\0" in image):
+        raise CallFailed("bad_params", f"image must be an OCI reference or a directory (a string of 1 to "
+                                       f"{MAX_IMAGE} characters)")
+    for key, top in (("cpus", 256), ("memory_mib", 1 << 20)):
+        v = params.get(key)
+        if v is not None and (type(v) is not int or not 0 < v <= top):
+            raise CallFailed("bad_params", f"{key} must be an integer from 1 to {top}")
+    env = params.get("env")
+    if env is not None and (not isinstance(env, dict) or len(env) > MAX_ENV
+                            or not all(isinstance(k, str) and isinstance(v, (str, int, float)) for k, v in env.items())):
+        raise CallFailed("bad_params", f"env must be an object of at most {MAX_ENV} string values")
+
+
 class BootManager:
     def __init__(self, registry: SessionRegistry, backend: Backend, *, state_dir: str,
                  agent_addr: str | Callable[[str], str],
@@ -46,6 +67,7 @@ class BootManager:
     # -- boot --
     def boot(self, name: str, params: dict | None = None) -> asyncio.Future:
         validate_name(name)
+        check_boot_params(params or {})
         sess = self.registry.get(name) or self.registry.create(name, self.backend.name)
         fut = self.boots.get(name)
         if fut is not None:

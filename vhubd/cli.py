@@ -73,9 +73,11 @@ def build_parser() -> Parser:
                     help="install under DIR/etc/systemd/system, DIR/etc/sysusers.d, DIR/etc/tmpfiles.d (default /)")
     iu.add_argument("--variant", default="external", choices=["external", "local", "boxlite", "qemu"],
                     help="which backend the service runs (adds that backend's drop-in; default external)")
-    im = sub.add_parser("build-image", help="build a local OCI layout with the guest agent baked in")
-    im.add_argument("out", metavar="DIR", help="where to write the OCI layout")
-    im.add_argument("--base", metavar="LAYOUT", help="local OCI layout to build on (one with python3)")
+    from .guest import oci as _oci
+
+    _oci.add_arguments(sub.add_parser("build-image", help="build BoxLite's default image, an OCI layout from Debian "
+                                                         "packages with the guest agent as its entrypoint (cached "
+                                                         "in the state dir)"))
     from .guest import add_arguments as _guest_args
 
     _guest_args(sub.add_parser("build-guest", help="build the qemu backend's guest kernel + initramfs from "
@@ -139,15 +141,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return build_guest(args)
     if args.command == "build-image":
-        from .backends.image import build_agent_layout
+        from .guest.oci import run as build_image
 
-        try:
-            out = build_agent_layout(args.out, base=args.base)
-        except (OSError, KeyError, ValueError) as exc:
-            sys.stderr.write(f"blink build-image: error: {exc}\n")
-            return EXIT_FAIL
-        sys.stdout.write(f"{out}\n")
-        return 0
+        return build_image(args)
     try:
         from .commands import CLIENT_COMMANDS
 

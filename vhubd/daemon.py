@@ -7,6 +7,7 @@ import asyncio
 import functools
 import logging
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Callable
@@ -75,9 +76,13 @@ def resolve_backend(cfg: DaemonConfig) -> str:
     ok, why = host_can_boot_vms()
     if ok:
         return "boxlite"
+    qemu = shutil.which("qemu-system-x86_64")
+    how = (f"(QEMU at {qemu}: microvms under KVM when usable, TCG otherwise; `blink build-guest` builds their "
+           "guest image)" if qemu else "(install QEMU first: apt-get install qemu-system-x86; then `blink "
+           "build-guest`)")
     log.warning("backend auto: this host cannot boot BoxLite VMs (%s); using external (agents connect by "
-                "themselves). Choose --backend local to run agents as host processes (not a sandbox), or "
-                "--backend boxlite on a KVM host", why)
+                "themselves). For real VMs here choose --backend qemu %s; --backend local runs agents as host "
+                "processes (not a sandbox); --backend boxlite needs a host with hardware KVM", why, how)
     return "external"
 
 

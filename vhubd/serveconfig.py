@@ -81,8 +81,10 @@ SETTINGS: tuple[Setting, ...] = (
     S("boot-timeout", "seconds", 120.0, "seconds a boot may take, agent handshake included"),
     S("idle-stop", "seconds", None, "stop booted sessions with no clients and no agent traffic for this long",
       default_text="never"),
-    S("image", "str", None, "BoxLite image: OCI reference or local OCI layout directory; qemu: a guest image "
-      "directory", metavar="IMAGE", default_text="boxlite: python:3.12-slim; qemu: what `blink build-guest` made"),
+    S("image", "str", None, "boxlite: an OCI reference (a registry image) or a local OCI layout directory; qemu: "
+      "a guest image directory", metavar="IMAGE",
+      default_text="boxlite: the layout `blink build-image` builds from Debian packages, built on first use; "
+                   "qemu: what `blink build-guest` made"),
     S("qemu-accel", "choice", "auto", "qemu backend: auto = KVM when a probe VM runs on it, else TCG",
       choices=("auto", "kvm", "tcg")),
     S("agent-command", "str", None, "local backend: the command that runs the guest agent", metavar="CMD",

@@ -26,7 +26,7 @@ def make_backend(name: str, *, state_dir: str, **kw) -> Backend:
     if name == "external":
         return external.ExternalBackend()
     if name == "boxlite":
-        return boxlite.BoxliteBackend(os.path.join(state_dir, "boxlite"), image=kw.get("image"))
+        return boxlite.BoxliteBackend(os.path.join(state_dir, "boxlite"), image=kw.get("image"), state_dir=state_dir)
     if name == "qemu":
         from . import qemu
 

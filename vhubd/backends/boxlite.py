@@ -2,11 +2,20 @@
 
 One ``boxlite.Boxlite`` runtime per daemon (home under the state dir); box
 ``vhub-<session>``, persistent (``auto_remove=False``); the guest agent is
-the entrypoint, mounted read-only at /opt/blink-agent from the copy this vhubd ships, with
-VHUB_SESSION / VHUB_TOKEN / VHUB_ADDR in its env. Facts of boxlite 0.10.8:
-create is instant; a start() that cannot boot fails after ~13-20 s with
-EngineError; a cancelled start() keeps the VM going, so failures always stop
-and remove the box.
+the entrypoint, with VHUB_SESSION / VHUB_TOKEN / VHUB_ADDR in its env.
+
+The image, unless ``--image`` or the boot names one, is the OCI layout
+``vhubd.guest.oci`` builds from Debian packages (the agent baked in, as its
+entrypoint): built on first use, with progress in the log, in a thread, once
+for all the sessions booting meanwhile, and cached in ``STATE_DIR/oci``. A
+layout whose entrypoint is the agent (``blink build-image DIR [--base]``)
+is used as it is. A registry reference, or a layout without the agent, gets it
+mounted read-only at /opt/blink-agent from the copy this vhubd ships and ``python3 -m
+blink_agent serve`` as its entrypoint.
+
+Facts of boxlite 0.10.8: create is instant; a start() that cannot boot fails
+after ~10-20 s with EngineError; a cancelled start() keeps the VM going, so
+failures always stop and remove the box.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ import asyncio
 import importlib.util
 import logging
 import os
+import time
 from typing import Any
 
 from ..paths import env
@@ -23,7 +33,6 @@ from .local import agent_pythonpath
 
 log = logging.getLogger("vhubd")
 GUEST_AGENT_DIR = "/opt/blink-agent"
-DEFAULT_IMAGE = "python:3.12-slim"
 INSTALL_HINT = "pip install 'vhubd[boxlite]'"
 
 
@@ -52,14 +61,19 @@ def box_name(session: str) -> str:
     return f"vhub-{session}"
 
 
-def explain(exc: BaseException) -> str:
-    """BoxLite's own words, with the kind of failure named."""
+def explain(exc: BaseException, image: str | None = None, after: float | None = None) -> str:
+    """BoxLite's own words, with the kind of failure named (and, for a VM
+    that did not start, how long it tried)."""
     kind = type(exc).__name__
-    text = str(exc) or kind
+    text = " ".join((str(exc) or kind).split())[:600]
     if kind == "EngineError":
         ok, why = host_can_boot_vms()
         hint = "" if ok else f" ({why})"
-        return f"BoxLite could not start the VM: {text}{hint}"
+        took = f" after {after:.1f} s" if after is not None else ""
+        return f"BoxLite could not start the VM{took}: {text}{hint}"
+    if kind in ("ImageError", "StorageError") and image and not os.path.isdir(image):
+        return (f"BoxLite could not get the image {image[:200]!r}: {text} (a registry image needs that registry; "
+                "without --image the daemon uses an OCI layout it builds from Debian packages)")
     if kind == "ImageError":
         return f"BoxLite could not get the image: {text}"
     if kind in ("InvalidArgumentError", "ConfigError"):
@@ -67,10 +81,24 @@ def explain(exc: BaseException) -> str:
     return f"BoxLite {kind}: {text}"
 
 
+def baked_in(image: str) -> bool:
+    """Whether ``image`` is a local layout whose entrypoint is the agent."""
+    if not os.path.isdir(image):
+        return False
+    from ..errors import GuestImageError
+    from ..guest import layout
+
+    try:
+        entry = (layout.read(image).config.get("config") or {}).get("Entrypoint") or []
+    except GuestImageError:
+        return False
+    return isinstance(entry, list) and "blink_agent" in entry
+
+
 class BoxliteBackend(Backend):
     name = "boxlite"
 
-    def __init__(self, home_dir: str, image: str | None = None):
+    def __init__(self, home_dir: str, image: str | None = None, state_dir: str | None = None):
         try:
             import boxlite
         except ImportError as exc:
@@ -79,37 +107,91 @@ class BoxliteBackend(Backend):
 
         self.boxlite = boxlite
         self.home_dir = home_dir
+        self.state_dir = state_dir or os.path.dirname(os.path.abspath(home_dir))
         os.makedirs(home_dir, exist_ok=True)
         self.runtime = boxlite.Boxlite(boxlite.Options(home_dir=home_dir))
-        self.image = image or DEFAULT_IMAGE
+        self.image = image  # None: the default layout
         self.boxes: dict[str, Any] = {}
+        self._default: asyncio.Future | None = None
 
-    def options(self, spec: BootSpec):
+    # -- the default image --
+    def _build_default(self) -> str:
+        """The default layout's directory, built (or found up to date) now; runs in a thread."""
+        from ..errors import GuestImageError
+        from ..guest import oci
+
+        cache = oci.default_cache_dir(self.state_dir)
+        t0 = time.monotonic()
+        try:
+            img = oci.build(cache, log=lambda m: log.info("boxlite default image: %s", m),
+                            debs_dir=oci.default_debs_dir(self.state_dir))
+        except (GuestImageError, OSError) as exc:
+            try:
+                img = oci.find(cache)
+            except GuestImageError:
+                raise BackendError(f"cannot build BoxLite's default image (an OCI layout from Debian packages): "
+                                   f"{exc}; build it with `blink build-image`, or boot a registry image with "
+                                   "--image REF") from None
+            log.warning("boxlite default image: cannot build the current one (%s); using the cached %s", exc,
+                        img.manifest.get("key"))
+        log.info("boxlite default image: %s (%s) ready in %.1f s", img.layout, oci.describe(img),
+                 time.monotonic() - t0)
+        return img.layout
+
+    async def default_layout(self) -> str:
+        """The default layout, built on first use: one build shared by every
+        boot waiting for it, which a cancelled boot does not stop."""
+        fut = self._default
+        if fut is None or (fut.done() and (fut.cancelled() or fut.exception() is not None)):
+            fut = self._default = asyncio.ensure_future(asyncio.to_thread(self._build_default))
+        return await asyncio.shield(fut)
+
+    async def image_for(self, spec: BootSpec) -> tuple[str, bool]:
+        """(image, whether the agent is baked in as its entrypoint: the
+        default layout, or another `blink build-image` made)."""
         image = spec.image or self.image
-        kw: dict = {}
+        if image:
+            return image, baked_in(image)
+        spec.progress("preparing the default image (built from Debian packages once, then cached)")
+        return await self.default_layout(), True
+
+    def box_options(self, spec: BootSpec, image: str, default: bool = False) -> dict:
+        """The keyword arguments of the session's ``boxlite.BoxOptions``."""
+        kw: dict = {"cpus": spec.cpus, "memory_mib": spec.memory_mib, "auto_remove": False, "working_dir": "/",
+                    "env": sorted({**spec.agent_env(), "PYTHONPATH": GUEST_AGENT_DIR}.items())}
         if os.path.isdir(image):
-            kw["rootfs_path"] = image
+            kw["rootfs_path"] = os.path.realpath(image)
         else:
             kw["image"] = image
-        volumes = [(agent_pythonpath(), GUEST_AGENT_DIR, True)]
-        env = {**spec.agent_env(), "PYTHONPATH": GUEST_AGENT_DIR}
-        return self.boxlite.BoxOptions(
-            cpus=spec.cpus, memory_mib=spec.memory_mib, env=sorted(env.items()), volumes=volumes,
-            auto_remove=False, entrypoint=["python3", "-m", "blink_agent", "serve"], working_dir="/", **kw)
+        if default:  # the agent is in the image, as its entrypoint
+            kw["volumes"] = []
+        else:
+            src = agent_pythonpath()
+            kw["volumes"] = [(src, GUEST_AGENT_DIR, True)] if src else []
+            kw["entrypoint"] = ["python3", "-m", "blink_agent", "serve"]
+        return kw
+
+    def options(self, spec: BootSpec, image: str, default: bool = False):
+        return self.boxlite.BoxOptions(**self.box_options(spec, image, default))
 
     async def create_box(self, spec: BootSpec):
         """Get or create the session's box (no VM work)."""
+        image, default = await self.image_for(spec)
         try:
-            box, created = await self.runtime.get_or_create(self.options(spec), name=box_name(spec.session))
+            box, created = await self.runtime.get_or_create(self.options(spec, image, default),
+                                                            name=box_name(spec.session))
         except Exception as exc:  # boxlite.errors.*
-            raise BackendError(explain(exc)) from exc
+            raise BackendError(explain(exc, image)) from exc
         self.boxes[spec.session] = box
+        log.info("boxlite box %s %s session=%s image=%s", box_name(spec.session),
+                 "created" if created else "found", spec.session, image[:200])
         return box, created
 
     async def start(self, spec: BootSpec):
         spec.progress("creating the box")
         box, _ = await self.create_box(spec)
-        spec.progress("starting the VM (BoxLite: pulls the image the first time)")
+        spec.progress("starting the VM (BoxLite imports the image the first time)")
+        t0 = time.monotonic()
         try:
             await box.start()
         except asyncio.CancelledError:
@@ -117,7 +199,8 @@ class BoxliteBackend(Backend):
             raise
         except Exception as exc:
             await self.remove(spec.session)
-            raise BackendError(explain(exc)) from exc
+            raise BackendError(explain(exc, spec.image or self.image, time.monotonic() - t0)) from exc
+        log.info("boxlite box %s started in %.1f s", box_name(spec.session), time.monotonic() - t0)
         return None
 
     async def stop(self, session: str) -> None:
@@ -137,6 +220,8 @@ class BoxliteBackend(Backend):
         except Exception as exc:
             if type(exc).__name__ != "NotFoundError":
                 log.warning("boxlite remove session=%s: %s", session, explain(exc))
+        else:
+            log.info("boxlite box %s removed", box_name(session))
 
     async def info(self, session: str):
         return await self.runtime.get_info(box_name(session))

@@ -1,15 +1,21 @@
-"""The qemu backend's guest image: a kernel and an initramfs from Debian packages.
+"""Guest images from Debian packages: the qemu backend's kernel and
+initramfs, and BoxLite's default OCI image layout.
 
-``blink build-guest`` builds it; the qemu backend finds it. The modules,
-each importing only those listed before it:
+``blink build-guest`` builds the first, the qemu backend finds it;
+``blink build-image`` builds the second, the boxlite backend builds (on
+first use) or finds it. The modules, each importing only those listed
+before it:
 
 - ``apt``: resolving, downloading and unpacking Debian packages;
 - ``elf``: what an ELF binary needs (sonames, loader, module info), found in
   an unpacked tree;
-- ``cpio``: the reproducible newc archive;
+- ``cpio``: the file tree and its reproducible newc archive;
 - ``python``: the interpreter, stdlib selection, bytecode and the agent;
-- ``image``: the image itself, its cache key, ``GuestImage`` / ``load`` /
-  ``find``, and the ``blink build-guest`` command.
+- ``cache``: build keys, the ``current`` pointer, pruning;
+- ``image``: the qemu guest image, ``GuestImage`` / ``load`` / ``find``, and
+  the ``blink build-guest`` command;
+- ``layout``: reproducible tar+gzip layers and OCI image layouts;
+- ``oci``: BoxLite's default image and the ``blink build-image`` command.
 
 This module only re-exports the names callers use.
 """

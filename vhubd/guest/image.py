@@ -11,9 +11,9 @@ now, downloads and unpacks them (``apt``), and writes into
   the agent (``python``), and ``/init``;
 - ``manifest.json``: packages and versions, the kernel release, sizes, digests.
 
-Reproducible: the key is a digest of the builder (its version and the
-sources of this package), the exact package versions and the agent's
-sources; the archive (``cpio``) and the bytecode are the same bytes for the
+Reproducible: the key (``cache``) is a digest of the builder (its version
+and the sources of its modules, ``MODULES``), the exact package versions
+and the agent's sources; the archive (``cpio``) and the bytecode are the same bytes for the
 same inputs. ``current`` points at the newest build.
 
 ``/init`` mounts proc/sys/dev, loads the modules, takes ``vhub.session=`` and
@@ -41,16 +41,17 @@ from collections.abc import Callable
 
 from ..errors import GuestImageError
 from ..paths import default_state_dir
-from . import apt
+from . import apt, cache
 from .cpio import Tree
 from .elf import modinfo
-from .python import add_python, agent_files, agent_source_dir
+from .python import add_python, agent_source_dir
 
 BUILDER_VERSION = "1"
 KERNEL_META = "linux-image-cloud-amd64"
 PYTHON_META = "python3-minimal"
 BASE_PACKAGES = ["busybox-static", "libc6", "zlib1g", "libexpat1"]
 KERNEL_MODULES = ["vmw_vsock_virtio_transport", "virtio_mmio"]  # and their dependencies
+MODULES = ("apt", "cache", "cpio", "elf", "image", "python")  # the builder: its sources are part of the key
 
 
 @dataclasses.dataclass
@@ -89,13 +90,15 @@ def find(cache_dir: str) -> GuestImage:
     return load(os.path.join(cache_dir, "current"))
 
 
-def resolve_packages() -> dict[str, str]:
-    """Package -> version, as apt resolves them now."""
-    deps = apt.depends([KERNEL_META, PYTHON_META])
-    kernel = apt.dependency(deps, KERNEL_META, r"linux-image-[0-9].*")
+def resolve_packages(kernel: bool = True) -> dict[str, str]:
+    """Package -> version, as apt resolves them now: Python, busybox and
+    the libraries, and (``kernel``) the cloud kernel."""
+    deps = apt.depends([KERNEL_META, PYTHON_META] if kernel else [PYTHON_META])
     py = apt.dependency(deps, PYTHON_META, r"python3\.[0-9]+-minimal")
     ver = py[len("python"):-len("-minimal")]
-    names = [kernel, py, f"libpython{ver}-minimal", f"libpython{ver}-stdlib", *BASE_PACKAGES]
+    names = [py, f"libpython{ver}-minimal", f"libpython{ver}-stdlib", *BASE_PACKAGES]
+    if kernel:
+        names.insert(0, apt.dependency(deps, KERNEL_META, r"linux-image-[0-9].*"))
     found = apt.candidates(names)
     return {n: found[n] for n in names}
 
@@ -141,42 +144,20 @@ def encode_env(env: dict) -> str:
     return base64.b64encode(lines.encode()).decode()
 
 
-def builder_digest() -> bytes:
-    """SHA-256 over this package's sources (every module of the builder, /init
-    included), so that changing the builder changes the key."""
-    h = hashlib.sha256()
-    here = os.path.dirname(os.path.abspath(__file__))
-    for name in sorted(f for f in os.listdir(here) if f.endswith(".py")):
-        with open(os.path.join(here, name), "rb") as f:
-            h.update(name.encode() + b"\0" + hashlib.sha256(f.read()).digest())
-    return h.digest()
-
-
-def _key(packages: dict[str, str], agent_src: str) -> str:
-    h = hashlib.sha256()
-    h.update(f"builder {BUILDER_VERSION}\n".encode())
-    h.update(builder_digest())
-    for name in sorted(packages):
-        h.update(f"{name}={packages[name]}\n".encode())
-    for rel, path in agent_files(agent_src):
-        with open(path, "rb") as f:
-            h.update(rel.encode() + b"\0" + hashlib.sha256(f.read()).digest())
-    return h.hexdigest()[:20]
-
-
 def build(cache_dir: str, *, force: bool = False, log: Callable[[str], object] | None = None,
           debs_dir: str | None = None) -> GuestImage:
     """Build (or reuse) the guest image in ``cache_dir``; returns it. The
     packages are kept in ``debs_dir`` (default ``cache_dir/debs``)."""
     say = log or (lambda msg: None)
+    cache_dir = os.path.abspath(cache_dir)
     agent_src = agent_source_dir()
     say("resolving Debian packages")
     packages = resolve_packages()
-    key = _key(packages, agent_src)
+    key = cache.key(BUILDER_VERSION, MODULES, packages, agent_src)
     out = os.path.join(cache_dir, key)
     if not force and os.path.isfile(os.path.join(out, "manifest.json")):
         img = load(out)
-        _point_current(cache_dir, key)
+        cache.point_current(cache_dir, key)
         say(f"guest image {key} is up to date")
         return img
     debs_dir = debs_dir or os.path.join(cache_dir, "debs")
@@ -190,7 +171,7 @@ def build(cache_dir: str, *, force: bool = False, log: Callable[[str], object] |
         manifest: dict = {"builder": BUILDER_VERSION, "key": key,
                           "packages": {n: packages[n] for n in sorted(packages)}}
         kernel_path, krel = _add_kernel(tree, root, manifest)
-        _add_busybox(tree, root)
+        add_busybox(tree, root)
         add_python(tree, root, agent_src, manifest, say)
         tree.file("init", INIT.encode(), 0o755)
         tree.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
@@ -215,31 +196,10 @@ def build(cache_dir: str, *, force: bool = False, log: Callable[[str], object] |
         if os.path.exists(out):
             shutil.rmtree(out)
         os.rename(stage, out)
-    _point_current(cache_dir, key)
-    _prune(cache_dir, key)
+    cache.point_current(cache_dir, key)
+    cache.prune(cache_dir, key)
     say(f"guest image {key}: kernel {krel}, initramfs {len(cpio) >> 20} MiB")
     return load(out)
-
-
-def _prune(cache_dir: str, key: str, keep: int = 2) -> None:
-    """Drop all but the ``keep`` newest builds (``key`` always stays; a VM
-    running from a removed build keeps its open files)."""
-    builds = []
-    for name in os.listdir(cache_dir):
-        path = os.path.join(cache_dir, name)
-        if name != key and re.fullmatch(r"[0-9a-f]{20}", name) and os.path.isdir(path):
-            builds.append((os.path.getmtime(path), path))
-    for _, path in sorted(builds, reverse=True)[keep - 1:]:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _point_current(cache_dir: str, key: str) -> None:
-    link = os.path.join(cache_dir, "current")
-    tmp = link + ".new"
-    if os.path.lexists(tmp):
-        os.unlink(tmp)
-    os.symlink(key, tmp)
-    os.replace(tmp, link)
 
 
 def _add_kernel(tree: Tree, root: str, manifest: dict) -> tuple[str, str]:
@@ -294,7 +254,8 @@ def _add_kernel(tree: Tree, root: str, manifest: dict) -> tuple[str, str]:
     return kernel, krel
 
 
-def _add_busybox(tree: Tree, root: str) -> None:
+def add_busybox(tree: Tree, root: str) -> None:
+    """busybox (static) and a symlink for each of its applets."""
     path = os.path.join(root, "bin", "busybox")
     with open(path, "rb") as f:
         tree.file("bin/busybox", f.read(), 0o755)

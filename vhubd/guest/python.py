@@ -58,6 +58,7 @@ def agent_files(src: str) -> list[tuple[str, str]]:
 def add_python(tree: Tree, root: str, agent_src: str, manifest: dict, say: Callable[[str], object]) -> None:
     """Add to ``tree`` the Python found in the unpacked packages in ``root``
     and the agent from ``agent_src``; record what went in in ``manifest``."""
+    root, agent_src = os.path.abspath(root), os.path.abspath(agent_src)  # modulefinder's paths are absolute
     pys = sorted(f for f in os.listdir(os.path.join(root, "usr", "bin")) if re.fullmatch(r"python3\.\d+", f))
     if not pys:
         raise GuestImageError("no python3.X binary in the python package")
