@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             time.sleep(0.05)
         code = asyncio.run(drive(control, backend, log_path))
-    except (OSError, ConnectionError, VhubError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError, ConnectionError, VhubError) as exc:
         say(f"failed: {exc}")
         code = 1
     finally:
