@@ -80,6 +80,10 @@ class Peer(asyncio.BufferedProtocol):
         # frame's payload it would corrupt the stream
         self.held: list | None = None
         self.held_bytes = 0
+        # what was written to it while a read batch (of any peer) is handled: written
+        # at the batch's end, in one call (one syscall per destination per batch)
+        self.pending: list = []
+        self.pending_bytes = 0
         self.held_paused = False
         self.awaiting_boot = False
         self.frame_mark: tuple[float, int, int] | None = None  # (since, bytes, frames) while mid-frame
@@ -118,6 +122,9 @@ class Peer(asyncio.BufferedProtocol):
         return self.conn.rx.get_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
+        hub = self.hub
+        outer = not hub.batching
+        hub.batching = True
         try:
             self.last_rx = _monotonic()
             events = self.conn.buffer_updated(nbytes)
@@ -136,6 +143,10 @@ class Peer(asyncio.BufferedProtocol):
             self.conn.fail("internal_error", "the daemon hit an internal error on this connection")
             self.flush()
             self.close()
+        finally:
+            if outer:
+                hub.batching = False
+                hub.write_pending()
 
     def _before_handshake(self, events: list) -> None:
         for ev in events:
@@ -203,6 +214,7 @@ class Peer(asyncio.BufferedProtocol):
         if self.closed and self.transport is None:
             return
         self.closed = True
+        self.pending, self.pending_bytes = [], 0
         if self in self.hub.peers:
             self.hub.peers.discard(self)
             self.hub.role_counts[self.spec.role] -= 1
@@ -234,7 +246,7 @@ class Peer(asyncio.BufferedProtocol):
             if self.held is not None:
                 self._hold(data)
             else:
-                self.transport.write(data)
+                self._put(data)
             self._bound(True)
 
     def send(self, frame) -> None:
@@ -244,7 +256,7 @@ class Peer(asyncio.BufferedProtocol):
             if self.held is not None:
                 self._hold(frame)
             else:
-                self.transport.write(frame)
+                self._put(frame)
             if self.buffered() > self.limits.high_water:
                 self._replies_unread()
             self._bound(True)
@@ -273,11 +285,11 @@ class Peer(asyncio.BufferedProtocol):
             return
         if self.held is None:
             self.held = []
-        self.transport.write(data)
+        self._put(data)
         if last:
             held, self.held, self.held_bytes = self.held, None, 0
-            if held:
-                self.transport.writelines(held)
+            for d in held:
+                self._put(d)
             if self.held_paused:
                 self.held_paused = False
                 if not self.write_paused and self.member is not None:
@@ -304,7 +316,8 @@ class Peer(asyncio.BufferedProtocol):
                 for d in out:
                     self._hold(d)
             else:
-                self.transport.writelines(out)
+                for d in out:
+                    self._put(d)
             if not self.closed:
                 if self.buffered() > self.limits.high_water:
                     self._replies_unread()
@@ -317,6 +330,7 @@ class Peer(asyncio.BufferedProtocol):
         if self.closed or self.transport is None:
             return
         transport = self.transport
+        self.write_pending()  # what was accepted for it goes first
         if code is not None and self.held is None:  # never inside a cut-through frame's payload
             transport.write(error_frame(code, message))
         self.closed = True
@@ -350,7 +364,32 @@ class Peer(asyncio.BufferedProtocol):
             self.transport.resume_reading()
 
     def buffered(self) -> int:
-        return (self.transport.get_write_buffer_size() if self.transport is not None else 0) + self.held_bytes
+        return ((self.transport.get_write_buffer_size() if self.transport is not None else 0) + self.held_bytes
+                + self.pending_bytes)
+
+    def _put(self, data) -> None:
+        """Write ``data`` now, or, while a read batch is handled, at its end
+        (``Server.write_pending``): one write per destination per batch."""
+        if self.hub.batching:
+            if not self.pending:
+                self.hub.dirty.append(self)
+            self.pending.append(data)
+            self.pending_bytes += len(data)
+        else:
+            self.transport.write(data)  # type: ignore[union-attr]
+
+    def write_pending(self) -> None:
+        out = self.pending
+        if out:
+            self.pending = []
+            self.pending_bytes = 0
+            transport = self.transport
+            if transport is None or transport.is_closing():
+                return  # gone: what was queued for it goes nowhere
+            if len(out) == 1:
+                transport.write(out[0])
+            else:
+                transport.writelines(out)
 
     # -- shutdown --
     def subscriber_backlog(self) -> int:
@@ -441,6 +480,8 @@ class Server:
                                        max_output=config.max_output, max_inflight=config.max_inflight)
         self.peers: set[Peer] = set()
         self.role_counts = {"guest": 0, "client": 0}  # connections by role: separate limits
+        self.batching = False  # a read batch is being handled: writes wait for its end
+        self.dirty: list[Peer] = []  # peers with writes waiting for the batch's end
         self.listeners: list[ListenerSpec] = []
         self._tick_handle: asyncio.TimerHandle | None = None
 
@@ -485,6 +526,13 @@ class Server:
         """A protocol factory for guest connections that a transport of its own
         (a VM's vsock device) delivers for ``session``: no token, the session is fixed."""
         return functools.partial(Peer, self, DeviceListener(name, session))
+
+    def write_pending(self) -> None:
+        """The batch is over: each peer written to gets what it was given, in one write."""
+        while self.dirty:
+            dirty, self.dirty = self.dirty, []
+            for p in dirty:
+                p.write_pending()
 
     def _schedule_tick(self) -> None:
         self._tick_handle = self.loop.call_later(self.config.tick, self._tick)
