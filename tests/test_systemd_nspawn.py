@@ -359,6 +359,9 @@ def _restart_stress(restarts: int) -> dict:
                 continue
             try:
                 r = s.handshake({"role": "client", "session": "*"})
+                if r[0] == "error" and r[1] == "shutting_down":  # told so in answer to its handshake
+                    count("shutting_down")
+                    continue
                 if r[0] != "ok":
                     count(f"{r[0]}:{r[1]}")
                     continue

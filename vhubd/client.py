@@ -78,6 +78,20 @@ class Event:
 _END = object()
 
 
+def _result_frame(rid: int, result: Any) -> bytes:
+    try:
+        return rpc_result(rid, result)
+    except Exception as exc:  # not encodable: the caller gets an error, not silence
+        return _error_frame(rid, exc)
+
+
+def _error_frame(rid: int, exc: BaseException) -> bytes:
+    if isinstance(exc, RemoteError):
+        return rpc_error(rid, exc.code, exc.message)
+    # a handler bug answers an error, never hangs the guest
+    return rpc_error(rid, "handler_failed", f"{type(exc).__name__}: {exc}")
+
+
 class Client:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, queue_size: int):
         self._reader = reader
@@ -245,31 +259,46 @@ class Client:
             if method == "vhub.event" and ev.request_id == 0:
                 await self._put(Event(req.get("params") or {}))
                 return
-            task = asyncio.ensure_future(self._serve_one(ev.request_id, method, req.get("params")))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._serve(ev.request_id, method, req.get("params"))
 
-    async def _serve_one(self, rid: int, method: str, params: Any) -> None:
+    def _handler(self, method: str) -> Callable[[Any], Any] | None:
         fn = self._handlers.get(method)
         if fn is None:
             for pattern, f in self._handlers.items():
                 if pattern.endswith("*") and method.startswith(pattern[:-1]):
-                    fn = f
-                    break
+                    return f
+        return fn
+
+    def _serve(self, rid: int, method: str, params: Any) -> None:
+        """Answer a request: a plain function's answer is queued at once (the
+        read loop writes every answer of a read batch in one go); a coroutine's
+        gets a task."""
         try:
+            fn = self._handler(method)
             if fn is None:
                 raise RemoteError("no_handler", f"this client does not serve {method!r}")
             result = fn(params)
-            if inspect.isawaitable(result):
-                result = await result
-            frame = rpc_result(rid, result)
-        except RemoteError as exc:
-            frame = rpc_error(rid, exc.code, exc.message)
-        except Exception as exc:  # a handler bug answers an error, never hangs the guest
-            frame = rpc_error(rid, "handler_failed", f"{type(exc).__name__}: {exc}")
+        except Exception as exc:
+            self._answer(rid, _error_frame(rid, exc))
+            return
+        if inspect.isawaitable(result):
+            task = asyncio.ensure_future(self._serve_later(rid, result))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
+        self._answer(rid, _result_frame(rid, result))
+
+    async def _serve_later(self, rid: int, pending: Awaitable[Any]) -> None:
+        try:
+            frame = _result_frame(rid, await pending)
+        except Exception as exc:
+            frame = _error_frame(rid, exc)
+        self._answer(rid, frame)
+        self._flush()
+
+    def _answer(self, rid: int, frame: bytes) -> None:
         if rid and not self._writer.is_closing():
             self._conn.send_frame(frame)
-            self._flush()
 
     # -- public API --
     async def call(self, method: str, params: Any = None, *, session: str | None = None,

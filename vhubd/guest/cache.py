@@ -12,6 +12,7 @@ import hashlib
 import os
 import re
 import shutil
+import time
 
 from .python import agent_files
 
@@ -51,13 +52,25 @@ def point_current(cache_dir: str, key: str) -> None:
     os.replace(tmp, link)
 
 
-def prune(cache_dir: str, key: str, keep: int = 2) -> None:
-    """Drop all but the ``keep`` newest builds (``key`` always stays; a VM
-    running from a removed build keeps its open files)."""
+def used(path: str) -> None:
+    """Note that build ``path`` is in use now (its mtime): prune keeps it."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass  # a read-only cache: pruning there is not ours either
+
+
+def prune(cache_dir: str, key: str, keep: int = 2, unused_for: float = 86400.0) -> None:
+    """Drop the builds beyond the ``keep`` newest that nobody has used for
+    ``unused_for`` seconds (``key`` always stays). Another checkout or daemon
+    on the same host may be booting from an older build right now: its
+    ``load`` marked it used, so it stays."""
+    now = time.time()
     builds = []
     for name in os.listdir(cache_dir):
         path = os.path.join(cache_dir, name)
         if name != key and re.fullmatch(KEY_RE, name) and os.path.isdir(path):
             builds.append((os.path.getmtime(path), path))
-    for _, path in sorted(builds, reverse=True)[keep - 1:]:
-        shutil.rmtree(path, ignore_errors=True)
+    for mtime, path in sorted(builds, reverse=True)[keep - 1:]:
+        if now - mtime > unused_for:
+            shutil.rmtree(path, ignore_errors=True)

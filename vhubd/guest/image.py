@@ -83,6 +83,7 @@ def load(path: str) -> GuestImage:
         if not os.path.isfile(p):
             raise GuestImageError(f"guest image {path} is incomplete ({os.path.basename(p)} missing); "
                                   "rebuild it with `blink build-guest --force`")
+    cache.used(path)
     return img
 
 

@@ -95,6 +95,7 @@ def load(path: str) -> RootfsImage:
         raise GuestImageError(f"no image in {path} ({exc}); build one with `blink build-image`") from None
     if not os.path.isfile(os.path.join(path, "layout", "index.json")):
         raise GuestImageError(f"image {path} is incomplete; rebuild it with `blink build-image --force`")
+    cache.used(path)
     return RootfsImage(path, manifest)
 
 
