@@ -28,6 +28,7 @@ _monotonic = time.monotonic
 # Slowloris: a peer in the middle of a frame must finish it, or send at least
 # this many bytes a second, over each stall_timeout window (not only "some byte").
 MIN_FRAME_RATE = 1024
+JOIN_BELOW = 64 * 1024  # a batch's writes to one peer up to this size are joined into one buffer
 
 
 
@@ -381,6 +382,7 @@ class Peer(asyncio.BufferedProtocol):
     def write_pending(self) -> None:
         out = self.pending
         if out:
+            size = self.pending_bytes
             self.pending = []
             self.pending_bytes = 0
             transport = self.transport
@@ -388,6 +390,8 @@ class Peer(asyncio.BufferedProtocol):
                 return  # gone: what was queued for it goes nowhere
             if len(out) == 1:
                 transport.write(out[0])
+            elif size <= JOIN_BELOW:  # small frames (RPCs): one copy beats a writev of many pieces
+                transport.write(b"".join(out))
             else:
                 transport.writelines(out)
 
