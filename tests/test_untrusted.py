@@ -186,6 +186,33 @@ def test_a_star_client_writing_to_an_agent_that_does_not_read_is_paused(make_dae
     run(body())
 
 
+def test_a_peer_that_reads_its_answers_is_never_dropped_whatever_one_batch_queued(make_daemon):
+    """Answers to one read batch are written at its end, in one go; when they
+    crossed the high-water mark but the kernel took them at once, the peer
+    must not stay paused (and be dropped after the stall timeout)."""
+    d = make_daemon("--heartbeat", "0", "--stall-timeout", "1")
+
+    async def body():
+        admin = await client(d)
+        for i in range(200):
+            await admin.register(f"s{i:03d}-" + "n" * 50)
+        c = await AsyncPeer.open(d.control)
+        assert (await c.handshake({"role": "client", "session": "*"}))[0] == "ok"
+        one = len((await c.call("vhub.sessions", {}, rid=1)).payload)
+        first = (1 << 20) // one  # the batch whose answers first cross the mark...
+        for k in range(max(1, first - 2), first + (400 << 10) // one):  # ...to well past it
+            c.send_raw(frame(T.RPC_REQUEST, 1, {"method": "vhub.sessions", "params": {}}) * k)
+            for _ in range(k):
+                f = await c.next_frame(10)
+                assert getattr(f, "msg_type", None) == T.RPC_RESPONSE, (k, f)
+            await asyncio.sleep(1.3)  # past the stall timeout: a peer still paused would be closed now
+            pong = await c.call("vhub.ping", {}, rid=2, timeout=5)
+            assert getattr(pong, "msg_type", None) == T.RPC_RESPONSE, (k, pong)
+        await c.close()
+
+    run(body(), timeout=120)
+
+
 def test_unread_daemon_call_answers_stop_the_caller(make_daemon):
     d = make_daemon("--heartbeat", "0", "--stall-timeout", "2")
 

@@ -394,6 +394,13 @@ class Peer(asyncio.BufferedProtocol):
                 transport.write(b"".join(out))
             else:
                 transport.writelines(out)
+            # who was paused because these bytes were waiting (replies it did not read
+            # yet, writers to it) goes on if the transport took them below its mark:
+            # then no resume_writing() will come to say so
+            if (not self.write_paused and (self.replies_blocked_at is not None or
+                                           (self.member is not None and self.member.blocked_writers))
+                    and self.buffered() <= self.limits.high_water):
+                self.resume_writing()
 
     # -- shutdown --
     def subscriber_backlog(self) -> int:
