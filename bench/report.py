@@ -158,32 +158,43 @@ def find(rows, **kw):
 
 
 def targets(by: dict) -> list[dict]:
-    """Each target of issue 7 with its measured ratio (None: not measured this run)."""
+    """Each target of issue 15 (and the earlier ones still held) with its measured value (None: not measured)."""
     out = []
     stream = by.get("stream", [])
-    for p in (1024, 65536, 1 << 20):
+
+    def s_per_gb(row):  # the relay's CPU seconds per GB of payload
+        return row and row.get("relay_cpu") is not None and row["relay_cpu"] / 100 / (row["mbps"] / 1000) or None
+
+    for p in (64, 1024, 65536, 1 << 20):
         v, r = find(stream, payload=p, transport="vhubd"), find(stream, payload=p, transport="socat-b262144")
         out.append({"target": f"stream {size_name(p)}: MB/s ≥ 1.0× socat -b 262144", "need": 1.0, "op": ">=",
                     "value": ratio(v and v["mbps"], r and r["mbps"])})
-    for p in (65536, 1 << 20):
-        v, r = find(stream, payload=p, transport="vhubd"), find(stream, payload=p, transport="direct")
-        out.append({"target": f"stream {size_name(p)}: MB/s ≥ 0.45× direct pair", "need": 0.45, "op": ">=",
-                    "value": ratio(v and v["mbps"], r and r["mbps"])})
-    v, r = find(stream, payload=64, transport="vhubd"), find(stream, payload=64, transport="socat-b262144")
-    out.append({"target": "stream 64 B: frames/s ≥ 0.5× socat -b 262144", "need": 0.5, "op": ">=",
-                "value": ratio(v and v["fps"], r and r["fps"])})
+        out.append({"target": f"stream {size_name(p)}: daemon CPU s/GB ≤ socat's (ratio ≤ 1.0)", "need": 1.0,
+                    "op": "<=", "value": ratio(s_per_gb(v), s_per_gb(r))})
+    v, r = find(stream, payload=1 << 20, transport="vhubd"), find(stream, payload=65536, transport="vhubd")
+    out.append({"target": "stream: no cliff, 1 MiB frames ≥ 0.9× the MB/s of 64 KiB", "need": 0.9, "op": ">=",
+                "value": ratio(v and v["mbps"], r and r["mbps"])})
     rpc = by.get("rpc", [])
     v, r = find(rpc, conc=1, transport="vhubd"), find(rpc, conc=1, transport="socat-plain")
     out.append({"target": "RPC C=1: p50 ≤ plain socat's (vhubd p50 / socat p50 ≤ 1.0)", "need": 1.0, "op": "<=",
                 "value": ratio(v and v["p50_us"], r and r["p50_us"])})
-    v, r = find(rpc, conc=64, transport="vhubd"), find(rpc, conc=64, transport="socat-plain")
-    out.append({"target": "RPC C=64: RPS ≥ 0.9× plain socat's", "need": 0.9, "op": ">=",
-                "value": ratio(v and v["rps"], r and r["rps"])})
+    for c in (16, 64):
+        v, r = find(rpc, conc=c, transport="vhubd"), find(rpc, conc=c, transport="socat-plain")
+        out.append({"target": f"RPC C={c}: RPS ≥ 1.0× plain socat's", "need": 1.0, "op": ">=",
+                    "value": ratio(v and v["rps"], r and r["rps"])})
+        lib = find(rpc, conc=c, transport="vhubd+client-lib")
+        out.append({"target": f"RPC C={c}: handler on vhubd.client ≥ 0.8× a raw handler", "need": 0.8, "op": ">=",
+                    "value": ratio(lib and lib["rps"], v and v["rps"])})
     fan = by.get("fanout", [])
-    v = find(fan, payload=65536, subscribers=16, transport="vhubd")
-    r = find(fan, payload=65536, subscribers=1, transport="vhubd")
-    out.append({"target": "fan-out 64 KiB: aggregate MB/s with 16 subscribers ≥ 4× with 1", "need": 4.0,
-                "op": ">=", "value": ratio(v and v["agg_mbps"], r and r["agg_mbps"])})
+    for p in sorted({r["payload"] for r in fan}):
+        v = find(fan, payload=p, subscribers=16, transport="vhubd")
+        r = find(fan, payload=p, subscribers=16, transport="tee")
+        out.append({"target": f"fan-out {size_name(p)}, 16 lossless subscribers: MB/s ≥ 0.9× tee", "need": 0.9,
+                    "op": ">=", "value": ratio(v and v["agg_mbps"], r and r["agg_mbps"])})
+    peaks = [r["daemon_peak_kib"] for k in ("stream", "rpc", "fanout") for r in by.get(k, [])
+             if r.get("daemon_peak_kib")]
+    out.append({"target": "daemon peak RSS over the relay benchmarks ≤ 64 MiB (bounded: 32 MiB max-output per peer)",
+                "need": 64.0, "op": "<=", "unit": " MiB", "value": max(peaks) / 1024 if peaks else None})
     sc = (by.get("scale") or [None])[0]
     out.append({"target": "RSS per idle connection ≤ 16 KiB", "need": 16.0, "op": "<=", "unit": " KiB",
                 "value": sc and sc["kib_per_conn"]})
@@ -216,7 +227,7 @@ def render(rows: list[dict], machine: dict | None = None) -> str:
 
     tg = targets(by)
     if any(t["value"] is not None for t in tg):
-        L += ["### Targets (issue 7; ratios measured in this run)", ""]
+        L += ["### Targets (issue 15; ratios measured in this run)", ""]
         L += table(["target", "measured", "status"],
                    [[t["target"], fmt_target_value(t), t["status"]] for t in tg], "lrl")
         L.append("")

@@ -65,8 +65,10 @@ DAEMON_OF = {"vhubd-pycodec": "daemon_py", "vhubd-base": "daemon_base"}
 
 # payload -> frames per round (the same stream goes to every subscriber)
 FANOUT_SIZES = {
+    64: 50_000 if QUICK else 400_000,  # 3 / 26 MB per subscriber
     1024: 8_192 if QUICK else 65_536,  # 8 / 64 MiB per subscriber
     65536: 256 if QUICK else 1024,  # 16 / 64 MiB per subscriber
+    1 << 20: 16 if QUICK else 64,  # 16 / 64 MiB per subscriber
 }
 FANOUT_SUBS = [1, 4, 16]
 FANOUT_TRANSPORTS = ["vhubd", "tee"]
@@ -131,6 +133,20 @@ def handler():
 
 @pytest.fixture(scope="session")
 def built():
+    return {}
+
+
+def _peak_kib(daemon) -> dict:
+    """The daemon's peak RSS so far (VmHWM: over its whole life, every case it served)."""
+    if daemon is None:
+        return {}
+    try:
+        with open(f"/proc/{daemon.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return {"daemon_peak_kib": int(line.split()[1])}
+    except OSError:
+        pass
     return {}
 
 
@@ -251,7 +267,7 @@ def test_stream(benchmark, record, bench_dir, request, sender, built, payload, t
            "seconds_median": median}
     if daemon is not None:
         row["codec"] = daemon.codec
-    record(benchmark, "stream", transport=transport, payload=payload, **row)
+    record(benchmark, "stream", transport=transport, payload=payload, **row, **_peak_kib(daemon))
 
 
 def _median(xs: list) -> float:
@@ -320,7 +336,7 @@ def test_rpc(benchmark, record, bench_dir, request, rpc_guest, handler, conc, tr
                        "p99_us": percentile(lat, 99) / 1e3, "max_us": lat[-1] / 1e3})
     rounds.sort(key=lambda x: x["rps"])
     row = dict(rounds[len(rounds) // 2], n=n, conc=conc)
-    record(benchmark, "rpc", transport=transport, **row)
+    record(benchmark, "rpc", transport=transport, **row, **_peak_kib(daemon))
 
 
 # --- fan-out ----------------------------------------------------------------------------
@@ -410,7 +426,7 @@ def test_fanout(benchmark, record, request, bench_dir, sender, built, payload, s
     cpus = [c["cpu"] for c in checks if c["cpu"] is not None]
     record(benchmark, "fanout", transport=transport, payload=payload, subscribers=subs, per_sub_mbps=per_sub,
            agg_mbps=per_sub * subs,
-           relay_cpu=_median(cpus) if cpus else None, frames=count, seconds_median=median)
+           relay_cpu=_median(cpus) if cpus else None, frames=count, seconds_median=median, **_peak_kib(daemon))
 
 
 def receiver_extra(sock: socket.socket, wait: float = 0.02) -> bytes:

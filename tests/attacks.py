@@ -25,7 +25,9 @@ from typing import Any
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEAK_BOUND_MIB = 64
 AFTER_BOUND_MIB = 8
-SESSIONS_BOUND_MS = 1000
+# a lockout detector, not a speed target (these machines are shared and noisy): `blink sessions`
+# must succeed during every attack, each call within this; the times it took are reported
+SESSIONS_BOUND_MS = 10_000
 
 
 def frm(msg_type: int, rid: int, payload: Any = b"") -> bytes:
@@ -102,7 +104,8 @@ async def measured(env, name: str, peers: int = 1):
               f"(bound {after_bound:.0f} MiB)")
     env.check(fds <= fds0, f"{name}: {fds - fds0} fds more after the attacker left")
     env.check(bool(latencies) and max(latencies) <= SESSIONS_BOUND_MS,
-              f"{name}: blink sessions took {max(latencies, default=float('inf')):.0f} ms during the attack")
+              f"{name}: blink sessions failed or took {max(latencies, default=float('inf')):.0f} ms during the "
+              "attack (the operator was locked out)")
 
 
 async def _raw(target, handshake: bytes | None = None) -> socket.socket:
