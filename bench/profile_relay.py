@@ -58,6 +58,13 @@ def top(collapsed: str, n: int = 25) -> None:
         print(f"{100 * c / total:5.1f}%  {fr}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("kind", nargs="?", choices=["stream", "rpc"], default="stream")
@@ -87,6 +94,7 @@ def main() -> int:
     deadline = time.monotonic() + args.seconds
     moved = 0
     t0 = time.monotonic()
+    cpu0 = cpu_seconds(d.pid)
     try:
         if args.kind == "stream":
             count = max(1, (32 << 20) // args.size) if args.size >= 1024 else 200_000
@@ -103,7 +111,9 @@ def main() -> int:
                 assert (got, crc) == (built["nbytes"], built["crc"]), "stream corrupted"
                 moved += args.size * count
             dt = time.monotonic() - t0
-            print(f"{moved / dt / 1e6:.1f} MB/s payload over {dt:.1f} s")
+            cpu = cpu_seconds(d.pid) - cpu0
+            # CPU per byte is far less noisy than MB/s on a shared machine
+            print(f"{moved / dt / 1e6:.1f} MB/s payload over {dt:.1f} s; daemon CPU {cpu / (moved / 1e9):.3f} s/GB")
         else:
             handler.call(cmd="serve", path=d.control, mode="vhubd")
             n = 20_000
@@ -113,7 +123,9 @@ def main() -> int:
                 r = guest.call(cmd="rpc", n=n, conc=args.size)
                 moved += n
             dt = time.monotonic() - t0
-            print(f"{moved / dt:.0f} RPC/s over {dt:.1f} s (last round {n / r['seconds']:.0f}/s)")
+            cpu = cpu_seconds(d.pid) - cpu0
+            print(f"{moved / dt:.0f} RPC/s over {dt:.1f} s (last round {n / r['seconds']:.0f}/s); "
+                  f"daemon CPU {cpu / moved * 1e6:.1f} µs/RPC")
             handler.send(cmd="stop")
             handler.read()
     finally:

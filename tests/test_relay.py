@@ -165,6 +165,20 @@ def test_cut_through_frame_and_a_client_joining_mid_frame():
     assert b"".join(w.registry.get("default").scrollback.replay()) == big + frame(T.STDOUT, 1, b"after")
 
 
+def test_a_cut_through_frame_larger_than_the_scrollback_keeps_its_tail_as_one_frame():
+    w = World(cut_through=1024, scrollback=1000)
+    a = agent(w)
+    sub = w.client("default", subscribe=["stdout"])
+    handshake_answer(sub)
+    payload = bytes(range(256)) * 16
+    big = frame(T.STDOUT, 9, payload)
+    for part in (big[:1100], big[1100:2500], big[2500:]):  # arrives in three reads
+        a.feed(part)
+    assert [bytes(f.payload) for f in sub.frames()] == [payload]
+    (kept,) = w.registry.get("default").scrollback.replay()
+    assert kept == frame(T.STDOUT, 9, payload[-(1000 - 20):])  # the newest bytes, its length in its header
+
+
 def test_other_guests_wait_behind_a_cut_through_frame():
     w = World(cut_through=1024)
     a = agent(w, None)

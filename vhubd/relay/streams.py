@@ -63,11 +63,15 @@ class CutThrough:
             self.size -= len(self.parts.pop(0))
 
     def frame_for_scrollback(self) -> bytes:
+        """The frame's kept tail as one frame: one copy (the join)."""
         if not self.keep:
             return b""
-        body = b"".join(self.parts)[-self.keep:]
-        self.head[8:12] = len(body).to_bytes(4, "little")
-        return bytes(self.head) + body
+        parts = self.parts
+        excess = self.size - self.keep
+        if excess > 0:
+            parts[0] = memoryview(parts[0])[excess:]
+        self.head[8:12] = min(self.size, self.keep).to_bytes(4, "little")
+        return b"".join([self.head, *parts])
 
 
 def run_of(chunk: bytes) -> StreamRun:
