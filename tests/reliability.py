@@ -1928,7 +1928,8 @@ def untrusted_rows(s: dict, win: dict, h: dict) -> list[str]:
         "start included); the healthy stream's share of its undisturbed throughput. The healthy stream is "
         "checked byte for byte over the whole run (sha256 at the end: "
         f"{h.get('lossless')}). Targets: no hijack; RSS growth within {PEAK_BOUND_MIB} MiB and back within "
-        f"{AFTER_BOUND_MIB} MiB of the baseline once a single attacking connection left; `blink sessions` "
+        f"{AFTER_BOUND_MIB} MiB of the baseline once a single attacking connection left (plus 2 KiB per session "
+        "it made and removed); `blink sessions` "
         f"answered throughout (each within {SESSIONS_BOUND_MS // 1000} s: a lockout check, not a speed target; "
         "the slowest is in the table).",
         "",
