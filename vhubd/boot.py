@@ -48,13 +48,17 @@ def check_boot_params(params: dict) -> None:
 class BootManager:
     def __init__(self, registry: SessionRegistry, backend: Backend, *, state_dir: str,
                  agent_addr: str | Callable[[str], str],
-                 boot_timeout: float = 120.0, idle_stop: float | None = None):
+                 boot_timeout: float = 120.0, idle_stop: float | None = None,
+                 standby_after: float | None = None, stop_after: float | None = None):
         self.registry = registry
         self.backend = backend
         self.state_dir = state_dir
         self.agent_addr = agent_addr
         self.boot_timeout = boot_timeout
         self.idle_stop = idle_stop
+        self.standby_after = standby_after  # idle this long: standby
+        self.stop_after = stop_after  # in standby this long: stopped
+        self.pausing: dict[str, asyncio.Future] = {}  # standby or wake under way, by session
         self.boots: dict[str, asyncio.Future] = {}
         self.waiters: dict[str, asyncio.Future] = {}
         self.stops: dict[str, asyncio.Task] = {}
@@ -180,12 +184,88 @@ class BootManager:
             boot.cancel()
         if sess.state in (State.STOPPED,):
             return {"session": name, "state": "stopped"}
+        if sess.state is State.STANDBY:  # a paused sandbox must run to stop cleanly
+            try:
+                await self.backend.resume(name)
+            except BackendError as exc:
+                log.warning("resuming %s to stop it: %s", name, exc)
         self.registry.set_state(sess, State.STOPPING, "stop requested")  # the relay closes its agent
         await self.backend.stop(name)
         self.booted.discard(name)
         self.registry.set_state(sess, State.STOPPED, "stopped")
         log.info("session stopped session=%s", name)
         return {"session": name, "state": "stopped"}
+
+    # -- standby --
+    def standby(self, name: str) -> asyncio.Future:
+        """Pause a booted, ready session (its sandbox keeps its memory)."""
+        return self._pause_op(name, True)
+
+    def wake(self, name: str) -> asyncio.Future:
+        """Resume a session in standby (nothing to do for one that is not)."""
+        return self._pause_op(name, False)
+
+    def _pause_op(self, name: str, pause: bool) -> asyncio.Future:
+        fut = self.pausing.get(name)
+        if fut is not None and not fut.done():
+            if pause or getattr(fut, "vhub_pause", False) is False:
+                return fut
+            # a wake while going to standby: after it
+            prev = fut
+            fut = asyncio.ensure_future(self._after(prev, name))
+        else:
+            fut = asyncio.ensure_future(self._pause(name) if pause else self._wake(name))
+        fut.vhub_pause = pause  # type: ignore[attr-defined]
+        self.pausing[name] = fut
+        fut.add_done_callback(lambda f: self.pausing.pop(name, None) if self.pausing.get(name) is f else None)
+        fut.add_done_callback(_consume)
+        return fut
+
+    async def _after(self, prev: asyncio.Future, name: str) -> dict:
+        try:
+            await asyncio.shield(prev)
+        except Exception:
+            pass
+        return await self._wake(name)
+
+    async def _pause(self, name: str) -> dict:
+        sess = self.registry.get(name)
+        if sess is None:
+            raise CallFailed("unknown_session", f"no session named {name!r}")
+        if sess.state is State.STANDBY:
+            return {"session": name, "state": "standby"}
+        if sess.state is not State.READY or name not in self.booted or name in self.boots or name in self.stops:
+            raise CallFailed("bad_state", f"session {name!r} is {sess.state.value}: only a ready session this "
+                                          "daemon booted can go to standby")
+        t0 = time.monotonic()
+        try:
+            await self.backend.pause(name)
+        except BackendError as exc:
+            raise CallFailed("standby_failed", str(exc)) from None
+        if sess.state is State.READY:
+            sess.standby_since = time.monotonic()
+            self.registry.set_state(sess, State.STANDBY, "standby")
+        ms = (time.monotonic() - t0) * 1000
+        log.info("session standby session=%s in %.1f ms", name, ms)
+        return {"session": name, "state": sess.state.value, "ms": round(ms, 2)}
+
+    async def _wake(self, name: str) -> dict:
+        sess = self.registry.get(name)
+        if sess is None:
+            raise CallFailed("unknown_session", f"no session named {name!r}")
+        if sess.state is not State.STANDBY:
+            return {"session": name, "state": sess.state.value, "woken": False}
+        t0 = time.monotonic()
+        try:
+            await self.backend.resume(name)
+        except BackendError as exc:
+            raise CallFailed("wake_failed", str(exc)) from None
+        sess.last_activity = time.monotonic()
+        if sess.state is State.STANDBY:
+            self.registry.set_state(sess, State.READY, "woken")
+        ms = (time.monotonic() - t0) * 1000
+        log.info("session woken session=%s in %.1f ms", name, ms)
+        return {"session": name, "state": sess.state.value, "woken": True, "ms": round(ms, 2)}
 
     def forget(self, name: str) -> None:
         """The session was removed (vhub.remove): nothing of it is kept."""
@@ -201,9 +281,11 @@ class BootManager:
             sess.last_activity = time.monotonic()
 
     def tick(self) -> None:
+        now = time.monotonic()
+        if self.standby_after or self.stop_after:
+            self._standby_policy(now)
         if not self.idle_stop:
             return
-        now = time.monotonic()
         for sess in self.registry:
             if (sess.name in self.booted and sess.name not in self.boots and sess.name not in self.stops
                     and not sess.clients and sess.state in (State.READY, State.AGENT_LOST)
@@ -211,6 +293,22 @@ class BootManager:
                 log.info("idle stop session=%s after %.0f s without clients or traffic", sess.name,
                          now - sess.last_activity)
                 self.stop(sess.name)
+
+    def _standby_policy(self, now: float) -> None:
+        """Idle ``standby_after`` seconds: standby; in standby ``stop_after`` seconds: stopped."""
+        for sess in self.registry:
+            name = sess.name
+            if name not in self.booted or name in self.boots or name in self.stops or name in self.pausing:
+                continue
+            if (self.standby_after and sess.state is State.READY
+                    and now - sess.last_activity > self.standby_after):
+                log.info("idle standby session=%s after %.0f s without traffic", name,
+                         now - sess.last_activity)
+                self.standby(name)
+            elif (self.stop_after and sess.state is State.STANDBY
+                  and now - sess.standby_since > self.stop_after):
+                log.info("stop session=%s after %.0f s in standby", name, now - sess.standby_since)
+                self.stop(name)
 
     async def close(self) -> None:
         """Daemon shutdown: stop every sandbox this daemon started."""

@@ -67,6 +67,8 @@ def build_parser() -> Parser:
     b.add_argument("--cpus", type=int, help="vCPUs (default: the backend's)")
     b.add_argument("--memory-mib", type=int, help="memory in MiB (default: the backend's)")
     client("stop", "stop a session")
+    client("standby", "pause a booted session, keeping its memory (anything sent to it wakes it)")
+    client("wake", "resume a session from standby")
     client("rm", "remove a session (stopping it first): its token, scrollback and sockets go")
     iu = sub.add_parser("install-units", help="install the systemd units (socket activation, Type=notify)")
     iu.add_argument("--prefix", default="/", metavar="DIR",

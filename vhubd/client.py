@@ -400,6 +400,12 @@ class Client:
     async def boot(self, session: str, timeout: float | None = None, **params: Any) -> dict:
         return await self.call("vhub.boot", {"session": session, **params}, timeout=timeout)
 
+    async def standby(self, session: str) -> dict:
+        return await self.call("vhub.standby", {"session": session})
+
+    async def wake(self, session: str) -> dict:
+        return await self.call("vhub.wake", {"session": session})
+
     async def stop(self, session: str) -> dict:
         return await self.call("vhub.stop", {"session": session})
 

@@ -118,6 +118,27 @@ async def cmd_stop(args) -> int:
     return 0
 
 
+async def cmd_standby(args) -> int:
+    async with await _connect(args) as c:
+        res = await c.standby(args.name)
+    if args.json:
+        _print_json(res)
+    else:
+        sys.stdout.write(f"{res['session']}: {res['state']}\n")
+    return 0
+
+
+async def cmd_wake(args) -> int:
+    async with await _connect(args) as c:
+        res = await c.wake(args.name)
+    if args.json:
+        _print_json(res)
+    else:
+        took = f" in {res['ms']:.1f} ms" if res.get("woken") else " (it was not in standby)"
+        sys.stdout.write(f"{res['session']}: {res['state']}{took}\n")
+    return 0
+
+
 async def cmd_call(args) -> int:
     try:
         params = json.loads(args.params) if args.params is not None else {}
@@ -233,5 +254,5 @@ async def cmd_attach(args) -> int:
 CLIENT_COMMANDS = {
     "sessions": cmd_sessions, "info": cmd_info, "stats": cmd_stats, "register": cmd_register,
     "call": cmd_call, "tail": cmd_tail, "run": cmd_run, "boot": cmd_boot, "stop": cmd_stop, "rm": cmd_rm,
-    "attach": cmd_attach,
+    "attach": cmd_attach, "standby": cmd_standby, "wake": cmd_wake,
 }

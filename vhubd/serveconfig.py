@@ -81,6 +81,10 @@ SETTINGS: tuple[Setting, ...] = (
     S("boot-timeout", "seconds", 120.0, "seconds a boot may take, agent handshake included"),
     S("idle-stop", "seconds", None, "stop booted sessions with no clients and no agent traffic for this long",
       default_text="never"),
+    S("standby-after", "seconds", None, "put booted sessions with no agent traffic for this long in standby "
+      "(qemu: the VM paused, local: the agent's processes stopped; anything sent to it wakes it)",
+      default_text="never"),
+    S("stop-after", "seconds", None, "stop sessions that have been in standby this long", default_text="never"),
     S("image", "str", None, "boxlite: an OCI reference (a registry image) or a local OCI layout directory; qemu: "
       "a guest image directory", metavar="IMAGE",
       default_text="boxlite: the layout `blink build-image` builds from Debian packages, built on first use; "

@@ -22,6 +22,7 @@ import time
 from .listeners import ListenerSpec, peer_label, unlink_socket
 from .protocol import Connection, Handshake, Side, State, Violation, error_frame, heartbeat
 from .relay import Accept, Decision, Limits, Member, Refuse, Relay
+from .sessions import State as SessionState
 
 log = logging.getLogger("vhubd")
 _monotonic = time.monotonic
@@ -249,6 +250,13 @@ class Peer(asyncio.BufferedProtocol):
             else:
                 self._put(data)
             self._bound(True)
+            self._wanted()
+
+    def _wanted(self) -> None:
+        """Bytes for a guest of a session in standby: the relay wakes it."""
+        m = self.member
+        if m is not None and m.role == "guest" and m.session is not None and m.session.state is SessionState.STANDBY:
+            self.relay.wanted(m.session)
 
     def send(self, frame) -> None:
         """An answer to what this peer sent (a reply, a pong, an ack): a peer
@@ -432,6 +440,11 @@ class Peer(asyncio.BufferedProtocol):
         if self.read_paused:
             self.frame_mark = None
             return  # we stopped reading it (backpressure): its silence is ours, not a stall
+        m = self.member
+        if m is not None and m.session is not None and m.session.state is SessionState.STANDBY and m.role == "guest":
+            self.last_rx = now  # paused on purpose: no heartbeats, no stall; idle counts from the wake
+            self.frame_mark = None
+            return
         idle = now - self.last_rx
         if self.conn.mid_frame and idle > cfg.stall_timeout:
             self._timeout("stalled", f"no bytes for {cfg.stall_timeout:g} s in the middle of a frame")

@@ -32,6 +32,7 @@ class State(str, enum.Enum):
     BOOTING = "booting"
     WAITING_AGENT = "waiting_agent"
     READY = "ready"
+    STANDBY = "standby"  # booted, paused (its memory kept); anything that needs it wakes it
     AGENT_LOST = "agent_lost"
     STOPPING = "stopping"
     FAILED = "failed"
@@ -42,7 +43,8 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     S.STOPPED: frozenset({S.BOOTING, S.WAITING_AGENT, S.READY}),
     S.BOOTING: frozenset({S.WAITING_AGENT, S.READY, S.FAILED, S.STOPPING}),
     S.WAITING_AGENT: frozenset({S.READY, S.FAILED, S.STOPPING, S.STOPPED, S.BOOTING}),
-    S.READY: frozenset({S.AGENT_LOST, S.STOPPING}),
+    S.READY: frozenset({S.AGENT_LOST, S.STOPPING, S.STANDBY}),
+    S.STANDBY: frozenset({S.READY, S.AGENT_LOST, S.STOPPING, S.FAILED}),
     S.AGENT_LOST: frozenset({S.READY, S.STOPPING, S.BOOTING, S.FAILED, S.STOPPED}),
     S.STOPPING: frozenset({S.STOPPED, S.FAILED}),
     S.FAILED: frozenset({S.BOOTING, S.STOPPED, S.READY, S.WAITING_AGENT, S.STOPPING}),
@@ -141,6 +143,7 @@ class Session:
         self.scrollback = Scrollback(scrollback)
         self.last_result: dict | None = None
         self.last_activity = time.monotonic()
+        self.standby_since = 0.0  # when it last went to standby (monotonic)
         self.stats: collections.Counter[str] = collections.Counter()
         self.boot_params: dict = {}
         self.cut_through: Any = None  # relay.streams.CutThrough while a large frame is in flight

@@ -41,6 +41,14 @@ class Backend:
     async def stop(self, session: str) -> None:
         raise NotImplementedError
 
+    async def pause(self, session: str) -> None:
+        """Standby: stop the sandbox running, keeping its memory (and the agent's connection)."""
+        raise BackendError(f"the {self.name} backend has no standby")
+
+    async def resume(self, session: str) -> None:
+        """Out of standby: the sandbox runs again from where it was."""
+        raise BackendError(f"the {self.name} backend has no standby")
+
     async def close(self) -> None:
         pass
 

@@ -76,7 +76,29 @@ class LocalBackend(Backend):
                 pass
             await proc.wait()
 
+    async def pause(self, session: str) -> None:
+        """SIGSTOP to the agent's process group (it and everything it started)."""
+        self._signal(session, signal.SIGSTOP)
+
+    async def resume(self, session: str) -> None:
+        self._signal(session, signal.SIGCONT)
+
+    def _signal(self, session: str, sig: int) -> None:
+        proc = self.procs.get(session)
+        if proc is None or proc.returncode is not None:
+            raise BackendError(f"session {session!r} has no agent process running")
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            raise BackendError(f"session {session!r}: its agent process is gone") from None
+
     async def close(self) -> None:
+        for proc in self.procs.values():  # a stopped group would ignore SIGTERM until continued
+            if proc.returncode is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
         await asyncio.gather(*(self.stop(s) for s in list(self.procs)))
 
 

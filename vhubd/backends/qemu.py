@@ -31,6 +31,7 @@ from collections.abc import Callable
 from .. import guest as guest_image
 from ..paths import env as env_var
 from ..vhost.service import VhostUserVsockService
+from . import qmp
 from .base import Backend, BackendError, BootSpec
 
 log = logging.getLogger("vhubd")
@@ -40,6 +41,7 @@ DEFAULT_MEMORY_MIB = 256
 DEFAULT_CPUS = 1
 FIRST_CID = 3
 STOP_GRACE = 5.0
+QMP_SOCKET = "qmp.sock"  # in the session's workdir: standby (stop) and wake (cont)
 PR_SET_PDEATHSIG = 1
 _PROBE_EXIT = 0x31  # the probe firmware writes this to isa-debug-exit; QEMU exits (0x31 << 1) | 1
 
@@ -98,7 +100,7 @@ class QemuVm:
         if not self.stopping:
             log.warning("qemu exited session=%s pid=%d: %s", self.session, self.proc.pid, reason)
         self.device.close(f"QEMU exited ({reason})")
-        for name in ("qemu.pid",):
+        for name in ("qemu.pid", QMP_SOCKET):
             try:
                 os.unlink(os.path.join(self.workdir, name))
             except OSError:
@@ -232,6 +234,7 @@ class QemuBackend(Backend):
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-chardev", f"socket,id=vhu,fd={chardev_fd}", "-device", "vhost-user-vsock-device,chardev=vhu",
             "-chardev", f"file,id=con,path={console}", "-serial", "chardev:con",
+            "-qmp", f"unix:{os.path.join(spec.workdir, QMP_SOCKET)},server=on,wait=off",
             "-kernel", img.kernel, "-initrd", img.initramfs, "-append", " ".join(append),
         ]
 
@@ -289,6 +292,20 @@ class QemuBackend(Backend):
                 _killpg(vm.proc.pid, signal.SIGKILL)
         await vm.watch
         log.info("qemu stopped session=%s pid=%d", session, vm.proc.pid)
+
+    async def pause(self, session: str) -> None:
+        """Standby: QMP ``stop`` (the vCPUs stop, the memory stays; the vsock
+        device is this daemon's, so the agent's connection stays as it is)."""
+        await qmp.execute(self._qmp_path(session), "stop")
+
+    async def resume(self, session: str) -> None:
+        await qmp.execute(self._qmp_path(session), "cont")
+
+    def _qmp_path(self, session: str) -> str:
+        vm = self.vms.get(session)
+        if vm is None or vm.proc.returncode is not None:
+            raise BackendError(f"session {session!r} has no VM running")
+        return os.path.join(vm.workdir, QMP_SOCKET)
 
     async def close(self) -> None:
         await asyncio.gather(*(self.stop(s) for s in list(self.vms)), return_exceptions=True)

@@ -30,6 +30,7 @@ class DaemonCalls:
             "vhub.ping": self.ping, "vhub.sessions": self.sessions, "vhub.stats": self.stats,
             "vhub.info": self.info, "vhub.register": self.register, "vhub.boot": self.boot,
             "vhub.stop": self.stop, "vhub.remove": self.remove, "vhub.takeover": self.takeover,
+            "vhub.standby": self.standby, "vhub.wake": self.wake,
         }
 
     def call(self, member: Member, method: str, params: Any, rid: int) -> Any:
@@ -102,6 +103,18 @@ class DaemonCalls:
         boots = self._boots("vhub.stop")
         fut = boots.stop(self.name_param(params))
         fut.add_done_callback(lambda f: self._answer(member, rid, f, "stop_failed"))
+        return DEFERRED
+
+    def standby(self, member: Member, params: dict, rid: int) -> object:
+        sess = self.session_param(params)
+        fut = self._boots("vhub.standby").standby(sess.name)
+        fut.add_done_callback(lambda f: self._answer(member, rid, f, "standby_failed"))
+        return DEFERRED
+
+    def wake(self, member: Member, params: dict, rid: int) -> object:
+        sess = self.session_param(params)
+        fut = self._boots("vhub.wake").wake(sess.name)
+        fut.add_done_callback(lambda f: self._answer(member, rid, f, "wake_failed"))
         return DEFERRED
 
     def remove(self, member: Member, params: dict, rid: int) -> object:

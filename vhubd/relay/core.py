@@ -56,6 +56,12 @@ class Booter(Protocol):
     def forget(self, name: str) -> None:
         """The session is removed: drop what is kept about it."""
 
+    def standby(self, name: str) -> Any:
+        """A future: the session paused (its result dict), or CallFailed."""
+
+    def wake(self, name: str) -> Any:
+        """A future: the session resumed from standby (its result dict)."""
+
 
 class Config:
     """Relay-level settings (the daemon fills it from its own)."""
@@ -202,7 +208,7 @@ class Relay:
         if sess.agent is member:
             sess.agent = None
             sess.last_activity = time.monotonic()
-            if sess.state is State.READY:
+            if sess.state in (State.READY, State.STANDBY):
                 self.registry.set_state(sess, State.AGENT_LOST, reason)
             log.info("guest gone session=%s peer=%s reason=%s", sess.name, member.label, reason)
 
@@ -226,6 +232,13 @@ class Relay:
         for c in (*sess.clients, *self.star_clients):
             if c.events and not c.port.closed:
                 c.port.send(data)
+
+    def wanted(self, sess: Session) -> None:
+        """Bytes are on their way to ``sess``'s guests (a request, input, a
+        connection's data): a session in standby wakes; the bytes wait in the
+        kernel meanwhile, so the caller waits only for the resume."""
+        if sess.state is State.STANDBY and self.boots is not None:
+            self.boots.wake(sess.name)
 
     def _state_changed(self, sess: Session, old: State) -> None:
         log.info("session state session=%s %s -> %s %s", sess.name, old.value, sess.state.value, sess.reason)

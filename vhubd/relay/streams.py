@@ -46,7 +46,7 @@ class CutThrough:
         self.waiting: list = []  # (member, events) of other guests of the session, held until it ends
         self.head = bytearray(ev.data[:HEADER_SIZE])
         self.keep = max(0, min(ev.length, room))
-        self.parts: list[bytes] = []
+        self.parts: list = []  # bytes (the first may become a memoryview of its tail)
         self.size = 0
 
     def keep_tail(self, data: memoryview) -> None:
