@@ -6,6 +6,7 @@ the VM start, which fails in BoxLite's own words with nothing left behind.
 Where BoxLite VMs run, a session boots and runs a command in the VM."""
 
 import asyncio
+import importlib.util
 import json
 import logging
 import os
@@ -21,6 +22,10 @@ from qemu_testing import require_rootfs_image, share_image_cache
 from vhubd.backends import BootSpec
 from vhubd.backends import boxlite as bl
 from vhubd.guest import layout, oci
+
+# the boxlite package is an extra (vhubd[boxlite]): without it, what needs it skips
+needs_boxlite = pytest.mark.skipif(importlib.util.find_spec("boxlite") is None,
+                                   reason="the boxlite package is not installed (pip install 'vhubd[boxlite]')")
 
 BLINK_AGENT = ["python3", "-m", "blink_agent", "serve"]
 
@@ -84,6 +89,7 @@ def test_host_check_is_overridable(monkeypatch):
 
 
 @pytest.mark.slow
+@needs_boxlite
 def test_default_image_options_and_boxes(tmp_path):
     img = require_rootfs_image()
     share_image_cache(tmp_path / "s")
@@ -122,6 +128,7 @@ def test_default_image_options_and_boxes(tmp_path):
 
 
 @pytest.mark.slow
+@needs_boxlite
 def test_default_image_is_built_on_first_use_once_with_progress(tmp_path, caplog):
     require_rootfs_image()  # its packages are downloaded: this build shares them
     state = tmp_path / "s"
@@ -147,6 +154,7 @@ def test_default_image_is_built_on_first_use_once_with_progress(tmp_path, caplog
 
 
 @pytest.mark.slow
+@needs_boxlite
 def test_a_registry_image_that_cannot_be_pulled_is_boxlites_words(make_daemon, tmp_path):
     d = make_daemon("--backend", "boxlite", "--state-dir", str(tmp_path / "s"))
     r = d.cli("boot", "x", "--image", "127.0.0.1:1/none:latest", timeout=120)
@@ -160,6 +168,7 @@ def test_a_registry_image_that_cannot_be_pulled_is_boxlites_words(make_daemon, t
 
 
 @pytest.mark.slow
+@needs_boxlite
 def test_default_image_goes_through_boxlite_up_to_the_vm_start(make_daemon, tmp_path):
     """No --image: BoxLite's runtime, the import of the local layout, the box,
     its start; the start fails (this host's /dev/kvm cannot run BoxLite VMs)
