@@ -18,6 +18,7 @@ from typing import Any
 from ._version import __version__
 from .address import DEFAULT_ADDR, parse_address
 from .async_hub import AsyncHub
+from .channels import ChannelManager
 from .errors import AddressError, ConnectionLost, HandshakeRejected, ProtocolError, RpcError
 from .outbox import DEFAULT_BUFFER_BYTES, parse_size
 from .runner import ExecutionManager
@@ -156,6 +157,7 @@ async def _serve(args: argparse.Namespace) -> int:
     hub = _hub(args)
     manager = ExecutionManager(hub)
     manager.register()
+    ChannelManager(hub).register()
     stop: asyncio.Future[str] = loop.create_future()
 
     def request_stop(sig: int) -> None:
