@@ -252,10 +252,12 @@ class Channels:
         elif method == "chan.done" and not ch.done_sent and isinstance(ch.end, ClientEnd):
             ch.done_sent = True
             out: dict = {"ok": params.get("ok") is True}
-            for key, kind in (("sha256", str), ("bytes", int), ("entries", int), ("error", str)):
+            for key in ("sha256", "bytes", "entries", "error"):
                 v = params.get(key)
-                if type(v) is kind:
-                    out[key] = v[:300] if kind is str else v
+                if isinstance(v, str) and key in ("sha256", "error"):
+                    out[key] = v[:300]
+                elif type(v) is int and key in ("bytes", "entries"):
+                    out[key] = v
             ch.end.done(out)
 
     # ---------------------------------------------------------------- from a client end
