@@ -245,7 +245,8 @@ class ChannelManager:
         try:
             _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 2.0)
         except (OSError, asyncio.TimeoutError) as exc:
-            return {"port": port, "open": False, "error": getattr(exc, "strerror", None) or "timed out"}
+            return {"port": port, "open": False,
+                    "error": os.strerror(exc.errno) if getattr(exc, "errno", None) else "timed out"}
         writer.close()
         return {"port": port, "open": True}
 
@@ -256,7 +257,7 @@ class ChannelManager:
             reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 10.0)
         except (OSError, asyncio.TimeoutError) as exc:
             self.forget(ch)
-            why = getattr(exc, "strerror", None) or "timed out"
+            why = os.strerror(exc.errno) if getattr(exc, "errno", None) else "timed out"
             raise RpcError("connect_failed", f"nothing accepts on 127.0.0.1:{port} in the guest: {why}") from None
         if ch.reset_reason is not None:
             writer.close()

@@ -196,7 +196,7 @@ class Exposures:
 
     def _refused(self, exp: Exposure, why: str) -> None:
         exp.refused += 1
-        exp.last_refusal = clip(why)
+        exp.last_refusal = why[:300]
         self.relay.counters["expose_refused"] += 1
         self.relay.refusal_log.warning("expose refused session=%s guest_port=%d listen=%s: %s (the host's "
                                        "client got a reset)", exp.session.name, exp.guest_port,
