@@ -188,7 +188,7 @@ def test_256_concurrent_connections(local):
     socks = [socket.create_connection((host, port), timeout=60) for _ in range(256)]
     for i, s in enumerate(socks):
         s.sendall(f"connection {i}\n".encode() * 100)
-    for i, s in enumerate(socks):
+    for s in socks:
         s.shutdown(socket.SHUT_WR)
     for i, s in enumerate(socks):
         assert recv_all(s) == f"connection {i}\n".encode() * 100
