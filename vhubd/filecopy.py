@@ -50,7 +50,7 @@ class Progress:
     def __init__(self, label: str, total: int | None, stream: Any = None):
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
-        self.label = label
+        self.label = label if len(label) <= 60 else label[:28] + "..." + label[-29:]
         self.total = total
         self.done = 0
         self.start = time.monotonic()
@@ -74,7 +74,7 @@ class Progress:
             text = f"{self.label} [{bar}] {pct:3d}% {mib:.1f}/{self.total / (1 << 20):.1f} MiB {rate:.1f} MiB/s"
         else:
             text = f"{self.label} {mib:.1f} MiB {rate:.1f} MiB/s"
-        self.stream.write("\r" + text[:200] + "\x1b[K")
+        self.stream.write("\r" + text + "\x1b[K")
         self.stream.flush()
 
     def finish(self) -> None:
@@ -132,7 +132,8 @@ class _Receiver:
         self.loop.call_soon_threadsafe(self.progress.add, len(data))
 
     def read(self, n: int = -1) -> bytes:
-        while not self.eof and (n < 0 or len(self.buf) < n):
+        """Up to ``n`` bytes: what has come (a short read), waiting only for the first."""
+        while not self.eof and (n < 0 or not self.buf):
             self._fill()
         if n < 0:
             n = len(self.buf)
@@ -198,12 +199,13 @@ def _tar_to(src: str, out: _Sender) -> None:
 
 
 def _pipe(src: IO[bytes], out: _Sender) -> None:
+    read = getattr(src, "read1", src.read)  # what the pipe has now, not a whole chunk
     while True:
-        data = src.read(CHUNK)
+        data = read(CHUNK)
         if not data:
             break
         out.write(data)
-    out.flush()
+        out.flush()
 
 
 async def download(client: Any, session: str, path: str, dest: str, stdout: IO[bytes] | None = None) -> dict:

@@ -472,7 +472,8 @@ class _FromChannel:
         self.buf += data
 
     def read(self, n: int = -1) -> bytes:
-        while not self.eof and (n < 0 or len(self.buf) < n):
+        """Up to ``n`` bytes: what has come (a short read), waiting only for the first."""
+        while not self.eof and (n < 0 or not self.buf):
             self._fill()
         if n < 0:
             n = len(self.buf)
