@@ -24,11 +24,12 @@ import time
 from typing import IO, Any
 
 from .channel import ChannelReset, ClientChannel
-from .errors import RemoteError
-from .tarcopy import Extractor, UnsafeArchive, tree_size, write_tar
+from .errors import RemoteError, UnsafeArchive
+from .tarcopy import Extractor, tree_size, write_tar
 
 REMOTE = re.compile(r"^([a-z0-9][a-z0-9_.-]{0,62}):(.*)$")
 CHUNK = 64 * 1024
+EXIT_USAGE = 2  # commands.EXIT_USAGE (that module loads this one)
 
 
 class CopyFailed(RemoteError):
@@ -248,13 +249,12 @@ async def download(client: Any, session: str, path: str, dest: str, stdout: IO[b
 
 
 def _extract(where: str, rename: Any, src: _Receiver) -> None:
-    Extractor(where, rename).extract(src)  # type: ignore[arg-type]
+    Extractor(where, rename, error=UnsafeArchive).extract(src)  # type: ignore[arg-type]
     src.drain()
 
 
 async def cmd_cp(args) -> int:
     from .client import Client
-    from .commands import EXIT_USAGE
 
     a, b = split_remote(args.src), split_remote(args.dest)
     if (a is None) == (b is None):

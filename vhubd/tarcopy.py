@@ -12,7 +12,8 @@ held whole. Links are stored as links, never followed; mode, mtime and owner
 (numeric ids) travel in the headers.
 
 Reading: :class:`Extractor` extracts a tar stream (``r|``) member by member
-under a destination and refuses, naming the member: absolute names, ``..``
+under a destination and refuses, raising the error class it was given (each
+package's own ``UnsafeArchive``) with the member's name: absolute names, ``..``
 components, links (symbolic or hard) whose target is absolute or resolves
 outside the destination, a path that would be reached through a link leading
 outside it, and device files. Mode and mtime are restored (directories' at the
@@ -27,14 +28,9 @@ import stat
 import tarfile
 from typing import IO, Any
 
-__all__ = ["UnsafeArchive", "write_tar", "Extractor", "tree_size"]
+__all__ = ["write_tar", "Extractor", "tree_size"]
 
 RECORD = 64 * 1024
-
-
-class UnsafeArchive(Exception):  # noqa: N818 - the name says what it is
-    """A member that must not be extracted; the message names it."""
-
 
 def tree_size(path: str, limit: int = 100_000) -> int:
     """Bytes of regular files under ``path`` (for a progress bar); counts at most ``limit`` entries."""
@@ -83,9 +79,10 @@ class Extractor:
     ``/x`` does not exist yet creates ``/x`` from ``dir``, like ``cp -r``.
     """
 
-    def __init__(self, dest: str, rename: tuple[str, str] | None = None) -> None:
+    def __init__(self, dest: str, rename: tuple[str, str] | None = None, error: type = ValueError) -> None:
         os.makedirs(dest, exist_ok=True)
         self.dest = os.path.realpath(dest)
+        self.error = error  # raised for a member that must not be extracted (the caller's own class)
         self.rename = rename
         self.entries = 0
         self.root = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -94,10 +91,10 @@ class Extractor:
     def _name(self, member: tarfile.TarInfo) -> str:
         name = member.name
         if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
-            raise UnsafeArchive(f"refused {name!r}: an absolute path")
+            raise self.error(f"refused {name!r}: an absolute path")
         parts = [p for p in name.split("/") if p not in ("", ".")]
         if ".." in parts:
-            raise UnsafeArchive(f"refused {name!r}: a '..' component")
+            raise self.error(f"refused {name!r}: a '..' component")
         if not parts:
             return ""
         if self.rename is not None and parts[0] == self.rename[0]:
@@ -108,7 +105,7 @@ class Extractor:
         target = os.path.join(self.dest, rel)
         parent = os.path.realpath(os.path.dirname(target))
         if not _inside(self.dest, parent):
-            raise UnsafeArchive(f"refused {member.name!r}: it would be written through a link that leads "
+            raise self.error(f"refused {member.name!r}: it would be written through a link that leads "
                                 "outside the destination")
         return os.path.join(parent, os.path.basename(target))
 
@@ -116,17 +113,17 @@ class Extractor:
         link = member.linkname
         if member.issym():
             if link.startswith("/"):
-                raise UnsafeArchive(f"refused {member.name!r}: a symlink to an absolute path ({link!r})")
+                raise self.error(f"refused {member.name!r}: a symlink to an absolute path ({link!r})")
             resolved = os.path.realpath(os.path.join(os.path.dirname(target), link))
         else:  # a hard link names another member
             rel = self._name(tarfile.TarInfo(link))
             resolved = os.path.realpath(os.path.join(self.dest, rel))
         if not _inside(self.dest, resolved):
-            raise UnsafeArchive(f"refused {member.name!r}: a link to {link!r}, outside the destination")
+            raise self.error(f"refused {member.name!r}: a link to {link!r}, outside the destination")
 
     def extract(self, fileobj: IO[bytes]) -> int:
-        """Extract every member of the stream; raises :class:`UnsafeArchive`
-        (nothing of that member is written) or ``tarfile.TarError``/``OSError``."""
+        """Extract every member of the stream; raises ``error`` (nothing of that
+        member is written) or ``tarfile.TarError``/``OSError``."""
         with tarfile.open(fileobj=fileobj, mode="r|", bufsize=RECORD) as tar:
             for member in tar:
                 self._one(tar, member)
@@ -138,14 +135,14 @@ class Extractor:
         if not rel:
             return
         if member.ischr() or member.isblk():
-            raise UnsafeArchive(f"refused {member.name!r}: a device file")
+            raise self.error(f"refused {member.name!r}: a device file")
         target = self._target(member, rel)
         if member.issym() or member.islnk():
             self._check_link(member, target)
         if os.path.lexists(target) and not (member.isdir() and os.path.isdir(target)
                                             and not os.path.islink(target)):
             if os.path.isdir(target) and not os.path.islink(target):
-                raise UnsafeArchive(f"refused {member.name!r}: a directory is in the way")
+                raise self.error(f"refused {member.name!r}: a directory is in the way")
             os.unlink(target)  # never write through what was there (a link, say)
         self.entries += 1
         if member.isdir():

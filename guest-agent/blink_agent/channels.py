@@ -26,15 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
 import logging
 import os
 import socket
 import struct
 from typing import Any, Callable
 
-from . import tarcopy
-from .errors import ConnectionLost, RpcError
+from .errors import ChannelReset, ConnectionLost, RpcError
 from .wire import MsgType
 
 __all__ = ["CHANNEL_BASE", "WINDOW", "ChannelManager"]
@@ -48,10 +46,6 @@ WINDOW = 256 * 1024
 CHUNK = 64 * 1024
 #: Open channels at most (the daemon has its own bound); past it, opens fail.
 MAX_CHANNELS = 4096
-
-
-class ChannelReset(Exception):  # noqa: N818
-    """The channel was reset (by the host, or its connection went)."""
 
 
 class Channel:
@@ -168,8 +162,6 @@ class ChannelManager:
     def register(self) -> None:
         hub = self.hub
         hub.serve("agent.connect", self.rpc_connect)
-        hub.serve("agent.tar", self.rpc_tar)
-        hub.serve("agent.untar", self.rpc_untar)
         hub.serve("agent.probe_port", self.rpc_probe_port)
         hub.serve("chan.ack", self.on_ack)
         hub.serve("chan.reset", self.on_reset)
@@ -324,164 +316,3 @@ class ChannelManager:
             why = getattr(failed, "strerror", None) or type(failed).__name__
             log.info("channel %d: the guest's connection failed: %s", ch.id, why)
             await ch.reset(f"the guest's connection was reset ({why})")
-
-    # -- copies
-    def _path(self, params: Any, key: str) -> str:
-        path = params.get(key) if isinstance(params, dict) else None
-        if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
-            raise RpcError("bad_params", f"{key} must be an absolute path")
-        return path
-
-    async def rpc_tar(self, params: Any) -> dict[str, Any]:
-        path = self._path(params, "path")
-        try:
-            os.lstat(path)
-            size = tarcopy.tree_size(path)
-        except OSError as exc:
-            raise RpcError("not_found", f"{path}: {exc.strerror}") from None
-        ch = self._open(params, "agent.tar")
-        name = os.path.basename(os.path.normpath(path)) or "."
-        self.spawn(self._tar(ch, path, name))
-        return {"channel": ch.id, "window": WINDOW, "size": size, "name": name}
-
-    async def _tar(self, ch: Channel, path: str, name: str) -> None:
-        loop = asyncio.get_running_loop()
-        out = _ToChannel(ch, loop)
-        try:
-            entries = await loop.run_in_executor(None, _write_tar, path, out, name)
-        except ChannelReset:
-            self.forget(ch)
-            return
-        except (OSError, tarfile_error()) as exc:
-            await ch.notify("chan.done", {"ok": False, "error": f"{path}: {exc}"[:300]})
-            await ch.reset("the archive could not be made")
-            return
-        await ch.notify("chan.done", {"ok": True, "sha256": out.sha.hexdigest(), "bytes": out.total,
-                                      "entries": entries})
-        try:
-            await ch.send_eof()
-        except ChannelReset:
-            pass
-        ch.eof_in = True  # nothing comes the other way
-        self.maybe_done(ch)
-
-    async def rpc_untar(self, params: Any) -> dict[str, Any]:
-        dest = self._path(params, "dest")
-        top = params.get("top")
-        if top is not None and (not isinstance(top, str) or "/" in top or top in ("", ".", "..")):
-            raise RpcError("bad_params", "top must be a plain file name")
-        rename = None
-        if top is not None and not os.path.isdir(dest):
-            # like cp -r: DIR copied to a dest that does not exist becomes dest
-            rename = (top, os.path.basename(os.path.normpath(dest)))
-            dest = os.path.dirname(os.path.normpath(dest)) or "/"
-            if not os.path.isdir(dest):
-                raise RpcError("not_found", f"{dest}: No such directory")
-        ch = self._open(params, "agent.untar")
-        self.spawn(self._untar(ch, dest, rename))
-        return {"channel": ch.id, "window": WINDOW}
-
-    async def _untar(self, ch: Channel, dest: str, rename: Any) -> None:
-        loop = asyncio.get_running_loop()
-        src = _FromChannel(ch, loop)
-        try:
-            entries = await loop.run_in_executor(None, _extract, dest, rename, src)
-            await loop.run_in_executor(None, src.drain)
-        except ChannelReset:
-            self.forget(ch)
-            return
-        except (OSError, tarcopy.UnsafeArchive, tarfile_error()) as exc:
-            text = str(exc) if isinstance(exc, tarcopy.UnsafeArchive) else f"{type(exc).__name__}: {exc}"
-            log.warning("channel %d: extracting under %s failed: %s", ch.id, dest, text[:300])
-            await ch.notify("chan.done", {"ok": False, "error": text[:300], "bytes": src.total})
-            await ch.reset("the archive was refused")
-            return
-        await ch.notify("chan.done", {"ok": True, "sha256": src.sha.hexdigest(), "bytes": src.total,
-                                      "entries": entries})
-        try:
-            await ch.send_eof()
-        except ChannelReset:
-            pass
-        self.maybe_done(ch)
-
-
-def tarfile_error() -> type:
-    import tarfile
-
-    return tarfile.TarError
-
-
-def _write_tar(path: str, out: _ToChannel, name: str) -> int:
-    entries = tarcopy.write_tar(path, out, name)
-    out.flush()
-    return entries
-
-
-def _extract(dest: str, rename: Any, src: _FromChannel) -> int:
-    return tarcopy.Extractor(dest, rename).extract(src)
-
-
-class _ToChannel:
-    """A write-only file object (for ``tarfile`` in a worker thread) that sends to a channel."""
-
-    def __init__(self, ch: Channel, loop: asyncio.AbstractEventLoop) -> None:
-        self.ch = ch
-        self.loop = loop
-        self.buf = bytearray()
-        self.sha = hashlib.sha256()
-        self.total = 0
-
-    def write(self, data: Any) -> int:
-        self.buf += data
-        if len(self.buf) >= CHUNK:
-            self.flush()
-        return len(data)
-
-    def flush(self) -> None:
-        if not self.buf:
-            return
-        data, self.buf = bytes(self.buf), bytearray()
-        self.sha.update(data)
-        self.total += len(data)
-        asyncio.run_coroutine_threadsafe(self.ch.send(data), self.loop).result()
-
-
-class _FromChannel:
-    """A read-only file object (for ``tarfile`` in a worker thread) fed by a channel."""
-
-    def __init__(self, ch: Channel, loop: asyncio.AbstractEventLoop) -> None:
-        self.ch = ch
-        self.loop = loop
-        self.buf = b""
-        self.eof = False
-        self.sha = hashlib.sha256()
-        self.total = 0
-
-    def _fill(self) -> None:
-        async def take() -> bytes:
-            data = await self.ch.recv()
-            if data:
-                await self.ch.took(len(data))
-            return data
-
-        data = asyncio.run_coroutine_threadsafe(take(), self.loop).result()
-        if not data:
-            self.eof = True
-        self.sha.update(data)
-        self.total += len(data)
-        self.buf += data
-
-    def read(self, n: int = -1) -> bytes:
-        """Up to ``n`` bytes: what has come (a short read), waiting only for the first."""
-        while not self.eof and (n < 0 or not self.buf):
-            self._fill()
-        if n < 0:
-            n = len(self.buf)
-        data, self.buf = self.buf[:n], self.buf[n:]
-        return data
-
-    def drain(self) -> None:
-        """Read to the host's EOF (what follows the archive counts in the checksum)."""
-        while not self.eof:
-            self.buf = b""
-            self._fill()
