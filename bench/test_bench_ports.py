@@ -73,6 +73,7 @@ def guest():
     yield src, echo
     p.kill()
     p.wait()
+    p.stdout.close()
 
 
 @pytest.fixture(scope="module")
