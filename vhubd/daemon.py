@@ -138,6 +138,11 @@ async def run_daemon(cfg: DaemonConfig, ready: asyncio.Event | None = None) -> i
     relay.on_stats = lambda: {"connections": len(server.peers), "tasks": len(asyncio.all_tasks()),
                               "listeners": server.addresses()}
     await server.start(specs)
+    relay.exposures.changed = store.changed
+    for name, gp, host, port in store.exposed:  # exposures last while their session does, restarts included
+        sess = registry.get(name)
+        if sess is not None:
+            relay.exposures.open(sess, gp, host, port)
     ticker = loop.create_task(_every(cfg.tick, boots.tick))
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -49,6 +49,8 @@ class TcpEnd(asyncio.Protocol):
         self.h_eof = False
         self.finished = False
         self.early: list[bytes] = []  # read before the guest side connected (one read: reading pauses)
+        self.unsent = bytearray()  # read, beyond the agent's window: sent as acks come
+        self.eof_sent = False
 
     # -- asyncio callbacks
     def connection_made(self, transport: Any) -> None:
@@ -75,15 +77,30 @@ class TcpEnd(asyncio.Protocol):
             self._pause()
             return
         self.exposure.bytes_in += len(data)
-        view = memoryview(data)
-        for start in range(0, len(view), CHUNK):
-            self.channels.host_data(ch, bytes(view[start:start + CHUNK]))
-        if ch.h_sent - ch.h_acked >= ch.window:
+        self.unsent += data
+        self._send()
+
+    def _send(self) -> None:
+        """What was read, to the agent, within its window; reading pauses while it is full
+        (what one read brought beyond the window waits here: at most one read)."""
+        ch = self.channel
+        while self.unsent and not ch.closed:
+            room = ch.window - (ch.h_sent - ch.h_acked)
+            if room <= 0:
+                break
+            n = min(room, CHUNK, len(self.unsent))
+            self.channels.host_data(ch, bytes(self.unsent[:n]))
+            del self.unsent[:n]
+        if self.unsent or ch.h_sent - ch.h_acked >= ch.window:
             self._pause()
+        if not self.unsent and self.h_eof and not self.eof_sent and not ch.closed:
+            self.eof_sent = True
+            self.channels.host_eof(ch)
 
     def eof_received(self) -> bool:
         self.h_eof = True
-        if self.channel is not None and self.is_open:
+        if self.channel is not None and self.is_open and not self.unsent and not self.eof_sent:
+            self.eof_sent = True
             self.channels.host_eof(self.channel)
         if self.g_eof:
             self._finish()
@@ -109,10 +126,13 @@ class TcpEnd(asyncio.Protocol):
         early, self.early = self.early, []
         for data in early:
             self.data_received(data)
-        if self.h_eof and self.channel is not None:
-            self.channels.host_eof(self.channel)
-        if not self.finished and self.channel is not None and not self.channel.closed and \
-                self.channel.h_sent - self.channel.h_acked < self.channel.window:
+        ch = self.channel
+        if ch is None or ch.closed or self.finished:
+            return
+        if self.h_eof and not self.unsent and not self.eof_sent:
+            self.eof_sent = True
+            self.channels.host_eof(ch)
+        if not self.unsent and ch.h_sent - ch.h_acked < ch.window:
             self._resume()
 
     def data(self, frame: memoryview, payload: memoryview) -> None:
@@ -135,7 +155,10 @@ class TcpEnd(asyncio.Protocol):
 
     def ack(self, consumed: int) -> None:
         ch = self.channel
-        if self.read_paused and self.is_open and ch is not None and ch.h_sent - consumed < ch.window:
+        if ch is None or not self.is_open or self.finished:
+            return
+        self._send()
+        if self.read_paused and not self.h_eof and not self.unsent and ch.h_sent - ch.h_acked < ch.window:
             self._resume()
 
     def reset(self, reason: str) -> None:

@@ -7,12 +7,14 @@ which connects to 127.0.0.1:GUEST_PORT inside the guest. A connection the
 guest refuses (nobody listens there), or that finds no agent, is reset and the
 refusal is counted, kept as ``last_refusal`` and logged at a bounded rate.
 Exposures last while the session lives: stopping or removing it closes them
-and resets their connections.
+and resets their connections; the session store keeps them across a daemon
+restart (the same listen address is bound again).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import CallFailed, clip
@@ -96,6 +98,7 @@ class Exposures:
     def __init__(self, relay: Relay):
         self.relay = relay
         self.opener: Opener | None = None
+        self.changed: Callable[[Session], None] = lambda sess: None  # the session store saves exposures
         for k in ("expose_accepted", "expose_refused"):
             relay.counters.setdefault(k, 0)
 
@@ -115,6 +118,21 @@ class Exposures:
                                                 f"{have.listen_address} already (vhub.unexpose it first)")
         if len(sess.exposed) >= MAX_EXPOSURES:
             raise CallFailed("too_many_exposures", f"session {sess.name!r} has {MAX_EXPOSURES} exposed ports")
+        def answer(exp: Exposure, error: str | None) -> None:
+            if not rid or member.port.closed:
+                return
+            if error is not None:
+                member.port.send(rpc_error(rid, "listen_failed", error))
+            else:
+                member.port.send(rpc_result(rid, {"session": sess.name, **exp.info()}))
+
+        self.open(sess, gp, host, port, answer)
+        return DEFERRED
+
+    def open(self, sess: Session, gp: int, host: str, port: int,
+             done: Callable[[Exposure, str | None], None] | None = None) -> Exposure:
+        """Listen on ``host:port`` for guest port ``gp``; ``done(exposure, error)`` once bound or not."""
+        assert self.opener is not None
         exp = Exposure(sess, gp, host, port)
         sess.exposed[gp] = exp
         fut = self.opener.listen(host, port, exp)
@@ -127,17 +145,19 @@ class Exposures:
                 if exc is None and not f.cancelled() and self.opener is not None:
                     self.opener.close(exp)  # the session went while binding
                 why = getattr(exc, "strerror", None) or str(exc or "the session ended")
-                if rid and not member.port.closed:
-                    member.port.send(rpc_error(rid, "listen_failed", f"cannot listen on {exp.listen_address}: "
-                                                                     f"{clip(why)}"))
+                log.warning("expose failed session=%s guest_port=%d listen=%s: %s", sess.name, gp,
+                            exp.listen_address, clip(why))
+                if done is not None:
+                    done(exp, f"cannot listen on {exp.listen_address}: {why[:200]}")
                 return
             exp.ready = True
             log.info("exposed session=%s guest_port=%d listen=%s", sess.name, gp, exp.listen_address)
-            if rid and not member.port.closed:
-                member.port.send(rpc_result(rid, {"session": sess.name, **exp.info()}))
+            self.changed(sess)
+            if done is not None:
+                done(exp, None)
 
         fut.add_done_callback(bound)
-        return DEFERRED
+        return exp
 
     def unexpose(self, member: Member, params: dict, rid: int) -> dict:
         sess = self.relay.calls.session_param(params)
@@ -146,6 +166,7 @@ class Exposures:
         if exp is None:
             raise CallFailed("not_exposed", f"guest port {gp} of {sess.name!r} is not exposed")
         self._close(exp)
+        self.changed(sess)
         return {"session": sess.name, "guest_port": gp, "removed": True}
 
     def exposed(self, member: Member, params: dict, rid: int) -> list:
@@ -162,6 +183,8 @@ class Exposures:
         exposed, sess.exposed = sess.exposed, {}
         for exp in exposed.values():
             self._close(exp)
+        if exposed:
+            self.changed(sess)
 
     def _close(self, exp: Exposure) -> None:
         log.info("unexposed session=%s guest_port=%d listen=%s", exp.session.name, exp.guest_port,
