@@ -29,7 +29,7 @@ def open_copy(w, a, owner, rid=7):
     [(mt, arid, req)] = a.json_frames(T.RPC_REQUEST)
     assert req["method"] == "agent.tar" and req["params"]["path"] == "/x"
     cid = req["params"]["channel"]
-    assert cid > BASE and req["params"]["window"] == WINDOW
+    assert cid > BASE and req["params"]["window"] == WINDOW and req["params"]["max_frame"] == 128 * 1024
     a.feed(frame(T.RPC_RESPONSE, arid, {"channel": cid, "window": WINDOW, "name": "x", "size": 3}))
     [(mt, rid2, res)] = owner.json_frames()
     assert (mt, rid2, res["channel"], res["name"]) == (T.RPC_RESPONSE, rid, cid, "x")
@@ -65,8 +65,8 @@ def test_a_guest_past_the_window_loses_the_channel():
     w, a, owner, _ = setup()
     cid = open_copy(w, a, owner)
     chunk = b"x" * 65536
-    a.feed(*[frame(T.STREAM_DATA, cid, chunk) for _ in range(4)])  # exactly the window
-    assert len(owner.frames()) == 4
+    a.feed(*[frame(T.STREAM_DATA, cid, chunk) for _ in range(WINDOW // len(chunk))])  # exactly the window
+    assert len(owner.frames()) == WINDOW // len(chunk)
     a.feed(frame(T.STREAM_DATA, cid, b"one more"))
     assert notes(owner, "chan.reset") == [{"channel": cid, "reason": "the guest sent past the channel's window"}]
     assert notes(a, "chan.reset")[0]["channel"] == cid
@@ -91,7 +91,7 @@ def test_frames_for_channels_that_are_not_the_senders_are_dropped():
 def test_a_channel_frame_larger_than_the_window_closes_the_guest():
     w, a, owner, _ = setup()
     cid = open_copy(w, a, owner)
-    a.feed(frame(T.STREAM_DATA, cid, b"y" * (300 * 1024)))  # cut-through size: never a channel frame
+    a.feed(frame(T.STREAM_DATA, cid, b"y" * (300 * 1024)))  # past max_frame and the cut-through size
     assert a.closed and a.error[0] == "frame_too_large"
     assert notes(owner, "chan.reset")[0]["channel"] == cid
 

@@ -20,7 +20,7 @@ from .frames import CHANNEL_WINDOW
 if TYPE_CHECKING:
     from .client import Client
 
-CHUNK = 64 * 1024
+CHUNK = 128 * 1024
 
 
 class ChannelReset(RemoteError):

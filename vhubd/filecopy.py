@@ -28,7 +28,7 @@ from .errors import RemoteError, UnsafeArchive
 from .tarcopy import Extractor, tree_size, write_tar
 
 REMOTE = re.compile(r"^([a-z0-9][a-z0-9_.-]{0,62}):(.*)$")
-CHUNK = 64 * 1024
+CHUNK = 128 * 1024
 EXIT_USAGE = 2  # commands.EXIT_USAGE (that module loads this one)
 
 

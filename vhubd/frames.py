@@ -22,7 +22,8 @@ PONG_PAYLOAD = b"pong"
 # StreamData request_ids from here up name channels (exposed ports' connections,
 # copies): point to point, never fanned out (docs/protocol.md, "Channels")
 CHANNEL_BASE = 1 << 62
-CHANNEL_WINDOW = 256 * 1024  # bytes one side may have in flight toward the other, per channel
+CHANNEL_WINDOW = 1 << 20  # bytes one side may have in flight toward the other, per channel
+CHANNEL_FRAME = 128 * 1024  # largest channel StreamData payload (and below the cut-through size)
 
 
 class MsgType(enum.IntEnum):

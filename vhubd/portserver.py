@@ -28,7 +28,7 @@ from .relay.exposures import Exposure
 
 log = logging.getLogger("vhubd")
 WINDOW = frames.CHANNEL_WINDOW
-CHUNK = 64 * 1024
+CHUNK = frames.CHANNEL_FRAME
 _LINGER0 = struct.pack("ii", 1, 0)
 
 

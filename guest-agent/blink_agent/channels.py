@@ -42,8 +42,9 @@ log = logging.getLogger("blink_agent")
 #: Channel ids are at least this (execution ids stay far below).
 CHANNEL_BASE = 1 << 62
 #: Bytes the host may have in flight toward one channel of ours.
-WINDOW = 256 * 1024
-CHUNK = 64 * 1024
+WINDOW = 1 << 20
+#: Largest StreamData payload we send on a channel (the daemon may ask for less: ``max_frame``).
+CHUNK = 128 * 1024
 #: Open channels at most (the daemon has its own bound); past it, opens fail.
 MAX_CHANNELS = 4096
 
@@ -51,7 +52,7 @@ MAX_CHANNELS = 4096
 class Channel:
     """One channel's two directions and their windows."""
 
-    def __init__(self, manager: ChannelManager, cid: int, window: int) -> None:
+    def __init__(self, manager: ChannelManager, cid: int, window: int, max_frame: int = CHUNK) -> None:
         self.manager = manager
         self.hub = manager.hub
         self.link = manager.hub._link
@@ -66,6 +67,7 @@ class Channel:
         self.reported = 0
         self.reset_reason: str | None = None
         self.eof_out = False
+        self.chunk = max_frame
 
     def _gone(self) -> bool:
         return self.reset_reason is not None or self.hub._link is not self.link
@@ -79,8 +81,8 @@ class Channel:
     # -- toward the host
     async def send(self, data: bytes) -> None:
         view = memoryview(data)
-        for start in range(0, len(view), CHUNK):
-            chunk = bytes(view[start:start + CHUNK])
+        for start in range(0, len(view), self.chunk):
+            chunk = bytes(view[start:start + self.chunk])
             n = len(chunk)
             await self.hub._wait_until(lambda: self._gone() or self.sent - self.acked + n <= self.window, None)  # noqa: B023
             self._check()
@@ -194,6 +196,9 @@ class ChannelManager:
         if not isinstance(params, dict):
             raise RpcError("bad_params", f"{what} takes an object of params")
         cid, window = params.get("channel"), params.get("window", WINDOW)
+        max_frame = params.get("max_frame", CHUNK)
+        if type(max_frame) is not int or not 1024 <= max_frame:
+            raise RpcError("bad_params", "max_frame must be an integer of at least 1024")
         if type(cid) is not int or cid < CHANNEL_BASE:
             raise RpcError("bad_params", f"{what} needs a channel id (an integer >= 2**62)")
         if type(window) is not int or not 1024 <= window <= 1 << 24:
@@ -204,7 +209,7 @@ class ChannelManager:
             raise RpcError("too_many_channels", f"this agent has {MAX_CHANNELS} channels open")
         if self.hub._link is None:
             raise RpcError("no_connection", "not connected")
-        ch = Channel(self, cid, window)
+        ch = Channel(self, cid, window, min(max_frame, CHUNK))
         self.channels[cid] = ch
         return ch
 

@@ -166,7 +166,8 @@ class Channels:
         agent.inflight[rid] = (self.origin, cb, self.relay.clock() + self.relay.config.rpc_timeout)
         self.origin.outstanding += 1
         self.relay.rpc.arm_expiry()
-        agent.port.send(rpc_request(rid, method, {**params, "channel": cid, "window": WINDOW}))
+        agent.port.send(rpc_request(rid, method, {**params, "channel": cid, "window": WINDOW,
+                                                   "max_frame": self.relay.config.max_channel_frame}))
         return ch
 
     def answered(self, cb: int, msg_type: int, payload: memoryview) -> None:

@@ -75,6 +75,7 @@ class Config:
         self.allow_multiple_agents = False
         self.max_attached = 64  # attached guest connections per session
         self.max_channels = 1024  # open channels (exposed ports' connections, copies) per session
+        self.max_channel_frame = frames.CHANNEL_FRAME  # below the guests' cut-through size
         self.default_backend = "external"
         for k, v in kw.items():
             if not hasattr(self, k):
@@ -158,8 +159,9 @@ class Relay:
                 if ev.request_id >= CHANNEL_BASE and ev.msg_type == SD:
                     ch = self.channels.by_id.get(ev.request_id)
                     if ch is not None and ch.agent is member:
-                        self.channels.reset(ch, "the guest sent a frame larger than the channel's window")
-                    member.port.close("frame_too_large", "a channel's StreamData frame must fit its window")
+                        self.channels.reset(ch, "the guest sent a channel frame too large to pass whole")
+                    member.port.close("frame_too_large", f"a channel's StreamData frame carries at most "
+                                                         f"{self.config.max_channel_frame} bytes (max_frame)")
                     return
                 streams.cut_through_start(sess, ev, member)
                 member.stream_frames += 1
