@@ -80,10 +80,11 @@ class ClientChannel:
 
     # -- reading
     async def read(self) -> bytes:
-        """The agent's next bytes; ``b""`` at its EOF. Raises ``ChannelReset``."""
+        """The agent's bytes that came (all of them); ``b""`` at its EOF. Raises ``ChannelReset``."""
         await self._wait(lambda: self.inbox or self.eof_in or self.reset_reason is not None)
         if self.inbox:
-            data = self.inbox.popleft()
+            data = self.inbox.popleft() if len(self.inbox) == 1 else b"".join(self.inbox)
+            self.inbox.clear()
             self.consumed += len(data)
             if not self.inbox or self.consumed - self.reported >= CHANNEL_WINDOW // 4:
                 self.reported = self.consumed

@@ -29,6 +29,7 @@ from .tarcopy import Extractor, tree_size, write_tar
 
 REMOTE = re.compile(r"^([a-z0-9][a-z0-9_.-]{0,62}):(.*)$")
 CHUNK = 128 * 1024
+BATCH = 4 * CHUNK  # bytes handed from the worker thread to the event loop at a time
 EXIT_USAGE = 2  # commands.EXIT_USAGE (that module loads this one)
 
 
@@ -97,7 +98,7 @@ class _Sender:
 
     def write(self, data: Any) -> int:
         self.buf += data
-        if len(self.buf) >= CHUNK:
+        if len(self.buf) >= BATCH:
             self.flush()
         return len(data)
 

@@ -135,11 +135,13 @@ class Channel:
     window_in = WINDOW
 
     async def recv(self) -> bytes:
-        """The next bytes from the host; ``b""`` at its EOF. Raises :class:`ChannelReset`."""
+        """The bytes from the host that came (all of them); ``b""`` at its EOF.
+        Raises :class:`ChannelReset`."""
         await self.hub._wait_until(lambda: bool(self.inbox) or self.eof_in or self._gone(), None)
         if self.inbox:
-            data = self.inbox.popleft()
-            self.inbox_bytes -= len(data)
+            data = self.inbox.popleft() if len(self.inbox) == 1 else b"".join(self.inbox)
+            self.inbox.clear()
+            self.inbox_bytes = 0
             return data
         self._check()
         return b""

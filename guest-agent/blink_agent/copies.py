@@ -30,6 +30,9 @@ from .errors import ChannelReset, RpcError, UnsafeArchive
 
 __all__ = ["CopyMethods"]
 
+#: Bytes handed between the worker thread and the event loop at a time (each hand-over costs a wake-up).
+BATCH = 4 * CHUNK
+
 log = logging.getLogger("blink_agent")
 
 
@@ -150,7 +153,7 @@ class _ToChannel:
 
     def write(self, data: Any) -> int:
         self.buf += data
-        if len(self.buf) >= CHUNK:
+        if len(self.buf) >= BATCH:
             self.flush()
         return len(data)
 
