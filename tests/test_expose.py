@@ -424,3 +424,40 @@ def test_exposures_survive_a_daemon_restart(make_daemon, tmp_path):
     assert d2.cli("rm", "keep").returncode == 0
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(address(url), timeout=5)
+
+
+def test_an_agent_that_dies_resets_its_connections_and_the_exposure_stays(make_daemon):
+    blob = os.urandom(1 << 16)
+
+    def firehose(conn):
+        try:
+            while True:
+                conn.sendall(blob)
+        except OSError:
+            pass
+
+    g = Guest(firehose)
+    d = make_daemon("--backend", "local")
+    assert d.cli("boot", "dies").returncode == 0
+    url = expose(d, g.port, session="dies")
+    s = socket.create_connection(address(url), timeout=30)
+    assert len(s.recv(1 << 16)) > 0
+    pid = json.loads(d.cli("info", "dies", "--json").stdout)["agent"]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(ConnectionResetError):
+        while s.recv(1 << 16):
+            pass
+    s.close()
+    wait_for(lambda: not json.loads(d.cli("info", "dies", "--json").stdout)["agent_connected"], 20)
+    try:  # no agent: a reset, and the operator is told why
+        with socket.create_connection(address(url), timeout=30) as s2:
+            got = s2.recv(10)
+    except ConnectionResetError:
+        got = "reset"
+    assert got == "reset"
+    [exp] = json.loads(d.cli("info", "dies", "--json").stdout)["exposed"]
+    assert exp["url"] == url and "no_agent" in exp["last_refusal"]
+    assert d.cli("boot", "dies").returncode == 0  # back: the same URL works again
+    s3 = socket.create_connection(address(url), timeout=30)
+    assert len(s3.recv(1 << 16)) > 0
+    s3.close()

@@ -300,19 +300,19 @@ class Channels:
         if ch.closed or ch.h_eof:
             return
         ch.h_sent += len(data)
-        ch.agent.port.send(encode_frame(SD, ch.id, data))
+        ch.agent.port.write(encode_frame(SD, ch.id, data))  # input, not an answer: the window bounds it
 
     def host_eof(self, ch: Channel) -> None:
         if ch.closed or ch.h_eof:
             return
         ch.h_eof = True
-        ch.agent.port.send(encode_frame(SD, ch.id, b""))
+        ch.agent.port.write(encode_frame(SD, ch.id, b""))
         self._maybe_forget(ch)
 
     def host_ack(self, ch: Channel, consumed: int) -> None:
         if not ch.closed and ch.g_acked < consumed <= ch.g_sent:
             ch.g_acked = consumed
-            ch.agent.port.send(notification("chan.ack", {"channel": ch.id, "consumed": consumed}))
+            ch.agent.port.write(notification("chan.ack", {"channel": ch.id, "consumed": consumed}))
 
     def host_reset(self, ch: Channel, reason: str) -> None:
         self.reset(ch, reason, to_end=False)
@@ -324,7 +324,7 @@ class Channels:
         self.counters["channels_reset"] += 1
         self._forget(ch)
         if to_agent and not ch.agent.port.closed:
-            ch.agent.port.send(notification("chan.reset", {"channel": ch.id, "reason": reason}))
+            ch.agent.port.write(notification("chan.reset", {"channel": ch.id, "reason": reason}))
         if to_end:
             ch.end.reset(reason)
 

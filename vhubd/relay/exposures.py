@@ -203,7 +203,8 @@ class Exposures:
             if err is None:
                 end.opened()
                 return
-            self._refused(exp, f"{err[0]}: {err[1]}")
+            if err[0] != "channel_reset":  # not the host's client leaving while it opened
+                self._refused(exp, f"{err[0]}: {err[1]}")
             end.reset(err[1])
 
         if sess.exposed.get(exp.guest_port) is not exp:
