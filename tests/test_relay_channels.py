@@ -126,6 +126,7 @@ def test_channels_per_session_are_bounded():
     owner.feed(rpc(3, "vhub.channel", {"session": "box", "method": "agent.tar", "params": {"path": "/x"}}))
     [(mt, rid, err)] = owner.json_frames()
     assert (mt, rid, err["code"]) == (T.RPC_ERROR, 3, "too_many_channels")
+    assert (w.relay.counters["channels_opened"], w.relay.counters["channels_refused"]) == (2, 1)
     owner.feed(rpc(4, "vhub.channel", {"session": "box", "method": "agent.run", "params": {}}))
     [(mt, rid, err)] = owner.json_frames()
     assert err["code"] == "bad_params"
