@@ -466,3 +466,21 @@ def test_an_agent_that_dies_resets_its_connections_and_the_exposure_stays(make_d
     s3 = socket.create_connection(address(url), timeout=30)
     assert len(s3.recv(1 << 16)) > 0
     s3.close()
+
+
+def test_an_open_connection_keeps_an_idle_session_up(make_daemon):
+    g = Guest(echo)
+    d = make_daemon("--backend", "local", "--idle-stop", "1")
+    assert d.cli("boot", "idle").returncode == 0
+    url = expose(d, g.port, session="idle")
+    s = socket.create_connection(address(url), timeout=30)
+    s.sendall(b"x")
+    assert s.recv(1) == b"x"
+    time.sleep(3)  # three idle-stop periods without a byte: the open connection holds the session
+    assert json.loads(d.cli("info", "idle", "--json").stdout)["state"] == "ready"
+    assert "idle stop session=idle" not in d.log()
+    s.sendall(b"y")
+    assert s.recv(1) == b"y"
+    s.close()
+    wait_for(lambda: "idle stop session=idle" in d.log(), 20, what="idle stop once the connection closed")
+    wait_for(lambda: json.loads(d.cli("info", "idle", "--json").stdout)["exposed"] == [], 10)
