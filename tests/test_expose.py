@@ -185,6 +185,7 @@ def test_wait_gives_up_on_a_port_that_never_opens(local):
 def test_256_concurrent_connections(local):
     g = Guest(echo)
     host, port = address(expose(local, g.port))
+    rss0 = local.rss_kib()
     socks = [socket.create_connection((host, port), timeout=60) for _ in range(256)]
     for i, s in enumerate(socks):
         s.sendall(f"connection {i}\n".encode() * 100)
@@ -192,6 +193,8 @@ def test_256_concurrent_connections(local):
         s.shutdown(socket.SHUT_WR)
     for i, s in enumerate(socks):
         assert recv_all(s) == f"connection {i}\n".encode() * 100
+    assert local.rss_kib() - rss0 < 64 * 1024  # KiB, with 256 connections open
+    for s in socks:
         s.close()
     assert g.conns == 256 and not g.errors
     info = json.loads(local.cli("info", "demo", "--json").stdout)
