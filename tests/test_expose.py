@@ -487,3 +487,55 @@ def test_an_open_connection_keeps_an_idle_session_up(make_daemon):
     s.close()
     wait_for(lambda: "idle stop session=idle" in d.log(), 20, what="idle stop once the connection closed")
     wait_for(lambda: json.loads(d.cli("info", "idle", "--json").stdout)["exposed"] == [], 10)
+
+
+def test_a_hostile_guest_cannot_push_past_the_window(make_daemon):
+    """A raw guest plays the agent: it accepts agent.connect, then floods the
+    connection's channel without waiting for acks, to a client that does not
+    read. The daemon holds one window, then resets that connection; the
+    guest's other traffic and the daemon are fine."""
+    from harness.peers import RawGuest
+
+    from vhubd.frames import CHANNEL_WINDOW, MsgType
+
+    d = make_daemon("--backend", "external")
+    tok = d.call("vhub.register", {"session": "evil"})["token"]
+    g = RawGuest(d.socket)
+    assert g.handshake({"session": "evil", "token": tok})[0] == "ok"
+    url = expose(d, 9999, session="evil")
+    rss0 = d.rss_kib()
+    lazy = socket.socket()  # never reads, and has room for little
+    lazy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    lazy.settimeout(30)
+    lazy.connect(address(url))
+    req = g.next_frame(timeout=10)
+    while json.loads(bytes(req.payload)).get("method") != "agent.connect":
+        req = g.next_frame(timeout=10)
+    params = json.loads(bytes(req.payload))["params"]
+    cid = params["channel"]
+    assert params["window"] == CHANNEL_WINDOW and params["port"] == 9999
+    g.send(MsgType.RPC_RESPONSE, req.request_id, {"channel": cid, "window": CHANNEL_WINDOW})
+    chunk = os.urandom(64 * 1024)
+    for _ in range(32 * CHANNEL_WINDOW // len(chunk)):  # far more than the kernel buffers and the window
+        g.send(MsgType.STREAM_DATA, cid, chunk)
+    while True:  # the daemon resets the channel toward the guest
+        f = g.next_frame(timeout=10)
+        if f.msg_type == MsgType.RPC_REQUEST and json.loads(bytes(f.payload)).get("method") == "chan.reset":
+            assert json.loads(bytes(f.payload))["params"] == {
+                "channel": cid, "reason": "the guest sent past the channel's window"}
+            break
+    with pytest.raises(ConnectionResetError):  # and the host's client gets a reset
+        while lazy.recv(1 << 16):
+            pass
+    lazy.close()
+    assert d.rss_kib() - rss0 < 16 * 1024
+    g.send(MsgType.STREAM_DATA, cid, b"after the reset")  # a channel that is gone: dropped
+    counters = d.call("vhub.stats")["counters"]
+    assert counters["channels_reset"] == 1
+    wait_for(lambda: d.call("vhub.stats")["counters"]["channel_frames_dropped"] >= 1, 5)
+    g.send(MsgType.RPC_REQUEST, 5, {"method": "vhub.ping", "params": {}})  # the guest is still served
+    while True:
+        f = g.next_frame(timeout=10)
+        if f.msg_type == MsgType.RPC_RESPONSE and f.request_id == 5:
+            break
+    g.close()
