@@ -312,3 +312,30 @@ def test_the_host_and_the_agent_share_one_tarcopy():
     with open(os.path.join(ROOT, "vhubd", "tarcopy.py"), "rb") as a, \
             open(os.path.join(ROOT, "guest-agent", "blink_agent", "tarcopy.py"), "rb") as b:
         assert a.read() == b.read(), "vhubd/tarcopy.py must be guest-agent/blink_agent/tarcopy.py, byte for byte"
+
+
+def test_an_agent_without_copies_is_named(make_daemon, tmp_path):
+    """Blink's agent (or ours from before copies) answers no_handler: one clear line."""
+    from harness.peers import RawGuest
+
+    from vhubd.frames import MsgType
+
+    d = make_daemon("--backend", "external")
+    tok = d.call("vhub.register", {"session": "old"})["token"]
+    g = RawGuest(d.socket)
+    assert g.handshake({"session": "old", "token": tok})[0] == "ok"
+    f = tmp_path / "f"
+    f.write_text("x")
+    proc = subprocess.Popen([PY, "-m", "vhubd", "cp", "--control", d.control, str(f), "old:/tmp/f"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    while True:
+        req = g.next_frame(timeout=30)
+        if req.msg_type == MsgType.RPC_REQUEST and req.request_id:
+            assert json.loads(bytes(req.payload))["method"] == "agent.untar"
+            g.send(MsgType.RPC_ERROR, req.request_id, {"code": "no_handler", "message": "no handler"})
+            break
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert err == b"blink: copy_failed: the agent of session 'old' does not do copies (agent.tar/agent.untar): " \
+                  b"update the guest image\n"
+    g.close()

@@ -266,10 +266,16 @@ async def cmd_cp(args) -> int:
         sys.stderr.write(f"blink cp: error: the path in the session must be absolute: {session}:{path}\n")
         return EXIT_USAGE
     async with await Client.connect(args.control, timeout=args.timeout or 10.0) as c:
-        if b is not None:
-            res = await upload(c, session, args.src, path)
-        else:
-            res = await download(c, session, path, args.dest)
+        try:
+            if b is not None:
+                res = await upload(c, session, args.src, path)
+            else:
+                res = await download(c, session, path, args.dest)
+        except RemoteError as exc:
+            if exc.code == "no_handler":  # Blink's agent, or ours from before copies
+                raise CopyFailed(f"the agent of session {session!r} does not do copies (agent.tar/agent.untar): "
+                                 "update the guest image") from None
+            raise
     if args.json:
         import json
 
