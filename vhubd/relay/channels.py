@@ -25,6 +25,8 @@ import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
+import msgspec
+
 from .. import frames
 from ..errors import CallFailed
 from ..protocol import Frame, StreamRun, encode_frame, notification, rpc_request
@@ -43,6 +45,7 @@ SD_BIT = frames.TYPE_BIT[SD]
 TYPE_BIT = frames.TYPE_BIT
 RPC_RESPONSE = int(frames.MsgType.RPC_RESPONSE)
 _U64 = struct.Struct("<Q")
+_json_decode = msgspec.json.decode
 Answer = Callable[[Any, "tuple[str, str] | None"], None]
 
 
@@ -176,7 +179,7 @@ class Channels:
             return
         ch, on_answer = entry
         try:
-            body = msgspec_decode(payload)
+            body = _json_decode(payload)
         except Exception:
             body = None
         if msg_type == RPC_RESPONSE and isinstance(body, dict) and not ch.closed:
@@ -348,9 +351,3 @@ class Channels:
     def client_lost(self, member: Member) -> None:
         for ch in [c for c in self.by_id.values() if isinstance(c.end, ClientEnd) and c.end.member is member]:
             self.reset(ch, "the host client disconnected", to_end=False)
-
-
-def msgspec_decode(payload: memoryview) -> Any:
-    import msgspec
-
-    return msgspec.json.decode(payload)
