@@ -93,3 +93,26 @@ def alive(pid: int) -> bool:
             return f.read().split(")")[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def require_guest_image_of_this_checkout() -> guest_image.GuestImage:
+    """The guest image whose agent is this checkout's (the image ``current``
+    points at may be another checkout's on a shared host), built if needed;
+    skips like ``require_guest_image``."""
+    image = require_guest_image()
+    from vhubd.guest import cache
+    from vhubd.guest import image as gi
+
+    try:
+        key = cache.key(gi.BUILDER_VERSION, gi.MODULES, gi.resolve_packages(), gi.agent_source_dir())
+    except (guest_image.GuestImageError, OSError) as exc:
+        pytest.skip(f"cannot tell which guest image this checkout needs: {exc}")
+    path = os.path.join(guest_cache_dir(), key)
+    if os.path.isfile(os.path.join(path, "manifest.json")):
+        return gi.load(path)
+    if image.dir == os.path.realpath(path):
+        return image
+    try:
+        return guest_image.build(guest_cache_dir())
+    except (guest_image.GuestImageError, OSError) as exc:
+        pytest.skip(f"the guest image of this checkout cannot be built here: {exc}")

@@ -32,7 +32,7 @@ def test_sessions_table_and_json(daemon):
         r = await cli(daemon, "sessions")
         assert r.returncode == 0, r.stderr
         lines = r.stdout.decode().splitlines()
-        assert lines[0].split() == ["NAME", "STATE", "BACKEND", "AGENT", "CLIENTS", "REASON"]
+        assert lines[0].split() == ["NAME", "STATE", "BACKEND", "AGENT", "CLIENTS", "EXPOSED", "REASON"]
         rows = {line.split()[0]: line.split() for line in lines[1:]}
         assert rows["default"][1:5] == ["ready", "external", "yes", "1"]
         assert rows["box"][1:5] == ["waiting_agent", "external", "no", "0"]

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
@@ -158,6 +159,30 @@ def test_local_backend_runs_a_command_end_to_end_from_the_wheel(built, tmp_path)
         assert info["agent"]["version"] == info["daemon"]["version"]  # the agent the wheel ships
         r = built.run("run", "--control", d.control, "demo", "--", "no-such-program-here")
         assert r.returncode == 127 and r.stdout == "", r.stderr
+        # ports and files, with the agent the wheel ships
+        src = tmp_path / "tree"
+        (src / "sub").mkdir(parents=True)
+        (src / "sub" / "f.txt").write_text("from the host\n")
+        os.symlink("sub/f.txt", src / "link")
+        r = built.run("cp", "--control", d.control, str(src), f"demo:{tmp_path}/in")
+        assert r.returncode == 0, r.stderr
+        assert (tmp_path / "in" / "sub" / "f.txt").read_text() == "from the host\n"
+        assert os.readlink(tmp_path / "in" / "link") == "sub/f.txt"
+        r = built.run("cp", "--control", d.control, f"demo:{tmp_path}/in", str(tmp_path / "out"))
+        assert r.returncode == 0 and (tmp_path / "out" / "sub" / "f.txt").exists(), r.stderr
+        with socket.socket() as srv:
+            srv.bind(("127.0.0.1", 0))
+            srv.listen()
+            r = built.run("expose", "--control", d.control, "demo", str(srv.getsockname()[1]))
+            assert r.returncode == 0, r.stderr
+            host, port = r.stdout.strip()[len("http://"):].rstrip("/").rsplit(":", 1)
+            with socket.create_connection((host, int(port)), timeout=30) as c:
+                conn, _ = srv.accept()
+                with conn:
+                    c.sendall(b"ping")
+                    assert conn.recv(4) == b"ping"
+                    conn.sendall(b"pong")
+                    assert c.recv(4) == b"pong"
     finally:
         d.stop()
 

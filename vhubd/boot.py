@@ -288,9 +288,10 @@ class BootManager:
             return
         for sess in self.registry:
             if (sess.name in self.booted and sess.name not in self.boots and sess.name not in self.stops
-                    and not sess.clients and sess.state in (State.READY, State.AGENT_LOST)
+                    and not sess.clients and not sess.channels  # an open connection or copy: in use
+                    and sess.state in (State.READY, State.AGENT_LOST)
                     and now - sess.last_activity > self.idle_stop):
-                log.info("idle stop session=%s after %.0f s without clients or traffic", sess.name,
+                log.info("idle stop session=%s after %.0f s without clients, channels or traffic", sess.name,
                          now - sess.last_activity)
                 self.stop(sess.name)
 

@@ -94,6 +94,26 @@ def build_parser() -> Parser:
                         "unknown session is an error)")
     c.add_argument("method", help="e.g. agent.info, agent.run, vhub.stats")
     c.add_argument("params", nargs="?", default=None, help="JSON params (default: {})")
+    x = client("expose", "expose a TCP port of a session on the host (a preview URL)")
+    x.add_argument("port", type=int, metavar="GUEST_PORT", help="the port inside the guest (on its 127.0.0.1)")
+    x.add_argument("--listen", metavar="HOST:PORT", default=None,
+                   help="where the host listens (default 127.0.0.1 and a free port; the URL is printed)")
+    x.add_argument("--wait", action="store_true",
+                   help="return once the guest port accepts connections (up to --timeout, default 60 s)")
+    x.add_argument("--remove", action="store_true", help="stop exposing GUEST_PORT (resets its connections)")
+    x.description = ("Listen on the host; every connection is carried over the session's V-Hub channel to "
+                     "127.0.0.1:GUEST_PORT in the guest. Exposures last while the session lives "
+                     "(blink sessions / blink info list them).")
+    cp = sub.add_parser("cp", help="copy files into or out of a session (tar streams, sha256-checked)")
+    cp.add_argument("--control", default=None, metavar="PATH", help="daemon control socket")
+    cp.add_argument("--json", action="store_true", help="print the result as JSON")
+    cp.add_argument("--timeout", type=_positive, default=None, metavar="SECONDS", help="connect timeout")
+    cp.add_argument("src", metavar="SRC", help="PATH, SESSION:/path, or - (a tar on stdin)")
+    cp.add_argument("dest", metavar="DEST", help="PATH, SESSION:/path, or - (a tar on stdout)")
+    cp.description = ("Copy PATH (a file or a tree) into SESSION:/dest, or SESSION:/path out to DEST, as a tar "
+                      "stream: modes and mtimes kept (owners too as root), symlinks copied as links, the "
+                      "archive's sha256 checked by both ends. A DEST that is a directory receives the source "
+                      "under its own name. '-' reads or writes the tar itself.")
     a = client("attach", "re-attach to a running execution (a terminal, or a pipe's output), with its scrollback")
     a.add_argument("execution", type=int, metavar="EXECUTION", help="the execution id (blink run -t prints it "
                                                                     "when you detach)")

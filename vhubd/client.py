@@ -31,8 +31,9 @@ from typing import Any
 
 import msgspec
 
+from .channel import ClientChannel, params_of
 from .errors import ConnectionClosed, InvalidState, RemoteError
-from .frames import SESSIONS_PAGE, MsgType
+from .frames import CHANNEL_BASE, CHANNEL_WINDOW, SESSIONS_PAGE, MsgType
 from .paths import default_control_path
 from .protocol import (
     Connection,
@@ -112,6 +113,8 @@ class Client:
         self._opening = 0  # terminals whose agent.run is in flight: their early output waits here
         self._early: list = []
         self._route_only = False  # a client made by open_terminal: nobody reads its queue
+        self._channels: dict[int, ClientChannel] = {}
+        self._channel_early: dict[int, list] = {}  # channel frames that came before vhub.channel's answer
 
     @classmethod
     async def connect(cls, path: str | None = None, *, session: str = "*", subscribe=(), serve=None,
@@ -160,6 +163,9 @@ class Client:
                     t = type(ev)
                     if t is StreamRun:
                         for f in ev.frames():
+                            if f.request_id >= CHANNEL_BASE and f.msg_type == MsgType.STREAM_DATA:
+                                self._channel_data(f.request_id, bytes(f.payload))
+                                continue
                             await self._put(Output(KINDS[f.msg_type], f.request_id, bytes(f.payload)))
                     elif t is Frame:
                         await self._frame(ev)
@@ -188,6 +194,8 @@ class Client:
             self._pending.clear()
             for term in list(self._terminals.values()):
                 term._fail(reason)
+            for ch in list(self._channels.values()):
+                ch._lost(reason)
             try:
                 self._queue.put_nowait(_END)
             except asyncio.QueueFull:
@@ -258,6 +266,15 @@ class Client:
             method = req.get("method") or req.get("event")
             if method == "vhub.event" and ev.request_id == 0:
                 await self._put(Event(req.get("params") or {}))
+                return
+            if isinstance(method, str) and method.startswith("chan.") and ev.request_id == 0:
+                params = params_of(req)
+                cid = params.get("channel")
+                ch = self._channels.get(cid) if type(cid) is int else None
+                if ch is not None:
+                    ch._note(method, params)
+                elif type(cid) is int and cid >= CHANNEL_BASE:
+                    self._early_note(cid, (method, params))
                 return
             self._serve(ev.request_id, method, req.get("params"))
 
@@ -374,6 +391,41 @@ class Client:
             if type(item) is not Output or not self._to_terminal(item, early_ok=False):
                 self._queue.put_nowait(item)
         return terminal
+
+    # -- channels (blink cp)
+    def _channel_data(self, cid: int, data: bytes) -> None:
+        ch = self._channels.get(cid)
+        if ch is not None:
+            ch._feed(data)
+        else:
+            self._early_note(cid, data)
+
+    def _early_note(self, cid: int, item: Any) -> None:
+        early = self._channel_early.setdefault(cid, [])
+        if len(early) < 4096:  # the agent keeps to its window: more is not a channel of ours
+            early.append(item)
+        if len(self._channel_early) > 64:
+            self._channel_early.pop(next(iter(self._channel_early)))
+
+    async def open_channel(self, session: str, method: str, params: dict, *,
+                           timeout: float | None = 60.0) -> ClientChannel:
+        """Open a channel to ``session``'s agent with ``method`` (``agent.tar`` /
+        ``agent.untar``); raises RemoteError with the agent's refusal."""
+        res = await self.call("vhub.channel", {"session": session, "method": method, "params": params},
+                              timeout=timeout)
+        if not isinstance(res, dict) or type(res.get("channel")) is not int:
+            raise RemoteError("bad_result", f"vhub.channel answered {res!r}")
+        window = res.get("window")
+        ch = ClientChannel(self, res["channel"], window if type(window) is int else CHANNEL_WINDOW, res)
+        self._channels[ch.id] = ch
+        for item in self._channel_early.pop(ch.id, []):
+            if isinstance(item, bytes):
+                ch._feed(item)
+            else:
+                ch._note(*item)
+        if self.closed_reason is not None:
+            ch._lost(self.closed_reason)
+        return ch
 
     async def sessions(self, *, prefix: str = "", state: str | None = None) -> list:
         """Every session (page by page: the daemon answers at most SESSIONS_PAGE at a time)."""

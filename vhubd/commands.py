@@ -34,12 +34,17 @@ async def cmd_sessions(args) -> int:
     if args.json:
         _print_json(sessions)
         return 0
-    rows = [["NAME", "STATE", "BACKEND", "AGENT", "CLIENTS", "REASON"]]
+    rows = [["NAME", "STATE", "BACKEND", "AGENT", "CLIENTS", "EXPOSED", "REASON"]]
     for s in sessions:
         rows.append([s["name"], s["state"], s["backend"], "yes" if s["agent_connected"] else "no",
-                     str(s["clients"]), s.get("reason", "")])
+                     str(s["clients"]), _exposed(s.get("exposed") or []), s.get("reason", "")])
     _table(rows)
     return 0
+
+
+def _exposed(exposed: list) -> str:
+    """``8000->127.0.0.1:41234,...`` for a table, or ``-``."""
+    return ",".join(f"{e['guest_port']}->{e['listen']}" for e in exposed) or "-"
 
 
 async def cmd_info(args) -> int:
@@ -52,6 +57,10 @@ async def cmd_info(args) -> int:
         sys.stdout.write(f"{k + ':':18} {info.get(k)}\n")
     if info.get("agent"):
         sys.stdout.write(f"{'agent:':18} {json.dumps(info['agent'])}\n")
+    for e in info.get("exposed") or []:
+        sys.stdout.write(f"{'exposed:':18} guest port {e['guest_port']} at {e['url']} ({e['connections']} open, "
+                         f"{e['accepted']} accepted, {e['refused']} refused"
+                         + (f"; last refusal: {e['last_refusal']}" if e.get("last_refusal") else "") + ")\n")
     if info.get("last_result") is not None:
         sys.stdout.write(f"{'last_result:':18} {json.dumps(info['last_result'])}\n")
     if info.get("warning"):
@@ -251,7 +260,47 @@ async def cmd_attach(args) -> int:
     return await attach(args.control, args.name, args.execution, escape=escape, timeout=args.timeout)
 
 
+async def cmd_expose(args) -> int:
+    """``blink expose SESSION GUEST_PORT [--listen HOST:PORT] [--wait]`` (``--remove`` undoes it)."""
+    import time
+
+    async with await _connect(args) as c:
+        if args.remove:
+            res = await c.call("vhub.unexpose", {"session": args.name, "port": args.port})
+            if args.json:
+                _print_json(res)
+            else:
+                sys.stdout.write(f"{args.name}: guest port {args.port} no longer exposed\n")
+            return 0
+        res = await c.call("vhub.expose", {"session": args.name, "port": args.port, "listen": args.listen})
+        if args.wait:
+            deadline = time.monotonic() + (args.timeout or 60.0)
+            while True:
+                probe = await c.call("agent.probe_port", {"port": args.port}, session=args.name,
+                                     timeout=max(1.0, deadline - time.monotonic()) + 5)
+                if isinstance(probe, dict) and probe.get("open"):
+                    break
+                if time.monotonic() >= deadline:
+                    why = probe.get("error") if isinstance(probe, dict) else None
+                    sys.stderr.write(f"blink expose: guest port {args.port} of {args.name} did not accept within "
+                                     f"{args.timeout or 60.0:g} s ({why or 'closed'})\n")
+                    return EXIT_FAIL
+                await asyncio.sleep(0.2)
+    if args.json:
+        _print_json(res)
+    else:
+        sys.stdout.write(f"{res['url']}\n")
+    return 0
+
+
+async def cmd_cp(args) -> int:
+    from .filecopy import cmd_cp as run
+
+    return await run(args)
+
+
 CLIENT_COMMANDS = {
+    "expose": cmd_expose, "cp": cmd_cp,
     "sessions": cmd_sessions, "info": cmd_info, "stats": cmd_stats, "register": cmd_register,
     "call": cmd_call, "tail": cmd_tail, "run": cmd_run, "boot": cmd_boot, "stop": cmd_stop, "rm": cmd_rm,
     "attach": cmd_attach, "standby": cmd_standby, "wake": cmd_wake,

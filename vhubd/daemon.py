@@ -19,6 +19,7 @@ from .errors import BackendStartError, OnceError
 from .guestdir import GuestDir
 from .listeners import ListenerSpec, bind_tcp, bind_unix, bind_vsock, parse_tcp
 from .paths import DEFAULT_SOCKET, default_control_path, default_state_dir  # noqa: F401 (re-exported)
+from .portserver import PortServer
 from .protocol import Connection, Frame, Handshake, RemoteErrorEvent, Side, StreamRun, Violation
 from .relay import Relay
 from .server import Server
@@ -130,12 +131,19 @@ async def run_daemon(cfg: DaemonConfig, ready: asyncio.Event | None = None) -> i
     boots.on_event = relay.publish  # boot phases reach events subscribers as {"type": "boot", ...}
     store = SessionStore(os.path.join(state_dir, "sessions.json"), registry, loop.call_later)
     server = Server(cfg, relay, loop)
+    ports = PortServer(relay, loop)
+    relay.exposures.opener = ports
     if cfg.guest_dir:
         guest_dir = GuestDir(cfg.guest_dir, server, registry, cfg.socket_mode)
     store.load(cfg.backend)  # the sessions this daemon had before: their agents get back in
     relay.on_stats = lambda: {"connections": len(server.peers), "tasks": len(asyncio.all_tasks()),
                               "listeners": server.addresses()}
     await server.start(specs)
+    relay.exposures.changed = store.changed
+    for name, gp, host, port in store.exposed:  # exposures last while their session does, restarts included
+        sess = registry.get(name)
+        if sess is not None:
+            relay.exposures.open(sess, gp, host, port)
     ticker = loop.create_task(_every(cfg.tick, boots.tick))
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -160,6 +168,7 @@ async def run_daemon(cfg: DaemonConfig, ready: asyncio.Event | None = None) -> i
     log.info("shutting down: draining %d connections", len(server.peers))
     ticker.cancel()
     store.close()
+    ports.close_all()
     await server.shutdown(cfg.drain_timeout)  # first: accept nothing more, and drop nothing accepted
     await boots.close()
     if guest_dir is not None:

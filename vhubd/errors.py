@@ -121,6 +121,10 @@ class GuestImageError(VhubError):
 
 # --- the daemon cannot start or run as configured -------------------------------------
 
+class UnsafeArchive(VhubError, ValueError):
+    """``blink cp``: a tar member that must not be extracted; the message names it."""
+
+
 class ConfigError(VhubError, ValueError):
     """A setting is invalid; the message names it."""
 

@@ -19,6 +19,11 @@ MAX_U64 = 0xFFFFFFFFFFFFFFFF
 READY_PAYLOAD = b"blink-vhub-ready"
 SESSIONS_PAGE = 1000  # vhub.sessions answers at most this many sessions; a shorter page is the last
 PONG_PAYLOAD = b"pong"
+# StreamData request_ids from here up name channels (exposed ports' connections,
+# copies): point to point, never fanned out (docs/protocol.md, "Channels")
+CHANNEL_BASE = 1 << 62
+CHANNEL_WINDOW = 1 << 20  # bytes one side may have in flight toward the other, per channel
+CHANNEL_FRAME = 128 * 1024  # largest channel StreamData payload (and below the cut-through size)
 
 
 class MsgType(enum.IntEnum):

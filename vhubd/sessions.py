@@ -147,6 +147,8 @@ class Session:
         self.stats: collections.Counter[str] = collections.Counter()
         self.boot_params: dict = {}
         self.cut_through: Any = None  # relay.streams.CutThrough while a large frame is in flight
+        self.channels: set = set()  # relay.channels.Channel: its agent's open channels
+        self.exposed: dict = {}  # guest port -> relay.exposures.Exposure
 
     def check_token(self, token: object) -> bool:
         if self.token is None:
@@ -171,6 +173,8 @@ class Session:
             "last_result": self.last_result,
             "stats": dict(self.stats),
             "since": self.changed,
+            "exposed": [e.info() for _, e in sorted(self.exposed.items())],
+            "channels": len(self.channels),
         }
 
 

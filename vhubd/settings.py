@@ -91,6 +91,7 @@ class DaemonConfig:
                            rpc_timeout=self.rpc_timeout, scrollback=self.scrollback,
                            lossy_limit=self.lossy_limit, high_water=self.high_water,
                            allow_multiple_agents=self.allow_multiple_agents, max_attached=self.max_attached,
+                           max_channel_frame=min(frames.CHANNEL_FRAME, self.cut_through),
                            default_backend=self.backend)
 
     def validate(self) -> None:

@@ -1,6 +1,7 @@
 """Sessions that outlive the daemon: their names, backends and tokens, kept
 in ``STATE_DIR/sessions.json`` (mode 0600), so that a restarted daemon knows
-the sessions it had and their agents get back in with the tokens they hold.
+the sessions it had and their agents get back in with the tokens they hold,
+and their exposed ports (bound again at the same address).
 
 Writes are coalesced (at most one every ``delay`` seconds, and one at
 shutdown) and atomic (a temporary file renamed over the old one): ten
@@ -31,6 +32,7 @@ class SessionStore:
         self.call_later = call_later
         self.delay = delay
         self._pending: Any = None
+        self.exposed: list[tuple[str, int, str, int]] = []  # loaded: (session, guest port, host, port)
         registry.creation_watchers.append(self._changed)
         registry.removal_watchers.append(self._changed)
 
@@ -53,11 +55,19 @@ class SessionStore:
                 continue
             if isinstance(entry.get("attach_token"), str):
                 sess.attach_token = entry["attach_token"]
+            for e in entry.get("exposed") or []:
+                if isinstance(e, list) and len(e) == 3 and type(e[0]) is int and isinstance(e[1], str) \
+                        and type(e[2]) is int:
+                    self.exposed.append((sess.name, e[0], e[1], e[2]))
             self.registry.set_state(sess, State.WAITING_AGENT, "restored; waiting for its agent")
             n += 1
         if n:
             log.info("session store: %d sessions restored from %s", n, self.path)
         return n
+
+    def changed(self, sess: Session) -> None:
+        """Something kept about ``sess`` changed (its exposures): save soon."""
+        self._changed(sess)
 
     def _changed(self, sess: Session) -> None:
         if sess.anonymous:
@@ -67,7 +77,8 @@ class SessionStore:
 
     def save(self) -> None:
         self._pending = None
-        entries = [{"name": s.name, "backend": s.backend, "token": s.token, "attach_token": s.attach_token}
+        entries = [{"name": s.name, "backend": s.backend, "token": s.token, "attach_token": s.attach_token,
+                    "exposed": [[gp, e.host, e.port] for gp, e in sorted(s.exposed.items()) if e.ready]}
                    for s in self.registry if not s.anonymous]
         tmp = f"{self.path}.tmp"
         try:

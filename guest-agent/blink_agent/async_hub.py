@@ -341,6 +341,8 @@ class AsyncHub(HubOutput):
         finally:
             self._link = None
             self.outbox.connection_lost()
+            self.side.clear()
+            self.side_bytes = 0
             self._pending.fail(link, self.address, link.end_reason)
             self._broadcast()
             await link.close()

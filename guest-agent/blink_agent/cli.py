@@ -18,6 +18,8 @@ from typing import Any
 from ._version import __version__
 from .address import DEFAULT_ADDR, parse_address
 from .async_hub import AsyncHub
+from .channels import ChannelManager
+from .copies import CopyMethods
 from .errors import AddressError, ConnectionLost, HandshakeRejected, ProtocolError, RpcError
 from .outbox import DEFAULT_BUFFER_BYTES, parse_size
 from .runner import ExecutionManager
@@ -156,6 +158,9 @@ async def _serve(args: argparse.Namespace) -> int:
     hub = _hub(args)
     manager = ExecutionManager(hub)
     manager.register()
+    channels = ChannelManager(hub)
+    channels.register()
+    CopyMethods(channels).register()
     stop: asyncio.Future[str] = loop.create_future()
 
     def request_stop(sig: int) -> None:

@@ -80,6 +80,15 @@ class CallTimeout(AgentError, TimeoutError):
     """A call to the host got no reply within its timeout."""
 
 
+class ChannelReset(AgentError, ConnectionError):
+    """A channel (an exposed port's connection, a copy) was reset: by the host,
+    or because the connection it lived on went."""
+
+
+class UnsafeArchive(AgentError, ValueError):
+    """A tar member that must not be extracted; the message names it."""
+
+
 class RpcError(AgentError):
     """An RPC answered with an error: ``code`` (str) and ``message`` (str)."""
 

@@ -14,6 +14,7 @@ reconnecting and RPC are the subclass's.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from typing import Callable
 
@@ -28,6 +29,8 @@ log = logging.getLogger("blink_agent")
 
 #: Largest payload of one outgoing stream frame.
 STREAM_CHUNK = 64 * 1024
+#: Channel bytes queued for the link at most (each channel also keeps to its window).
+SIDE_LIMIT = 1 << 20
 
 
 class HubOutput:
@@ -38,6 +41,10 @@ class HubOutput:
         self._link: Link | None = None
         self._closed = False
         self._waiters: list[asyncio.Future[None]] = []
+        # channel frames (blink_agent.channels): written by the pump beside the
+        # outbox, never kept for a resend (a channel dies with its connection)
+        self.side: collections.deque[tuple[int, int, bytes]] = collections.deque()
+        self.side_bytes = 0
 
     @property
     def connected(self) -> bool:
@@ -107,6 +114,17 @@ class HubOutput:
             seq = self.outbox.push(msg_type, request_id, chunk)
             self._broadcast()
         return seq
+
+    async def send_side(self, link: Link, request_id: int, payload: bytes) -> None:
+        """A channel's StreamData frame on ``link``, not kept for a resend: waits
+        while :data:`SIDE_LIMIT` bytes are queued; raises :class:`ConnectionLost`
+        once ``link`` is not the live one."""
+        await self._wait_until(lambda: self._link is not link or self.side_bytes < SIDE_LIMIT, None)
+        if self._link is not link:
+            raise ConnectionLost("the connection this channel was opened on is gone")
+        self.side.append((MsgType.StreamData, request_id, payload))
+        self.side_bytes += len(payload)
+        self._broadcast()
 
     async def _wait_room(self, size: int) -> None:
         """Flow control: while connected, wait until ``size`` more bytes fit."""
@@ -185,10 +203,14 @@ class HubOutput:
         outbox = self.outbox
         writer = link.writer
         while True:
-            await self._wait_until(lambda: outbox.has_unsent() or self._link is not link, None)
+            await self._wait_until(lambda: outbox.has_unsent() or self.side or self._link is not link, None)
             if self._link is not link:
                 return "connection replaced"
-            link.write_frames(outbox.take())
+            if self.side:
+                side, self.side, self.side_bytes = list(self.side), collections.deque(), 0
+                link.write_frames(side)
+            if outbox.has_unsent():
+                link.write_frames(outbox.take())
             self._broadcast()
             try:
                 await writer.drain()

@@ -30,7 +30,7 @@ AGENT_DIR = "opt/blink-agent"
 # what the agent never imports, though modulefinder's over-approximation would pull it in
 STDLIB_EXCLUDE = ("test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "pydoc_data",
                   "distutils", "unittest", "venv", "sqlite3", "dbm", "curses", "pydoc", "doctest", "pdb",
-                  "_pydecimal", "decimal", "tarfile", "zipfile", "lzma", "bz2", "ssl", "http", "email",
+                  "_pydecimal", "decimal", "zipfile", "lzma", "bz2", "ssl", "http", "email",
                   "urllib", "xml", "html", "xmlrpc", "ftplib", "smtplib", "imaplib", "poplib", "nntplib",
                   "mailbox", "webbrowser", "pickletools", "multiprocessing", "readline", "ctypes")
 

@@ -14,10 +14,12 @@ from .. import frames
 from ..errors import CallFailed, InvalidName, clip
 from ..protocol import rpc_error, rpc_result
 from ..sessions import Session, State, new_token, validate_name
+from .channels import ClientEnd
 from .members import Member
 from .rpc import DEFERRED
 
 PAGE = frames.SESSIONS_PAGE
+CHANNEL_METHODS = ("agent.tar", "agent.untar")
 
 if TYPE_CHECKING:
     from .core import Relay
@@ -31,6 +33,8 @@ class DaemonCalls:
             "vhub.info": self.info, "vhub.register": self.register, "vhub.boot": self.boot,
             "vhub.stop": self.stop, "vhub.remove": self.remove, "vhub.takeover": self.takeover,
             "vhub.standby": self.standby, "vhub.wake": self.wake,
+            "vhub.channel": self.channel, "vhub.expose": relay.exposures.expose,
+            "vhub.unexpose": relay.exposures.unexpose, "vhub.exposed": relay.exposures.exposed,
         }
 
     def call(self, member: Member, method: str, params: Any, rid: int) -> Any:
@@ -89,6 +93,31 @@ class DaemonCalls:
             registry.set_state(sess, State.WAITING_AGENT, "registered; waiting for an agent")
         return {"session": sess.name, "token": sess.token}
 
+    def channel(self, member: Member, params: dict, rid: int) -> object:
+        """Open a channel to the session's agent for this client (a copy):
+        ``{"session", "method": "agent.tar" | "agent.untar", "params": {...}}``;
+        the answer is the agent's (with ``channel`` and ``window``)."""
+        sess = self.session_param(params) if params.get("session") is not None else member.session
+        if sess is None:
+            raise CallFailed("session_required", "vhub.channel needs a session")
+        method, inner = params.get("method"), params.get("params") or {}
+        if method not in CHANNEL_METHODS:
+            raise CallFailed("bad_params", f"method must be one of {', '.join(CHANNEL_METHODS)}")
+        if not isinstance(inner, dict):
+            raise CallFailed("bad_params", "params must be an object")
+        end = ClientEnd(member)
+
+        def answered(result: Any, err: tuple[str, str] | None) -> None:
+            if not rid or member.port.closed:
+                return
+            if err is not None:
+                member.port.send(rpc_error(rid, err[0], err[1]))
+            else:
+                member.port.send(rpc_result(rid, {**result, "channel": end.channel.id if end.channel else 0}))
+
+        end.channel = self.relay.channels.open(sess, method, inner, end, answered)
+        return DEFERRED
+
     def takeover(self, member: Member, params: dict, rid: int) -> dict:
         return self.relay.terminals.take_over(member, params.get("execution_id"))
 
@@ -145,6 +174,7 @@ class DaemonCalls:
         return DEFERRED
 
     def _removed(self, sess: Session) -> dict:
+        self.relay.exposures.session_ended(sess)
         for m in (*sess.guests, *sess.clients):
             m.port.close("session_removed", f"session {sess.name!r} was removed")
         self.relay.registry.remove(sess.name)

@@ -30,6 +30,8 @@ from ..ratelog import RateLimitedLog
 from ..sessions import Session, SessionRegistry, State
 from .admission import Admission
 from .calls import DaemonCalls
+from .channels import Channels
+from .exposures import Exposures
 from .members import Member
 from .port import Decision, Listener, Port
 from .rpc import Rpc
@@ -42,6 +44,9 @@ RPC_REQUEST = int(frames.MsgType.RPC_REQUEST)
 RPC_RESPONSE = int(frames.MsgType.RPC_RESPONSE)
 RPC_ERROR = int(frames.MsgType.RPC_ERROR)
 TO_AGENT = frozenset({int(frames.MsgType.STREAM_DATA), int(frames.MsgType.TTY_RESIZE)})
+SD = int(frames.MsgType.STREAM_DATA)
+SD_BIT = frames.TYPE_BIT[SD]
+CHANNEL_BASE = frames.CHANNEL_BASE
 
 
 class Booter(Protocol):
@@ -75,6 +80,8 @@ class Config:
         self.high_water = 1 << 20
         self.allow_multiple_agents = False
         self.max_attached = 64  # attached guest connections per session
+        self.max_channels = 1024  # open channels (exposed ports' connections, copies) per session
+        self.max_channel_frame = frames.CHANNEL_FRAME  # below the guests' cut-through size
         self.default_backend = "external"
         for k, v in kw.items():
             if not hasattr(self, k):
@@ -110,6 +117,8 @@ class Relay:
         self.streams = Streams(self)
         self.rpc = Rpc(self)
         self.terminals = Terminals(self)
+        self.channels = Channels(self)
+        self.exposures = Exposures(self)
         self.calls = DaemonCalls(self)
         registry.watch(self._state_changed)
         if config.anonymous_session:
@@ -140,8 +149,11 @@ class Relay:
                 return
             t = type(ev)
             if t is StreamRun:
-                streams.fan_out(sess, ev)
-                member.stream_frames += ev.count
+                if ev.type_mask & SD_BIT:  # channel frames go point to point, and are not acked
+                    member.stream_frames += self.channels.guest_run(member, sess, ev)
+                else:
+                    streams.fan_out(sess, ev)
+                    member.stream_frames += ev.count
             elif t is Frame:
                 mt = ev.msg_type
                 if mt == RPC_REQUEST:
@@ -150,6 +162,13 @@ class Relay:
                     self.rpc.answer(member, ev)
                 # TtyResize from a guest: meaningless, ignored
             elif t is StreamStart:
+                if ev.request_id >= CHANNEL_BASE and ev.msg_type == SD:
+                    ch = self.channels.by_id.get(ev.request_id)
+                    if ch is not None and ch.agent is member:
+                        self.channels.reset(ch, "the guest sent a channel frame too large to pass whole")
+                    member.port.close("frame_too_large", f"a channel's StreamData frame carries at most "
+                                                         f"{self.config.max_channel_frame} bytes (max_frame)")
+                    return
                 streams.cut_through_start(sess, ev, member)
                 member.stream_frames += 1
             elif t is StreamChunk:
@@ -177,7 +196,10 @@ class Relay:
                 elif mt in TO_AGENT:
                     self.terminals.to_agent(member, ev)
             elif t is StreamRun:
-                self.terminals.to_agent(member, ev)
+                if self.channels.by_id:
+                    self.channels.client_stream(member, ev)
+                else:
+                    self.terminals.to_agent(member, ev)
             elif t is Violation:
                 self.counters["violations"] += 1
                 self.violation_log.warning("protocol violation client peer=%s code=%s %s", member.label,
@@ -199,6 +221,7 @@ class Relay:
     def _guest_lost(self, member: Member, reason: str) -> None:
         self.guests.discard(member)
         self.rpc.fail_inflight(member, "agent_lost", f"the agent disconnected: {reason}")
+        self.channels.agent_lost(member)
         sess = member.session
         if sess is None:
             return
@@ -218,6 +241,7 @@ class Relay:
         self.rpc.fail_inflight(member, "handler_lost",
                                f"the host client {member.label} serving this call disconnected")
         self.terminals.released(member)
+        self.channels.client_lost(member)
         sess = member.session
         if sess is not None:
             sess.clients.discard(member)
@@ -244,6 +268,8 @@ class Relay:
         log.info("session state session=%s %s -> %s %s", sess.name, old.value, sess.state.value, sess.reason)
         if sess.state is State.STOPPING and sess.agent is not None:
             sess.agent.port.close("session_stopped", f"session {sess.name!r} is stopping")
+        if sess.exposed and sess.state in (State.STOPPING, State.STOPPED, State.FAILED):
+            self.exposures.session_ended(sess)  # exposures last while the session lives
         self.publish(sess, {"type": "state", "state": sess.state.value, "previous": old.value,
                             "reason": sess.reason})
 

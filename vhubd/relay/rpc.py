@@ -67,6 +67,9 @@ class Rpc:
             if rid:
                 port.send(rpc_result(rid, {}))
             return
+        if method.startswith("chan."):  # a channel's ack, reset or done (relay.channels)
+            relay.channels.from_guest(member, method, req.get("params"))
+            return
         handler = self.find_handler(sess, method)
         if handler is None:
             if rid:
@@ -91,6 +94,9 @@ class Rpc:
                 port.send(rpc_error(rid, "bad_request", 'RpcRequest payload must be {"method": str, "params": any}'))
             return
         method = req["method"]
+        if method.startswith("chan."):
+            relay.channels.from_client(member, method, req.get("params"))
+            return
         if method.startswith("vhub."):
             try:
                 result = relay.calls.call(member, method, req.get("params") or {}, rid)
@@ -151,10 +157,14 @@ class Rpc:
         # a deadline per call and one relay timer for the earliest (not a timer per call)
         dest.inflight[new_id] = (origin, origin_id, self.relay.clock() + self.relay.config.rpc_timeout)
         origin.outstanding += 1
-        if self._expiry is None:
-            self._expiry = self.relay.call_later(self.relay.config.rpc_timeout, self._expire_due)
+        self.arm_expiry()
         dest.port.write(ev.data)
         self.relay.streams.note_write(origin, dest)
+
+    def arm_expiry(self) -> None:
+        """A call went out with a deadline: make sure the one timer runs."""
+        if self._expiry is None:
+            self._expiry = self.relay.call_later(self.relay.config.rpc_timeout, self._expire_due)
 
     # ---------------------------------------------------------------- answers
     def answer(self, member: Member, ev: Frame) -> None:
