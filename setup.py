@@ -8,7 +8,10 @@ works. The extension uses the limited API, so the wheel is tagged abi3.
 
 ``build_py`` copies ``guest-agent/blink_agent`` and ``systemd/`` into
 ``vhubd/_shipped/`` in the build: the wheel then runs the local backend,
-``install-units``, ``build-image`` and ``build-guest`` without a checkout.
+``install-units``, ``build-image`` and ``build-guest`` without a checkout. It
+also runs ``tools/fetch_xterm.py`` (xterm.js for the web page, from the npm
+registry, integrity-checked; quick when ``vhubd/api/static/vendor`` is there,
+as it is in an sdist).
 """
 
 import os
@@ -58,10 +61,21 @@ class optional_build_ext(build_ext):
             sys.stderr.write(f"WARNING: C codec not built ({exc}); vhubd will use the pure-Python codec\n")
 
 
+def _fetch_xterm() -> None:
+    """xterm.js for the web page (package data): fetched from the npm registry and
+    checked against its pinned integrity, unless already there (an sdist has it)."""
+    script = os.path.join(HERE, "tools", "fetch_xterm.py")
+    if os.path.exists(script):
+        import subprocess
+
+        subprocess.run([sys.executable, script], check=True)
+
+
 class build_py_shipped(build_py):
     """Also copy the guest agent and the systemd units into vhubd/_shipped/."""
 
     def run(self):
+        _fetch_xterm()
         super().run()
         if self.editable_mode:  # an editable install finds them in the checkout
             return
