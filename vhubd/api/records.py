@@ -108,7 +108,8 @@ class Record:
         return {"session": self.session, "execution_id": str(self.execution_id), "tty": self.tty,
                 "command": self.command, "head_seq": self.head,
                 "first_seq": self.chunks[0].seq if self.chunks else self.head + 1,
-                "buffered_bytes": self.bytes, "exited": self.exited, "exit_code": self.exit_code}
+                "buffered_bytes": self.bytes, "exited": self.exited, "exit_code": self.exit_code,
+                "duplicates_dropped": self.duplicates, "lost": [list(g) for g in self.lost]}
 
     # -- saved across a daemon restart ----------------------------------------------------
     def dump(self) -> dict:
@@ -140,7 +141,7 @@ class Record:
             raise ValueError("chunks is not a list")
         for item in chunks:
             seq, channel, data = item
-            chunk = Chunk(int(seq), int(channel), base64.b64decode(data))
+            chunk = Chunk(int(seq), int(channel), base64.b64decode(data, validate=True))
             rec.chunks.append(chunk)
             rec.bytes += len(chunk.data)
         while rec.bytes > limit and len(rec.chunks) > 1:

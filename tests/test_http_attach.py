@@ -1,0 +1,191 @@
+"""WebSocket attach (Blink's ``docs/PTY.md`` and ``docs/REATTACH.md``) against a
+real daemon: a terminal, resizes, stdin and EOF, signals, reattach with ``after``
+checked by seq, several attaches at once, the linger after exit, bad control
+messages; and reattach across a daemon restart, with no gap and no duplicate."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+aiohttp = pytest.importorskip("aiohttp", reason="the HTTP API needs the http extra (aiohttp)")
+
+from harness import ROOT, Daemon, run, wait_for, wait_until  # noqa: E402
+from harness.http import HttpApi, joined, read_attach  # noqa: E402
+
+PY = sys.executable
+
+
+@pytest.fixture
+def api_daemon(make_daemon):
+    return make_daemon("--backend", "local", "--http", "127.0.0.1:0", "--heartbeat", "0", "--http-linger", "3")
+
+
+def test_a_terminal_its_size_and_reattach_by_seq(api_daemon):
+    async def body():
+        async with HttpApi(api_daemon) as api:
+            await api.ok("POST", "/api/sessions", {"name": "t"})
+            r = await api.ok("POST", "/api/sessions/t/spawn", {"command": "sh", "args": ["-i"], "tty": True,
+                                                               "rows": 24, "cols": 80, "env": {"PS1": "$ "}})
+            assert r["tty"] is True
+            url = r["attach_url"]
+            async with api.ws(url + "?seq=1") as ws:
+                await ws.send_bytes(b"stty size; echo $((6*7))\r")
+                first, _ = await read_attach(ws, until=b"42\r\n")
+                assert b"24 80" in joined(first)
+                await ws.send_str(json.dumps({"type": "resize", "rows": 33, "cols": 101}))
+                await ws.send_bytes(b"stty size\r")
+                more, _ = await read_attach(ws, until=b"33 101")
+            seen = first + more
+            seqs = [c[1] for c in seen]
+            assert seqs == list(range(1, len(seqs) + 1))  # every frame, in order, numbered from 1
+            assert {c[0] for c in seen} == {1}  # a terminal's output is channel 1
+            # detached: the shell keeps running; two attaches at once, one from a cursor
+            cursor = seqs[-1]
+            async with api.ws(url + f"?after={cursor}") as a, api.ws(url + "?seq=1") as b:
+                await a.send_bytes(b"echo again\r")
+                got_a, _ = await read_attach(a, until=b"again\r\n$ ")
+                got_b, _ = await read_attach(b, until=b"again\r\n$ ")
+            assert got_a[0][1] == cursor + 1  # nothing before the cursor, nothing missed after it
+            assert [c[1] for c in got_a] == list(range(cursor + 1, cursor + 1 + len(got_a)))
+            assert joined(got_b).startswith(joined(seen))  # without a cursor: the whole buffer first
+            tail = [c for c in got_b if c[1] > cursor]
+            assert tail == got_a
+            async with api.ws(url + f"?after={got_a[-1][1]}") as ws:
+                await ws.send_bytes(b"exit 7\r")
+                _, texts = await read_attach(ws)
+            assert texts == [{"type": "exit", "exit_code": 7}]
+            async with api.ws(url + "?after=0") as ws:  # within the linger: everything again, then the exit
+                chunks, texts = await read_attach(ws)
+            assert [c[1] for c in chunks] == list(range(1, len(chunks) + 1)) and texts[-1]["exit_code"] == 7
+            await asyncio.sleep(3.5)  # --http-linger 3
+            status, data = await api.req("GET", url)
+            assert status == 404 and "ended" in data["error"]
+
+    run(body(), timeout=60)
+
+
+def test_pipe_stdin_eof_signal_and_bad_control_messages(api_daemon):
+    async def body():
+        async with HttpApi(api_daemon) as api:
+            await api.ok("POST", "/api/sessions", {"name": "p"})
+            r = await api.ok("POST", "/api/sessions/p/spawn", {"command": "sh", "args": ["-c", "cat; echo done >&2"]})
+            async with api.ws(r["attach_url"] + "?seq=1") as ws:
+                for bad in ("not json", "[]", '{"type": "dance"}', '{"type": "resize", "rows": 0, "cols": 9}',
+                            '{"type": "resize", "rows": 10, "cols": 10}', '{"type": "signal", "signal": "KILL"}',
+                            '{"type": "signal", "signal": 99}'):
+                    await ws.send_str(bad)
+                    msg = await ws.receive(timeout=10)
+                    assert msg.type == aiohttp.WSMsgType.TEXT, (bad, msg)
+                    err = json.loads(msg.data)
+                    assert err["type"] == "error" and 0 < len(err["message"]) < 300, (bad, err)
+                await ws.send_bytes(bytes(range(256)))
+                await ws.send_str('{"type": "stdin_eof"}')
+                chunks, texts = await read_attach(ws)
+            assert b"".join(c[2] for c in chunks if c[0] == 1) == bytes(range(256))
+            assert [c[2] for c in chunks if c[0] == 2] == [b"done\n"]
+            assert texts == [{"type": "exit", "exit_code": 0}]
+            r = await api.ok("POST", "/api/sessions/p/spawn", {"command": "sleep", "args": ["60"]})
+            async with api.ws(r["attach_url"]) as ws:
+                await ws.send_str('{"type": "signal", "signal": 15}')
+                _, texts = await read_attach(ws)
+            assert texts == [{"type": "exit", "exit_code": 143}]
+            for q, word in (("?after=x", "after"), ("?after=-1", "after")):
+                status, data = await api.req("GET", r["attach_url"] + q)
+                assert status == 400 and word in data["error"]
+            for path in ("/api/sessions/p/executions/999/attach", "/api/sessions/p/executions/abc/attach",
+                         "/api/sessions/p/executions/" + "9" * 40 + "/attach"):
+                status, data = await api.req("GET", path)
+                assert status == 404, (path, status, data)
+
+    run(body(), timeout=60)
+
+
+def test_detaching_never_kills_and_a_slow_reader_only_misses_what_the_ring_dropped(make_daemon):
+    d = make_daemon("--backend", "local", "--http", "127.0.0.1:0", "--http-buffer", "64k")
+
+    async def body():
+        async with HttpApi(d) as api:
+            await api.ok("POST", "/api/sessions", {"name": "big"})
+            script = "i=0; while [ $i -lt 20000 ]; do echo line-$i; i=$((i+1)); done"
+            r = await api.ok("POST", "/api/sessions/big/spawn", {"command": "sh", "args": ["-c", script]})
+            async with api.ws(r["attach_url"] + "?seq=1") as ws:
+                await read_attach(ws, until=b"line-10\n")
+            # detached while it runs: it finishes anyway, its output kept up to the ring's 64 KiB
+
+            async def ended():
+                listed = await api.ok("GET", "/api/sessions/big/executions")
+                return listed["executions"][0]["exited"]
+
+            await wait_until(ended, 60, what="the execution's end")
+            async with api.ws(r["attach_url"] + "?after=1") as ws:
+                chunks, texts = await read_attach(ws)
+            assert texts[0]["type"] == "error" and "no longer buffered" in texts[0]["message"]
+            assert texts[-1] == {"type": "exit", "exit_code": 0}
+            seqs = [c[1] for c in chunks]
+            assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # what is left, whole and in order
+            assert joined(chunks).endswith(b"line-19999\n")
+            assert 0 < len(joined(chunks)) <= 64 * 1024 + 65536
+
+    run(body(), timeout=90)
+
+
+AGENT_ENV = ("VHUB_ADDR", "VHUB_SESSION", "VHUB_TOKEN")
+
+
+def test_reattach_across_a_daemon_restart_has_no_gap_and_no_duplicate(tmp_path):
+    """The agent keeps running the execution while no daemon runs, resends what was
+    not acknowledged, and seq numbers stay what they were."""
+    args = ("--backend", "external", "--http", "127.0.0.1:0", "--heartbeat", "0")
+    d = Daemon(tmp_path / "d", *args).start()
+    d2 = None
+    token = d.call("vhub.register", {"session": "r"})["token"]
+    env = dict(os.environ, VHUB_ADDR=f"unix:{d.socket}", VHUB_SESSION="r", VHUB_TOKEN=token,
+               PYTHONPATH=os.path.join(ROOT, "guest-agent"))
+    agent = subprocess.Popen([PY, "-m", "blink_agent", "serve"], env=env, cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    n = 3000
+    script = f"i=0; while [ $i -lt {n} ]; do echo line-$i; i=$((i+1)); [ $((i % 100)) = 0 ] && sleep 0.05; done"
+    try:
+        wait_for(lambda: d.call("vhub.info", {"session": "r"})["agent_connected"], 20, what="the agent")
+
+        async def before():
+            async with HttpApi(d) as api:
+                r = await api.ok("POST", "/api/sessions/r/spawn", {"command": "sh", "args": ["-c", script]})
+                async with api.ws(r["attach_url"] + "?seq=1") as ws:
+                    chunks, _ = await read_attach(ws, until=b"line-500\n")
+                return r, chunks
+
+        r, seen = run(before(), timeout=60)
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(20) == 0
+        d.stop()
+        d2 = Daemon(tmp_path / "d", *args).start()  # same sockets, same state dir; output went on meanwhile
+
+        async def after():
+            async with HttpApi(d2) as api:
+                async with api.ws(r["attach_url"] + f"?after={seen[-1][1]}") as ws:
+                    got = await read_attach(ws, timeout=60)
+                listed = await api.ok("GET", "/api/sessions/r/executions")
+                assert [e["lost"] for e in listed["executions"]] == [[]]
+                return got
+
+        rest, texts = run(after(), timeout=90)
+        assert texts == [{"type": "exit", "exit_code": 0}], texts
+        all_chunks = seen + rest
+        seqs = [c[1] for c in all_chunks]
+        assert seqs == list(range(1, len(seqs) + 1))  # no gap, no duplicate, across the restart
+        assert joined(all_chunks) == b"".join(b"line-%d\n" % i for i in range(n))
+        assert "kept" in d.log() and "http-executions" in d.log()
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(10)
+        if d2 is not None:
+            d2.stop()
+        d.stop()
