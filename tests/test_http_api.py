@@ -14,7 +14,7 @@ import pytest
 
 aiohttp = pytest.importorskip("aiohttp", reason="the HTTP API needs the http extra (aiohttp)")
 
-from harness import ROOT, run  # noqa: E402
+from harness import ROOT, run, wait_until  # noqa: E402
 from harness.http import HttpApi, joined, read_attach  # noqa: E402
 
 PY = sys.executable
@@ -313,3 +313,24 @@ def test_spawn_output_is_kept_without_an_attach(api_daemon):
             assert [e["exited"] for e in listed["executions"]] == [True]
 
     run(body(), timeout=60)
+
+
+def test_warm_sessions_are_exempt_from_idle_stop(make_daemon):
+    d = make_daemon("--backend", "local", "--http", "127.0.0.1:0", "--idle-stop", "1")
+
+    async def body():
+        async with HttpApi(d) as api:
+            await api.ok("POST", "/api/sessions", {"name": "warm1", "warm": True})
+            await api.ok("POST", "/api/sessions", {"name": "cold1"})
+
+            async def state(name):
+                return (await api.ok("GET", f"/api/sessions/{name}"))["state"]
+
+            await wait_until(lambda: _is(state("cold1"), "stopped"), 30, what="cold1's idle stop")
+            assert await state("warm1") == "ready"  # idle as long, and kept booted
+
+    run(body(), timeout=60)
+
+
+async def _is(coro, value):
+    return await coro == value

@@ -189,3 +189,56 @@ def test_reattach_across_a_daemon_restart_has_no_gap_and_no_duplicate(tmp_path):
         if d2 is not None:
             d2.stop()
         d.stop()
+
+
+def test_a_hostile_guest_cannot_grow_the_api_or_break_its_watcher(make_daemon):
+    """A guest answers agent.run itself, then floods output, numbers it nonsensically,
+    reports results for executions that are not its own or with garbage, and sends
+    output for executions nobody spawned: the ring stays bounded, the watcher lives."""
+    from harness import AsyncPeer, T
+
+    d = make_daemon("--backend", "external", "--http", "127.0.0.1:0", "--http-buffer", "64k", "--heartbeat", "0")
+    token = d.call("vhub.register", {"session": "h"})["token"]
+
+    async def body():
+        g = await AsyncPeer.guest(d.socket, {"session": "h", "token": token})
+        async with HttpApi(d) as api:
+            spawn = asyncio.ensure_future(api.ok("POST", "/api/sessions/h/spawn", {"command": "x"}))
+            req = await g.next_frame(10, lambda f: f.msg_type == T.RPC_REQUEST)
+            assert json.loads(bytes(req.payload))["method"] == "agent.run", req
+            g.send(T.STDOUT, 5, b"early\n")  # before its answer: kept
+            g.send(T.STDOUT, 99, b"nobody's\n" * 1000)
+            g.send(T.RPC_RESPONSE, req.request_id, {"execution_id": 5, "pid": 1})
+            r = await spawn
+            assert r["execution_id"] == "5"
+            chunk = b"z" * 65536
+            for _ in range(64):  # 4 MiB into a 64 KiB ring
+                g.send(T.STDOUT, 5, chunk)
+            for bad in ({"event": "output_seqs", "executions": {"5": "x", "abc": 1, "\u00b2": 2, "9" * 30: 1}},
+                        {"event": "output_seqs", "executions": [1, 2]},
+                        {"event": "execution_result", "execution_id": [5], "exit_code": 0},
+                        {"event": "execution_result", "execution_id": {"a": 1}}):
+                g.send(T.RPC_REQUEST, 0, bad)
+            g.send(T.STDOUT, 5, b"last\n")
+            await g.drain()
+
+            async def head():
+                return (await api.ok("GET", "/api/sessions/h/executions"))["executions"][0]["head_seq"] == 66
+
+            await wait_until(head, 20, what="every frame in the ring")
+            async with api.ws(r["attach_url"] + "?seq=1") as ws:
+                chunks, _ = await read_attach(ws, until=b"last\n")
+            seqs = [c[1] for c in chunks]
+            assert seqs == list(range(seqs[0], seqs[0] + len(seqs))) and seqs[-1] == 66
+            assert len(joined(chunks)) <= 2 * 65536 + 5
+            listed = await api.ok("GET", "/api/sessions/h/executions")
+            assert listed["executions"][0]["buffered_bytes"] <= 2 * 65536 and not listed["executions"][0]["exited"]
+            g.send(T.RPC_REQUEST, 0, {"event": "execution_result", "execution_id": 5, "exit_code": "nope"})
+            await g.drain()
+            async with api.ws(r["attach_url"] + "?after=66") as ws:
+                _, texts = await read_attach(ws)
+            assert texts[-1]["type"] == "error"  # ended, but without an exit code it could trust
+            await api.ok("GET", "/api/health")
+        assert "Traceback" not in d.log()
+
+    run(body(), timeout=60)

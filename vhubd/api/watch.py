@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..client import Client, Event, Output
-from ..errors import ConnectionClosed, RemoteError
+from ..errors import ConnectionClosed, RemoteError, clip
 from .records import STDERR, STDOUT, Record
 
 log = logging.getLogger("vhubd")
@@ -53,7 +53,7 @@ class Watcher:
             sock = await self.table.connect()
             self.client = await Client.connect(sock=sock, session=self.session,
                                                subscribe=["stdout", "stderr", "stream", "events"],
-                                               queue_size=1 << 16)
+                                               queue_size=1024)
         except BaseException as exc:
             if not self.ready.done():
                 self.ready.set_exception(exc)
@@ -67,10 +67,13 @@ class Watcher:
         reason = "the session's connection closed"
         try:
             async for item in self.client:
-                if type(item) is Output:
-                    self._output(item)
-                elif type(item) is Event:
-                    self._event(item.data)
+                try:
+                    if type(item) is Output:
+                        self._output(item)
+                    elif type(item) is Event:
+                        self._event(item.data)
+                except Exception:  # a guest's odd event must not end the session's watcher
+                    log.exception("http: watcher of session=%s: cannot handle %s", self.session, clip(repr(item)))
             if self.client.closed_reason is not None:
                 reason = str(self.client.closed_reason)
         finally:
@@ -88,7 +91,8 @@ class Watcher:
     def _event(self, ev: dict) -> None:
         kind = ev.get("type")
         if kind == "execution_result":
-            rec = self.table.records.get((self.session, ev.get("execution_id")))  # type: ignore[arg-type]
+            eid = ev.get("execution_id")
+            rec = self.table.records.get((self.session, eid)) if type(eid) is int else None
             if rec is not None:
                 rec.finish(exit_status(ev.get("exit_code")), time.time())
                 self.table.changed()
@@ -97,7 +101,8 @@ class Watcher:
             execs = (ev.get("params") or {}).get("executions")
             if isinstance(execs, dict):
                 for key, base in list(execs.items())[:1024]:
-                    rec = self.table.records.get((self.session, int(key) if key.isdigit() else -1))
+                    eid = int(key) if key.isascii() and key.isdigit() and len(key) < 20 else -1
+                    rec = self.table.records.get((self.session, eid))
                     if rec is not None and type(base) is int and base >= 0:
                         rec.rebase(base)
                 self.table.changed()
