@@ -22,6 +22,7 @@ import sys
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
+from setuptools.command.sdist import sdist
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -87,6 +88,14 @@ class build_py_shipped(build_py):
                             ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
 
 
+class sdist_with_xterm(sdist):
+    """The sdist carries xterm.js too: a wheel then builds from it offline."""
+
+    def run(self):
+        _fetch_xterm()
+        super().run()
+
+
 options = {}
 if MODE != "no":
     options["bdist_wheel"] = {"py_limited_api": "cp311"}  # the extension is abi3 (cffi's limited API)
@@ -94,6 +103,6 @@ if MODE != "no":
 setup(
     version=version(),
     cffi_modules=[] if MODE == "no" else ["csrc/build_blin.py:ffi"],
-    cmdclass={"build_ext": optional_build_ext, "build_py": build_py_shipped},
+    cmdclass={"build_ext": optional_build_ext, "build_py": build_py_shipped, "sdist": sdist_with_xterm},
     options=options,
 )
