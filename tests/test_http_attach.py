@@ -242,3 +242,20 @@ def test_a_hostile_guest_cannot_grow_the_api_or_break_its_watcher(make_daemon):
         assert "Traceback" not in d.log()
 
     run(body(), timeout=60)
+
+
+def test_quick_executions_back_to_back_each_get_their_exit(api_daemon):
+    """A command may end before its spawn is answered, and a session's connection
+    goes when nothing runs in it: neither loses an exit or ends a newer execution."""
+    async def body():
+        async with HttpApi(api_daemon) as api:
+            await api.ok("POST", "/api/sessions", {"name": "q"})
+            for i in range(12):
+                cmd = ["-c", f"exit {i}"] if i % 3 else ["-c", f"sleep 0.2; echo x{i}; exit {i}"]
+                r = await api.ok("POST", "/api/sessions/q/spawn", {"command": "sh", "args": cmd})
+                async with api.ws(r["attach_url"] + "?seq=1") as ws:
+                    chunks, texts = await read_attach(ws, timeout=20)
+                assert texts == [{"type": "exit", "exit_code": i}], (i, texts)
+                assert joined(chunks) == (b"" if i % 3 else b"x%d\n" % i)
+
+    run(body(), timeout=90)

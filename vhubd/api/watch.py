@@ -46,6 +46,8 @@ class Watcher:
         self.spawning = 0
         self.early: list[Output] = []
         self.early_bytes = 0
+        self.early_results: dict[int, Any] = {}  # execution_id -> exit code, for a spawn not answered yet
+        self.released = False
         self.ready = asyncio.get_running_loop().create_future()
 
     async def start(self) -> None:
@@ -97,6 +99,8 @@ class Watcher:
                 rec.finish(exit_status(ev.get("exit_code")), time.time())
                 self.table.changed()
                 self.table.maybe_release(self)
+            elif self.spawning and type(eid) is int and len(self.early_results) < 64:
+                self.early_results[eid] = ev.get("exit_code")  # it ended before its spawn was answered
         elif kind == "notification" and ev.get("method") == "output_seqs":
             execs = (ev.get("params") or {}).get("executions")
             if isinstance(execs, dict):
@@ -119,6 +123,10 @@ class Watcher:
                 keep.append(item)
         self.early = keep if self.spawning else []
         self.early_bytes = sum(len(i.data) for i in self.early)
+        if rec.execution_id in self.early_results:
+            rec.finish(exit_status(self.early_results.pop(rec.execution_id)), time.time())
+        if not self.spawning:
+            self.early_results.clear()
 
     async def close(self) -> None:
         if self.client is not None:
@@ -145,6 +153,7 @@ class ExecTable:
         self.watchers: dict[str, Watcher] = {}
         self.waiters: list[asyncio.Future] = []
         self.closing = False
+        self.closing_tasks: set[asyncio.Task] = set()
 
     # -- change notification for attach loops ----------------------------------------
     def changed(self) -> None:
@@ -179,7 +188,7 @@ class ExecTable:
     def watcher_gone(self, w: Watcher, reason: str) -> None:
         if self.watchers.get(w.session) is w:
             del self.watchers[w.session]
-        if not self.closing:
+        if not self.closing and not w.released:  # a released one had nothing running (a new one may)
             self.end_session(w.session, reason)
 
     def maybe_release(self, w: Watcher) -> None:
@@ -188,7 +197,10 @@ class ExecTable:
             return
         if self.watchers.get(w.session) is w:
             del self.watchers[w.session]
-        asyncio.ensure_future(w.close())
+        w.released = True
+        task = asyncio.ensure_future(w.close())
+        self.closing_tasks.add(task)
+        task.add_done_callback(self.closing_tasks.discard)
 
     def end_session(self, session: str, reason: str) -> None:
         now = time.time()
@@ -230,6 +242,7 @@ class ExecTable:
         self.records[(session, eid)] = rec
         w.adopt_early(rec)
         self.changed()
+        self.maybe_release(w)
         return rec
 
     async def control(self, rec: Record, what: str, *args: Any) -> None:
