@@ -259,3 +259,25 @@ def test_quick_executions_back_to_back_each_get_their_exit(api_daemon):
                 assert joined(chunks) == (b"" if i % 3 else b"x%d\n" % i)
 
     run(body(), timeout=90)
+
+
+def test_stdin_at_the_commands_pace_loses_nothing(api_daemon):
+    """5 MiB of stdin to a command that reads slowly: the attach holds at most the
+    agent's window in flight (the client's socket waits), so every byte arrives."""
+    async def body():
+        async with HttpApi(api_daemon) as api:
+            await api.ok("POST", "/api/sessions", {"name": "in"})
+            r = await api.ok("POST", "/api/sessions/in/spawn", {
+                "command": "sh", "args": ["-c", "sleep 1; cat | sha256sum"]})
+            import hashlib
+
+            data = bytes(range(256)) * (5 * 4096)
+            async with api.ws(r["attach_url"] + "?seq=1") as ws:
+                for i in range(0, len(data), 512 << 10):
+                    await ws.send_bytes(data[i:i + (512 << 10)])
+                await ws.send_str('{"type": "stdin_eof"}')
+                chunks, texts = await read_attach(ws, timeout=60)
+            assert joined(chunks).split()[0].decode() == hashlib.sha256(data).hexdigest()
+            assert texts == [{"type": "exit", "exit_code": 0}]
+
+    run(body(), timeout=90)

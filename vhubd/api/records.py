@@ -50,6 +50,11 @@ class Record:
         self.end_reason = ""  # why it ended without an exit code (the session stopped...)
         self.ended_at: float | None = None
         self.version = 0  # bumped on every change: attach loops wait on it
+        # streamed stdin of a pipe execution: at most ``stdin_window`` bytes sent and not yet consumed
+        self.stdin_window = 0  # 0: no window (a terminal, or an agent without streamed stdin)
+        self.stdin_sent = 0
+        self.stdin_consumed = 0
+        self.stdin_closed = False  # the command closed its stdin: nothing more is taken
 
     # -- from the agent ----------------------------------------------------------------
     def rebase(self, frames_before: int) -> None:
@@ -86,6 +91,10 @@ class Record:
         self.end_reason = reason
         self.ended_at = now
         self.version += 1
+
+    def stdin_room(self) -> bool:
+        return not self.stdin_window or self.stdin_closed or self.exited \
+            or self.stdin_sent - self.stdin_consumed < self.stdin_window
 
     # -- for an attach -------------------------------------------------------------------
     def after(self, cursor: int) -> list[Chunk]:

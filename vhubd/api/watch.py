@@ -26,6 +26,7 @@ log = logging.getLogger("vhubd")
 
 CHANNEL = {"stdout": STDOUT, "stream": STDOUT, "stderr": STDERR}
 EARLY_LIMIT = 4 << 20  # output of an execution whose spawn answer has not come yet
+STDIN_CHUNK = 64 << 10
 
 
 def exit_status(code: Any) -> int | None:
@@ -101,6 +102,17 @@ class Watcher:
                 self.table.maybe_release(self)
             elif self.spawning and type(eid) is int and len(self.early_results) < 64:
                 self.early_results[eid] = ev.get("exit_code")  # it ended before its spawn was answered
+        elif kind == "notification" and ev.get("method") == "agent.stdin":
+            params = ev.get("params") or {}
+            eid = params.get("execution_id") if isinstance(params, dict) else None
+            rec = self.table.records.get((self.session, eid)) if type(eid) is int else None
+            if rec is not None:
+                consumed = params.get("consumed")
+                if type(consumed) is int and consumed > rec.stdin_consumed:
+                    rec.stdin_consumed = consumed
+                if params.get("closed") is True:
+                    rec.stdin_closed = True
+                self.table.changed()
         elif kind == "notification" and ev.get("method") == "output_seqs":
             execs = (ev.get("params") or {}).get("executions")
             if isinstance(execs, dict):
@@ -239,6 +251,8 @@ class ExecTable:
         if type(eid) is not int:
             raise RemoteError("bad_answer", "the agent's answer to agent.run has no execution_id")
         rec = Record(session, eid, tty=tty, limit=self.buffer, command=command)
+        window = result.get("stdin_window")
+        rec.stdin_window = window if type(window) is int and window > 0 else 0
         self.records[(session, eid)] = rec
         w.adopt_early(rec)
         self.changed()
@@ -252,7 +266,17 @@ class ExecTable:
             raise ConnectionClosed("the execution has ended", "ended")
         c = w.client
         if what == "stdin":
-            await c.send_stream(rec.execution_id, args[0])
+            data = args[0]
+            for i in range(0, len(data), STDIN_CHUNK):
+                while not rec.stdin_room():  # the command's pace: at most a window in flight
+                    await self.wait_change(5.0)
+                    if rec.exited or self.watchers.get(rec.session) is not w:
+                        raise ConnectionClosed("the execution has ended", "ended")
+                if rec.stdin_closed:
+                    return  # the command closed its stdin: the rest would be dropped anyway
+                part = data[i:i + STDIN_CHUNK]
+                rec.stdin_sent += len(part)
+                await c.send_stream(rec.execution_id, part)
         elif what == "eof":
             await c.send_stream(rec.execution_id, b"")
         elif what == "resize":
