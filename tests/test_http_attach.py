@@ -96,10 +96,11 @@ def test_pipe_stdin_eof_signal_and_bad_control_messages(api_daemon):
                 await ws.send_str('{"type": "signal", "signal": 15}')
                 _, texts = await read_attach(ws)
             assert texts == [{"type": "exit", "exit_code": 143}]
-            for q, word in (("?after=x", "after"), ("?after=-1", "after")):
+            for q, word in (("?after=x", "after"), ("?after=-1", "after"), ("?after=%C2%B2", "after")):
                 status, data = await api.req("GET", r["attach_url"] + q)
                 assert status == 400 and word in data["error"]
             for path in ("/api/sessions/p/executions/999/attach", "/api/sessions/p/executions/abc/attach",
+                         "/api/sessions/p/executions/%C2%B2/attach",
                          "/api/sessions/p/executions/" + "9" * 40 + "/attach"):
                 status, data = await api.req("GET", path)
                 assert status == 404, (path, status, data)

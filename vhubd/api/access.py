@@ -62,7 +62,7 @@ def check_http_address(addr: str, public: bool) -> tuple[str, Any]:
             raise ConfigError(f"--http {addr}: no such directory {os.path.dirname(os.path.abspath(path))}")
         return "unix", path
     host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise ConfigError(f"--http wants HOST:PORT or unix:PATH, got {addr[:200]!r}")
     host = host.strip("[]") or "127.0.0.1"
     if host == "localhost":

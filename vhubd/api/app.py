@@ -8,8 +8,9 @@ a Unix socket is guarded by its file mode instead). Bodies are bounded
 (``--http-max-body``); output is held only in the bounded per-execution rings.
 Errors are Blink's ``{"error": message}`` with a status that says whose fault.
 
-About 430 lines, on purpose: every route is a few lines over the same guards,
-the same error mapping and the same in-process clients.
+About 440 lines, on purpose: every route is a few lines over the same guards,
+the same error mapping and the same in-process clients (the WebSocket attach is
+``attach``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import os
 import socket
 from typing import Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import web
 
 from .. import __version__
 from ..client import Client, Event, Output
@@ -30,12 +31,11 @@ from ..errors import ConnectionClosed, HttpError, RemoteError, clip
 from ..listeners import bind_tcp, bind_unix, unlink_socket
 from ..sessions import validate_name
 from .access import check_http_address, ensure_token, same_token
-from .records import Record
+from .attach import Attacher
 from .watch import ExecTable, exit_status
 
 log = logging.getLogger("vhubd")
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
-MAX_ATTACH = 64  # WebSocket attaches open on one execution
 STATUS = {
     "unknown_session": 404, "no_such_execution": 404, "bad_params": 400, "bad_session_name": 400,
     "bad_request": 400, "session_exists": 409, "boot_failed": 503, "no_agent": 503, "agent_lost": 503,
@@ -68,6 +68,7 @@ class Api:
         self.address: Any = None
         self.active = 0
         self.sockets: set[web.WebSocketResponse] = set()
+        self.attacher = Attacher(self)
         self._star: Client | None = None
         self._star_lock = asyncio.Lock()
 
@@ -104,7 +105,7 @@ class Api:
         r.add_post("/api/sessions/{name}/runs", self.run)
         r.add_post("/api/sessions/{name}/spawn", self.spawn)
         r.add_get("/api/sessions/{name}/executions", self.list_executions)
-        r.add_get("/api/sessions/{name}/executions/{id}/attach", self.attach)
+        r.add_get("/api/sessions/{name}/executions/{id}/attach", self.attacher.attach)
         r.add_get("/", self.page)
         r.add_static("/static/", STATIC, append_version=False)
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
@@ -396,100 +397,6 @@ class Api:
         return web.json_response({"event": "exec_spawned", "session": name, "execution_id": eid, "tty": tty,
                                   "attach_url": f"/api/sessions/{name}/executions/{eid}/attach"})
 
-    async def attach(self, request: web.Request) -> web.StreamResponse:
-        name = self.name(request)
-        raw = request.match_info["id"]
-        self.table.expire()
-        rec = self.table.records.get((name, int(raw))) if raw.isdigit() and len(raw) < 20 else None
-        if rec is None:
-            raise HttpError(404, f"no execution {clip(raw, 40)!s} in session {name!r} (it ended more than "
-                                 f"{self.cfg.http_linger:g} s ago, or was never spawned here)")
-        after_text = request.query.get("after")
-        after = None
-        if after_text is not None:
-            if not after_text.isdigit() or len(after_text) > 19:
-                raise HttpError(400, "after must be a seq number (a non-negative integer)")
-            after = int(after_text)
-        with_seq = after is not None or request.query.get("seq") in ("1", "true")
-        attached = sum(1 for ws in self.sockets if getattr(ws, "vhub_record", None) is rec)
-        if attached >= MAX_ATTACH:
-            raise HttpError(429, f"at most {MAX_ATTACH} attaches per execution")
-        ws = web.WebSocketResponse(max_msg_size=self.cfg.http_max_body, heartbeat=30.0)
-        await ws.prepare(request)
-        ws.vhub_record = rec  # type: ignore[attr-defined]
-        self.sockets.add(ws)
-        sender = asyncio.ensure_future(self._send_output(ws, rec, after or 0, with_seq, after is not None))
-        try:
-            async for msg in ws:
-                if msg.type == WSMsgType.BINARY:
-                    await self._input(ws, rec, "stdin", msg.data)
-                elif msg.type == WSMsgType.TEXT:
-                    await self._text(ws, rec, msg.data)
-                if sender.done():
-                    break
-        finally:
-            self.sockets.discard(ws)
-            if not sender.done():
-                sender.cancel()
-            await asyncio.gather(sender, return_exceptions=True)
-            if not ws.closed:
-                await ws.close()
-        return ws
-
-    async def _send_output(self, ws: web.WebSocketResponse, rec: Record, cursor: int, with_seq: bool,
-                           resumed: bool) -> None:
-        table = self.table
-        while not ws.closed:
-            version = rec.version
-            missing = rec.missing_after(cursor) if cursor < rec.head else None
-            if missing is not None:
-                if resumed or missing[0] > 1:
-                    await ws.send_str(json.dumps({"type": "error", "message":
-                                                  f"output {missing[0]}..{missing[1]} is no longer buffered"}))
-                cursor = missing[1]
-            for c in rec.after(cursor):
-                head = bytes((c.channel,)) + (c.seq.to_bytes(8, "big") if with_seq else b"")
-                await ws.send_bytes(head + c.data)
-                cursor = c.seq
-            if rec.exited and cursor >= rec.head:
-                if rec.exit_code is not None:
-                    await ws.send_str(json.dumps({"type": "exit", "exit_code": rec.exit_code}))
-                else:
-                    await ws.send_str(json.dumps({"type": "error", "message": rec.end_reason or "ended"}))
-                await ws.close()
-                return
-            if rec.version == version:
-                await table.wait_change(30.0)
-
-    async def _text(self, ws: web.WebSocketResponse, rec: Record, data: str) -> None:
-        try:
-            msg = json.loads(data)
-            kind = msg.get("type") if isinstance(msg, dict) else None
-        except ValueError:
-            kind, msg = None, {}
-        if kind == "resize":
-            rows, cols = msg.get("rows"), msg.get("cols")
-            if type(rows) is not int or type(cols) is not int or not (1 <= rows <= 1000 and 1 <= cols <= 1000):
-                return await _ws_error(ws, "resize needs rows and cols from 1 to 1000")
-            if not rec.tty:
-                return await _ws_error(ws, "resize: this execution has no terminal")
-            await self._input(ws, rec, "resize", rows, cols)
-        elif kind == "signal":
-            sig = msg.get("signal")
-            if type(sig) is not int or not 1 <= sig <= 64:
-                return await _ws_error(ws, "signal needs a signal number from 1 to 64")
-            await self._input(ws, rec, "signal", sig)
-        elif kind == "stdin_eof":
-            await self._input(ws, rec, "eof")
-        else:
-            await _ws_error(ws, 'unknown control message: expected {"type": "resize"|"signal"|"stdin_eof", ...}')
-
-    async def _input(self, ws: web.WebSocketResponse, rec: Record, what: str, *args: Any) -> None:
-        try:
-            await self.table.control(rec, what, *args)
-        except (RemoteError, ConnectionClosed, TimeoutError) as exc:
-            await _ws_error(ws, f"{what}: {clip(str(exc), 200)}")
-
     # -- the page -------------------------------------------------------------------------
     async def page(self, request: web.Request) -> web.FileResponse:
         return web.FileResponse(os.path.join(STATIC, "index.html"), headers={
@@ -531,9 +438,3 @@ def _public(info: dict) -> dict:
 
 def _line(obj: dict) -> bytes:
     return json.dumps(obj, ensure_ascii=False).encode() + b"\n"
-
-
-async def _ws_error(ws: web.WebSocketResponse, message: str) -> None:
-    if not ws.closed:
-        await ws.send_str(json.dumps({"type": "error", "message": message}))
-
