@@ -78,6 +78,10 @@ def test_sessions_open_info_list_stop_remove(api_daemon):
                 status, data = await api.req(method, path, {"command": "true"})
                 assert status == 404, (method, path, status, data)
                 assert "nope" in data["error"] or "web1" in data["error"]
+            status, data = await api.req("GET", "/api/nothing-here")
+            assert status == 404 and "GET /api/nothing-here" in data["error"]
+            status, data = await api.req("PUT", "/api/sessions")
+            assert status == 405 and "PUT" in data["error"]
             names = [s["name"] for s in (await api.ok("GET", "/api/sessions"))["sessions"]]
             assert "nope" not in names and "web1" not in names  # nothing was created by a 404
 
@@ -104,6 +108,7 @@ def test_bad_bodies_get_clear_errors(api_daemon, raw, status, word):
             got, data = await api.req("POST", "/api/sessions", raw=raw, headers={"Content-Type": "application/json"})
             assert got == status, data
             assert word.lower() in data["error"].lower() and len(data["error"]) < 500
+            assert data["error"][0] not in "'\"", data  # plain text, not a repr
             await api.ok("GET", "/api/health")
 
     run(body())
@@ -173,7 +178,8 @@ def test_a_boot_that_fails_is_503_with_the_backends_words(make_daemon):
         async with HttpApi(d) as api:
             status, data = await api.req("POST", "/api/sessions", {"name": "broken"})
             assert status == 503, data
-            assert "boot_failed" in data["error"] and "exited with code 1" in data["error"]
+            assert data["error"].startswith("boot_failed: ") and "exited with code 1" in data["error"], data
+            assert "the agent cannot start here" in data["error"]  # the backend's words
             await api.ok("GET", "/api/health")
 
     run(body(), timeout=60)

@@ -75,3 +75,10 @@ def check_http_address(addr: str, public: bool) -> tuple[str, Any]:
         raise ConfigError(f"--http {addr}: {host} is not a loopback address, so the API would be reachable from "
                           "other machines; add --http-public if that is what you want")
     return "tcp", (host, int(port))
+
+
+def cut(text: str, limit: int = 300) -> str:
+    """Plain text a peer may have chosen, at most ``limit`` characters (for an
+    error answer: no quotes added, unlike ``errors.clip`` for logs)."""
+    text = str(text)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} long)"

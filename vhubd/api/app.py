@@ -30,7 +30,7 @@ from ..client import Client, Event, Output
 from ..errors import ConnectionClosed, HttpError, RemoteError, clip
 from ..listeners import bind_tcp, bind_unix, unlink_socket
 from ..sessions import validate_name
-from .access import check_http_address, ensure_token, same_token
+from .access import check_http_address, cut, ensure_token, same_token
 from .attach import Attacher
 from .watch import ExecTable, exit_status
 
@@ -144,14 +144,24 @@ class Api:
         try:
             return await self._guarded(request, handler)
         except HttpError as exc:
-            return web.json_response({"error": clip(exc.message, 400)}, status=exc.status)
+            return web.json_response({"error": cut(exc.message, 400)}, status=exc.status)
+        except web.HTTPException as exc:  # aiohttp's own: no such route, method not allowed...
+            if exc.status < 400 or not request.path.startswith("/api/"):
+                raise
+            return web.json_response({"error": f"{exc.reason}: {request.method} {cut(request.path, 200)}"},
+                                     status=exc.status)
+        except (asyncio.CancelledError, ConnectionError):
+            raise
+        except Exception:
+            log.exception("http: %s %s failed", request.method, clip(request.path, 200))
+            return web.json_response({"error": "internal error (the daemon's log has the details)"}, status=500)
 
     async def _guarded(self, request: web.Request, handler):
         origin = request.headers.get("Origin")
         cors = None
         if origin is not None and origin != f"{request.scheme}://{request.host}":
             if origin not in self.origins and "*" not in self.origins:
-                raise HttpError(403, f"cross-origin request from {clip(origin, 100)} refused "
+                raise HttpError(403, f"cross-origin request from {cut(origin, 100)} refused "
                                      "(blink serve --http-origin allows one)")
             cors = {"Access-Control-Allow-Origin": origin, "Vary": "Origin",
                     "Access-Control-Allow-Headers": "Authorization, Content-Type, Accept",
@@ -208,7 +218,7 @@ class Api:
         except web.HTTPRequestEntityTooLarge as exc:
             raise HttpError(413, f"the body is too large: {exc.text}") from None
         except (ValueError, UnicodeDecodeError) as exc:
-            raise HttpError(400, f"the body is not JSON: {clip(str(exc), 100)}") from None
+            raise HttpError(400, f"the body is not JSON: {cut(str(exc), 100)}") from None
         if not isinstance(data, dict):
             raise HttpError(400, "the body must be a JSON object")
         return data
@@ -354,7 +364,7 @@ class Api:
                     out[f"{k}_truncated"] = True
         if result is None:
             reason = str(client.closed_reason or "the session's connection closed")
-            out.update(exit_code=None, error=f"the execution's end was not seen: {clip(reason, 200)}")
+            out.update(exit_code=None, error=f"the execution's end was not seen: {cut(reason, 200)}")
         else:
             out["exit_code"] = exit_status(result.get("exit_code"))
             if result.get("signal"):

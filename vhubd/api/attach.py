@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
 
-from ..errors import ConnectionClosed, HttpError, RemoteError, clip
+from ..errors import ConnectionClosed, HttpError, RemoteError
+from .access import cut
 from .records import Record
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ class Attacher:
         known = raw.isascii() and raw.isdigit() and len(raw) < 20
         rec = self.table.records.get((name, int(raw))) if known else None
         if rec is None:
-            raise HttpError(404, f"no execution {clip(raw, 40)!s} in session {name!r} (it ended more than "
+            raise HttpError(404, f"no execution {cut(raw, 40)} in session {name!r} (it ended more than "
                                  f"{self.cfg.http_linger:g} s ago, or was never spawned here)")
         after_text = request.query.get("after")
         after = None
@@ -120,7 +121,7 @@ class Attacher:
         try:
             await self.table.control(rec, what, *args)
         except (RemoteError, ConnectionClosed, TimeoutError) as exc:
-            await _ws_error(ws, f"{what}: {clip(str(exc), 200)}")
+            await _ws_error(ws, f"{what}: {cut(str(exc), 200)}")
 
 
 async def _ws_error(ws: web.WebSocketResponse, message: str) -> None:
