@@ -340,3 +340,28 @@ def test_warm_sessions_are_exempt_from_idle_stop(make_daemon):
 
 async def _is(coro, value):
     return await coro == value
+
+
+def test_a_run_whose_client_goes_away_is_stopped(api_daemon):
+    async def body():
+        from harness import client
+
+        async with HttpApi(api_daemon) as api:
+            await api.ok("POST", "/api/sessions", {"name": "gone"})
+            assert api.session is not None
+            async with api.session.post(api.base + "/api/sessions/gone/runs", json={
+                    "command": "sh", "args": ["-c", "echo started; exec sleep 60"]},
+                    headers={"Accept": "application/x-ndjson"}) as r:
+                first = json.loads(await r.content.readline())
+                assert first == {"event": "stdout", "data": "started\n"}
+                c = await client(api_daemon, session="gone")
+                assert len((await c.call("agent.info"))["executions"]) == 1
+            # the response was closed before the end: the command is stopped
+
+            async def none_left():
+                return not (await c.call("agent.info"))["executions"]
+
+            await wait_until(none_left, 20, what="the abandoned command to be stopped")
+            await api.ok("GET", "/api/health")
+
+    run(body(), timeout=60)

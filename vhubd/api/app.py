@@ -71,6 +71,7 @@ class Api:
         self.attacher = Attacher(self)
         self._star: Client | None = None
         self._star_lock = asyncio.Lock()
+        self._background: set[asyncio.Task] = set()
 
     # -- lifecycle ------------------------------------------------------------------------
     def bind(self) -> None:
@@ -108,7 +109,8 @@ class Api:
         r.add_get("/api/sessions/{name}/executions/{id}/attach", self.attacher.attach)
         r.add_get("/", self.page)
         r.add_static("/static/", STATIC, append_version=False)
-        self.runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        self.runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0,
+                                    handler_cancellation=True)  # a client gone: its run stops
         await self.runner.setup()
         assert self.sock is not None
         await web.SockSite(self.runner, self.sock).start()
@@ -313,7 +315,7 @@ class Api:
         try:
             sock = await self.server.connect_in_process()
             client = await Client.connect(sock=sock, session=name, boot=True,
-                                          subscribe=["stdout", "stderr", "events"], queue_size=1 << 14)
+                                          subscribe=["stdout", "stderr", "events"], queue_size=8)
         except (ConnectionClosed, RemoteError) as exc:
             raise _remote(exc) from None
         try:
@@ -321,9 +323,24 @@ class Api:
                 started = await client.call("agent.run", params, timeout=None)
             except (RemoteError, ConnectionClosed) as exc:
                 raise _remote(exc) from None
-            return await self._run_output(request, client, started["execution_id"], stream)
+            eid = started["execution_id"]
+            try:
+                return await self._run_output(request, client, eid, stream)
+            except (asyncio.CancelledError, ConnectionError):
+                # the HTTP client went away before the end: the command goes too (as Ctrl-C on blink run)
+                task = asyncio.ensure_future(self._kill(name, eid))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+                raise
         finally:
             await client.close()
+
+    async def _kill(self, session: str, eid: int) -> None:
+        try:
+            c = await self.star()
+            await c.call("agent.kill", {"execution_id": eid, "signal": "SIGTERM"}, session=session, timeout=10)
+        except (RemoteError, ConnectionClosed, TimeoutError):
+            pass  # it ended meanwhile, or the session went
 
     async def _run_output(self, request: web.Request, client: Client, eid: int, stream: bool):
         limit = self.cfg.http_run_output

@@ -56,7 +56,7 @@ class Watcher:
             sock = await self.table.connect()
             self.client = await Client.connect(sock=sock, session=self.session,
                                                subscribe=["stdout", "stderr", "stream", "events"],
-                                               queue_size=1024)
+                                               queue_size=16)
         except BaseException as exc:
             if not self.ready.done():
                 self.ready.set_exception(exc)
