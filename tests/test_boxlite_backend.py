@@ -6,6 +6,7 @@ the VM start, which fails in BoxLite's own words with nothing left behind.
 Where BoxLite VMs run, a session boots and runs a command in the VM."""
 
 import asyncio
+import importlib.util
 import json
 import logging
 import os
@@ -62,6 +63,10 @@ def boxlite_log(home: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
+needs_boxlite = pytest.mark.skipif(importlib.util.find_spec("boxlite") is None,
+                                   reason="needs the boxlite extra (pip install 'vhubd[boxlite]')")
+
+
 def boxes_left(home: str) -> list:
     import boxlite
 
@@ -72,6 +77,7 @@ def boxes_left(home: str) -> list:
     return asyncio.run(main())
 
 
+@needs_boxlite
 def test_host_check_is_overridable(monkeypatch):
     ok, why = bl.host_can_boot_vms()
     assert why
@@ -84,6 +90,7 @@ def test_host_check_is_overridable(monkeypatch):
 
 
 @pytest.mark.slow
+@needs_boxlite
 def test_default_image_options_and_boxes(tmp_path):
     img = require_rootfs_image()
     share_image_cache(tmp_path / "s")
@@ -122,6 +129,7 @@ def test_default_image_options_and_boxes(tmp_path):
 
 
 @pytest.mark.slow
+@needs_boxlite
 def test_default_image_is_built_on_first_use_once_with_progress(tmp_path, caplog):
     require_rootfs_image()  # its packages are downloaded: this build shares them
     state = tmp_path / "s"
@@ -147,6 +155,7 @@ def test_default_image_is_built_on_first_use_once_with_progress(tmp_path, caplog
 
 
 @pytest.mark.slow
+@needs_boxlite
 def test_a_registry_image_that_cannot_be_pulled_is_boxlites_words(make_daemon, tmp_path):
     d = make_daemon("--backend", "boxlite", "--state-dir", str(tmp_path / "s"))
     r = d.cli("boot", "x", "--image", "127.0.0.1:1/none:latest", timeout=120)
@@ -160,6 +169,7 @@ def test_a_registry_image_that_cannot_be_pulled_is_boxlites_words(make_daemon, t
 
 
 @pytest.mark.slow
+@needs_boxlite
 def test_default_image_goes_through_boxlite_up_to_the_vm_start(make_daemon, tmp_path):
     """No --image: BoxLite's runtime, the import of the local layout, the box,
     its start; the start fails (this host's /dev/kvm cannot run BoxLite VMs)

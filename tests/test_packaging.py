@@ -255,7 +255,8 @@ def test_the_demo_from_the_wheel(built):
     from qemu_testing import guest_cache_dir
 
     cache = guest_cache_dir()
-    if os.path.basename(cache) == "guest" and os.path.isdir(os.path.join(cache, "current")):
+    if os.path.basename(cache) == "guest" and os.path.isdir(os.path.join(cache, "current")) \
+            and shutil.which("qemu-system-x86_64"):  # (hidden in ./dev test --minimal: the demo falls back)
         r = subprocess.run([built.python, "-m", "vhubd.demo", "--state-dir", os.path.dirname(cache)],
                            capture_output=True, text=True, timeout=300, cwd=built.elsewhere, env=_clean_env())
         assert r.returncode == 0 and "end to end OK" in r.stderr, r.stderr[-3000:]
