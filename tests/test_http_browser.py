@@ -88,6 +88,19 @@ def test_the_page_gives_a_terminal_that_follows_the_window(web_daemon, tmp_path)
             await b.type("echo back-$((40+2))\r")
             screen = await b.wait(f"(() => {{ const s = {SCREEN}; return /^back-42$/m.test(s) && s; }})()", 30)
             assert len(re.findall(r"^back-42$", screen, re.M)) == 1
+            # a reload: clicking the session goes back to its running terminal, history replayed
+            exec_id = await b.eval("window.vhub.exec")
+            await b.navigate(f"{api.base}/")  # the token is in sessionStorage now
+            await b.wait("[...document.querySelectorAll('#sessions li')].some(li => li.dataset.name == 'web')",
+                         what="the session list after the reload")
+            await b.eval("[...document.querySelectorAll('#sessions li')].find(li => li.dataset.name == 'web')"
+                         ".click(); true")
+            await b.wait(f"window.vhub.exec === {exec_id!r} && window.vhub.ws && window.vhub.ws.readyState === 1",
+                         30, what="the same execution, resumed")
+            await b.wait(f"/^back-42$/m.test({SCREEN})", 30, what="its history, replayed")
+            await b.eval("window.vhub.term.focus(); true")
+            await b.type("echo still-$((41+1))\r")
+            await b.wait(f"/^still-42$/m.test({SCREEN})", 30, what="the resumed shell answering")
             await b.screenshot(str(tmp_path / "page.png"))
             assert (tmp_path / "page.png").stat().st_size > 5000
         finally:

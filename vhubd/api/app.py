@@ -72,6 +72,7 @@ class Api:
         self._star: Client | None = None
         self._star_lock = asyncio.Lock()
         self._background: set[asyncio.Task] = set()
+        self._expiry: asyncio.Task | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
     def bind(self) -> None:
@@ -114,11 +115,20 @@ class Api:
         await self.runner.setup()
         assert self.sock is not None
         await web.SockSite(self.runner, self.sock).start()
+        self._expiry = asyncio.ensure_future(self._expire_every(min(10.0, max(0.5, self.cfg.http_linger / 2))))
         log.info("http: the API and the web page on %s%s", self.address,
                  " (bearer token: blink http-token)" if self.token else " (Unix socket: its file mode guards it)")
 
+    async def _expire_every(self, seconds: float) -> None:
+        """Ended executions go once their linger is over, asked for or not."""
+        while True:
+            await asyncio.sleep(seconds)
+            self.table.expire()
+
     async def stop_accepting(self) -> None:
         """Daemon shutdown, first step: no new requests; attached sockets are told."""
+        if self._expiry is not None:
+            self._expiry.cancel()
         self.table.closing = True
         for ws in list(self.sockets):
             await ws.close(code=1001, message=b"the daemon is restarting")

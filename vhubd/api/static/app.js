@@ -44,7 +44,7 @@
         st.className = "state " + s.state;
         st.textContent = s.state;
         li.append(name, st);
-        li.onclick = () => { $("name").value = s.name; openTerminal(s.name); };
+        li.onclick = () => { $("name").value = s.name; resumeOrOpen(s.name); };
         ul.append(li);
       }
       if (!state.ws) status(sessions.length + " session" + (sessions.length === 1 ? "" : "s"));
@@ -93,6 +93,29 @@
       refresh();
     } catch (e) {
       status(e.message, true);
+    }
+  }
+
+  // A session's own terminal, if one still runs (a reload, another tab): back to it,
+  // its output replayed from the daemon's buffer; otherwise a new one.
+  async function resumeOrOpen(name) {
+    try {
+      const { executions } = await api("GET", "/api/sessions/" + encodeURIComponent(name) + "/executions");
+      const live = executions.filter((e) => e.tty && !e.exited)
+                             .sort((a, b) => Number(b.execution_id) - Number(a.execution_id));
+      if (!live.length) return openTerminal(name);
+      ensureTerm();
+      if (state.ws) { state.ended = true; state.ws.close(); }
+      const e = live[0];
+      Object.assign(state, { session: name, exec: e.execution_id, lastSeq: 0, ended: false, retries: 0,
+                             attachUrl: "/api/sessions/" + encodeURIComponent(name) + "/executions/" +
+                                        e.execution_id + "/attach" });
+      state.term.reset();
+      $("term-title").textContent = name + " · " + e.command + " · execution " + e.execution_id + " (resumed)";
+      attach();
+      refresh();
+    } catch (err) {
+      status(err.message, true);
     }
   }
 
