@@ -152,7 +152,7 @@ def test_reattach_across_a_daemon_restart_has_no_gap_and_no_duplicate(tmp_path):
     agent = subprocess.Popen([PY, "-m", "blink_agent", "serve"], env=env, cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     n = 3000
-    script = f"i=0; while [ $i -lt {n} ]; do echo line-$i; i=$((i+1)); [ $((i % 100)) = 0 ] && sleep 0.05; done"
+    script = f"i=0; while [ $i -lt {n} ]; do echo line-$i; i=$((i+1)); [ $((i % 100)) = 0 ] && sleep 0.2; done"
     try:
         wait_for(lambda: d.call("vhub.info", {"session": "r"})["agent_connected"], 20, what="the agent")
 
@@ -179,6 +179,7 @@ def test_reattach_across_a_daemon_restart_has_no_gap_and_no_duplicate(tmp_path):
 
         rest, texts = run(after(), timeout=90)
         assert texts == [{"type": "exit", "exit_code": 0}], texts
+        assert rest and not joined(seen).endswith(b"line-%d\n" % (n - 1))  # it ran across the restart
         all_chunks = seen + rest
         seqs = [c[1] for c in all_chunks]
         assert seqs == list(range(1, len(seqs) + 1))  # no gap, no duplicate, across the restart
@@ -282,3 +283,58 @@ def test_stdin_at_the_commands_pace_loses_nothing(api_daemon):
             assert texts == [{"type": "exit", "exit_code": 0}]
 
     run(body(), timeout=90)
+
+
+def test_reattach_after_a_daemon_crash_reports_the_gap_and_keeps_the_seqs(tmp_path):
+    """SIGKILL: the rings are gone, but where each execution's seqs stand was saved;
+    the same cursor still works: what the dead daemon held is announced as missing,
+    everything after it comes once, numbered as before."""
+    args = ("--backend", "external", "--http", "127.0.0.1:0", "--heartbeat", "0")
+    d = Daemon(tmp_path / "d", *args).start()
+    d2 = None
+    token = d.call("vhub.register", {"session": "c"})["token"]
+    env = dict(os.environ, VHUB_ADDR=f"unix:{d.socket}", VHUB_SESSION="c", VHUB_TOKEN=token,
+               PYTHONPATH=os.path.join(ROOT, "guest-agent"))
+    agent = subprocess.Popen([PY, "-m", "blink_agent", "serve"], env=env, cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    n = 3000
+    script = f"i=0; while [ $i -lt {n} ]; do echo line-$i; i=$((i+1)); [ $((i % 100)) = 0 ] && sleep 0.2; done"
+    try:
+        wait_for(lambda: d.call("vhub.info", {"session": "c"})["agent_connected"], 20, what="the agent")
+
+        async def before():
+            async with HttpApi(d) as api:
+                r = await api.ok("POST", "/api/sessions/c/spawn", {"command": "sh", "args": ["-c", script]})
+                async with api.ws(r["attach_url"] + "?seq=1") as ws:
+                    chunks, _ = await read_attach(ws, until=b"line-500\n")
+                await asyncio.sleep(2.5)  # the positions are saved every 2 s
+                return r, chunks
+
+        r, seen = run(before(), timeout=60)
+        d.proc.send_signal(signal.SIGKILL)
+        d.proc.wait(20)
+        d.stop()
+        d2 = Daemon(tmp_path / "d", *args).start()
+
+        async def after():
+            async with HttpApi(d2) as api:
+                async with api.ws(r["attach_url"] + f"?after={seen[-1][1]}") as ws:
+                    return await read_attach(ws, timeout=60)
+
+        rest, texts = run(after(), timeout=90)
+        assert texts[-1] == {"type": "exit", "exit_code": 0}, texts
+        assert all(t["type"] == "error" and "no longer buffered" in t["message"] for t in texts[:-1]), texts
+        assert rest, texts  # it ran across the crash
+        seqs = [c[1] for c in rest]
+        assert seqs == sorted(set(seqs)) and seqs[0] > seen[-1][1]  # nothing twice, nothing before the cursor
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # whole from where it resumes
+        lines = [int(x.split(b"-")[1]) for x in (joined(seen) + joined(rest)).split(b"\n") if x]
+        assert lines == sorted(set(lines)) and lines[-1] == n - 1  # in order, none twice, to the end
+        if len(texts) == 1:
+            assert lines == list(range(n))  # no gap announced: none there
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(10)
+        if d2 is not None:
+            d2.stop()
+        d.stop()

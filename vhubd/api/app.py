@@ -115,15 +115,21 @@ class Api:
         await self.runner.setup()
         assert self.sock is not None
         await web.SockSite(self.runner, self.sock).start()
-        self._expiry = asyncio.ensure_future(self._expire_every(min(10.0, max(0.5, self.cfg.http_linger / 2))))
+        self._expiry = asyncio.ensure_future(self._housekeeping(min(2.0, max(0.5, self.cfg.http_linger / 2))))
         log.info("http: the API and the web page on %s%s", self.address,
                  " (bearer token: blink http-token)" if self.token else " (Unix socket: its file mode guards it)")
 
-    async def _expire_every(self, seconds: float) -> None:
-        """Ended executions go once their linger is over, asked for or not."""
+    async def _housekeeping(self, seconds: float) -> None:
+        """Ended executions go once their linger is over, asked for or not; where
+        the seqs stand is saved (a crash then keeps them)."""
         while True:
             await asyncio.sleep(seconds)
             self.table.expire()
+            if self.table.dirty:
+                try:
+                    self.table.save(with_output=False)
+                except OSError as exc:
+                    log.warning("http: cannot save the executions' positions: %s", exc)
 
     async def stop_accepting(self) -> None:
         """Daemon shutdown, first step: no new requests; attached sockets are told."""

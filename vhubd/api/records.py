@@ -5,7 +5,9 @@ code, and the linger deadline after exit.
 Seq numbers are the agent's: the n-th output frame of an execution is seq n.
 The daemon counts the frames it receives, and the agent's ``output_seqs``
 notification at the start of each connection says where the count stands
-(``rebase``), so seqs survive a daemon restart (the ring is saved and loaded)
+(``rebase``), so seqs survive a daemon restart (the ring is saved and loaded;
+after a crash only the positions, saved every few seconds, survive: the output
+in between is reported as a gap, never renumbered)
 and an agent's resend after a reconnect is recognised: a frame whose seq is
 already in the ring is a duplicate and dropped; a jump is a gap, reported.
 
@@ -121,12 +123,14 @@ class Record:
                 "duplicates_dropped": self.duplicates, "lost": [list(g) for g in self.lost]}
 
     # -- saved across a daemon restart ----------------------------------------------------
-    def dump(self) -> dict:
+    def dump(self, with_output: bool = True) -> dict:
+        """As JSON; without the output, only where the seqs stand (what a crash can keep)."""
         return {"session": self.session, "execution_id": self.execution_id, "tty": self.tty,
                 "command": self.command, "head": self.head, "next_seq": self.next_seq,
                 "evicted_through": self.evicted_through, "exited": self.exited, "exit_code": self.exit_code,
                 "end_reason": self.end_reason, "ended_at": self.ended_at,
-                "chunks": [[c.seq, c.channel, base64.b64encode(c.data).decode()] for c in self.chunks]}
+                "chunks": [[c.seq, c.channel, base64.b64encode(c.data).decode()] for c in self.chunks]
+                if with_output else []}
 
     @classmethod
     def load(cls, d: Any, limit: int) -> Record:

@@ -166,9 +166,11 @@ class ExecTable:
         self.waiters: list[asyncio.Future] = []
         self.closing = False
         self.closing_tasks: set[asyncio.Task] = set()
+        self.dirty = False  # records changed since the last save
 
     # -- change notification for attach loops ----------------------------------------
     def changed(self) -> None:
+        self.dirty = True
         waiters, self.waiters = self.waiters, []
         for f in waiters:
             if not f.done():
@@ -285,17 +287,28 @@ class ExecTable:
             await c.call("agent.kill", {"execution_id": rec.execution_id, "signal": args[0]}, timeout=10)
 
     # -- across a restart ---------------------------------------------------------------
-    def save(self) -> None:
+    def save(self, with_output: bool = True) -> None:
+        """The records for the next daemon: whole at a graceful stop; every few
+        seconds without their output (so that after a crash the seqs still hold and
+        what was lost shows as a gap)."""
         if not self.path:
             return
         self.expire()
-        data = [r.dump() for r in self.records.values()]
+        self.dirty = False
+        data = [r.dump(with_output) for r in self.records.values()]
+        if not data and not with_output:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            return
         tmp = f"{self.path}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump({"version": 1, "saved": time.time(), "records": data}, f)
+            json.dump({"version": 1, "saved": time.time(), "output": with_output, "records": data}, f)
         os.replace(tmp, self.path)
-        log.info("http: kept %d executions' output for the next daemon in %s", len(data), self.path)
+        if with_output:
+            log.info("http: kept %d executions' output for the next daemon in %s", len(data), self.path)
 
     def load(self, known: Callable[[str], bool]) -> list[str]:
         """Records a previous daemon saved, for sessions this one knows; returns the
@@ -309,6 +322,10 @@ class ExecTable:
             items = doc["records"]
             for d in items[: self.max_executions]:
                 rec = Record.load(d, self.buffer)
+                if not doc.get("output", True):
+                    # saved by a daemon that then crashed: its output is gone, and where the agent
+                    # stands is unknown until it says (output_seqs): everything it resends is kept
+                    rec.head, rec.next_seq = 0, 1
                 if known(rec.session):
                     self.records[(rec.session, rec.execution_id)] = rec
         except (OSError, ValueError, KeyError, TypeError) as exc:
