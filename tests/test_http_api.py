@@ -278,6 +278,8 @@ def test_http_token_command_and_a_unix_socket(make_daemon, tmp_path):
     (["--http", "nonsense"], "HOST:PORT"),
     (["--http", "unix:/nonexistent-dir/x.sock"], "no such directory"),
     (["--http", "127.0.0.1:0", "--http-buffer", "0"], "--http-buffer"),
+    (["--http", "127.0.0.1:0", "--once"], "--once"),
+    (["--http", "127.0.0.1:\u00b2"], "HOST:PORT"),
 ])
 def test_serve_refuses_bad_http_settings(tmp_path, args, word):
     r = subprocess.run([PY, "-m", "vhubd", "serve", "--socket", str(tmp_path / "g.sock"), "--control",

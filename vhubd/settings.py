@@ -122,6 +122,10 @@ class DaemonConfig:
         if self.http is not None:
             from .api.access import check_http_address
 
+            if self.once:
+                raise ConfigError("--http does not combine with --once (Blink's one-shot serve has no sessions to "
+                                  "serve over HTTP)")
+
             check_http_address(self.http, self.http_public)
         if self.guest_dir is not None and not os.path.isdir(self.guest_dir):
             raise ConfigError(f"--guest-dir {self.guest_dir}: no such directory")
