@@ -338,3 +338,22 @@ def test_reattach_after_a_daemon_crash_reports_the_gap_and_keeps_the_seqs(tmp_pa
         if d2 is not None:
             d2.stop()
         d.stop()
+
+
+def test_a_silent_websocket_does_not_hold_a_restart_up(make_daemon):
+    d = make_daemon("--backend", "local", "--http", "127.0.0.1:0")
+
+    async def body():
+        async with HttpApi(d) as api:
+            await api.ok("POST", "/api/sessions", {"name": "s"})
+            r = await api.ok("POST", "/api/sessions/s/spawn", {"command": "sleep", "args": ["60"]})
+            sockets = [await api.ws(r["attach_url"], autoclose=False, autoping=False) for _ in range(5)]
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            d.proc.send_signal(signal.SIGTERM)  # the clients never answer the close
+            code = await loop.run_in_executor(None, d.proc.wait, 30)
+            assert code == 0 and loop.time() - t0 < 15
+            for ws in sockets:
+                await ws.close()
+
+    run(body(), timeout=60)

@@ -136,8 +136,12 @@ class Api:
         if self._expiry is not None:
             self._expiry.cancel()
         self.table.closing = True
-        for ws in list(self.sockets):
-            await ws.close(code=1001, message=b"the daemon is restarting")
+        closing = [asyncio.ensure_future(ws.close(code=1001, message=b"the daemon is restarting"))
+                   for ws in list(self.sockets)]
+        if closing:  # at once, and a client that never answers the close does not hold the restart up
+            _, late = await asyncio.wait(closing, timeout=2.0)
+            for t in late:
+                t.cancel()
         if self.runner is not None:
             await self.runner.cleanup()
         if self.kind == "unix":
