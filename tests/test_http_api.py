@@ -367,3 +367,34 @@ def test_a_run_whose_client_goes_away_is_stopped(api_daemon):
             await api.ok("GET", "/api/health")
 
     run(body(), timeout=60)
+
+
+def test_silent_connections_hold_at_most_the_connection_bound(make_daemon):
+    import socket
+
+    d = make_daemon("--backend", "local", "--http", "127.0.0.1:0", "--http-max-connections", "3")
+    host, port = d.listeners["http"].rsplit(":", 1)
+
+    async def body():
+        silent = [socket.create_connection((host, int(port))) for _ in range(3)]  # connect, send nothing
+        try:
+            async with HttpApi(d) as api:
+                status, data = await api.req("GET", "/api/health")
+                assert status == 503 and "at most 3" in data["error"]
+                extra = [socket.create_connection((host, int(port))) for _ in range(20)]
+                for s in extra:  # refused at once: answered and closed, never held
+                    s.settimeout(10)
+                    assert s.recv(100).startswith(b"HTTP/1.1 503")
+                    s.close()
+        finally:
+            for s in silent:
+                s.close()
+        async with HttpApi(d) as api:
+
+            async def healthy():
+                return (await api.req("GET", "/api/health"))[0] == 200
+
+            await wait_until(healthy, 10, what="the API once the silent connections went")
+        assert d.fd_count() < 60
+
+    run(body())

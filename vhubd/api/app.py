@@ -73,6 +73,7 @@ class Api:
         self._star_lock = asyncio.Lock()
         self._background: set[asyncio.Task] = set()
         self._expiry: asyncio.Task | None = None
+        self._listener: asyncio.AbstractServer | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
     def bind(self) -> None:
@@ -114,10 +115,19 @@ class Api:
                                     handler_cancellation=True)  # a client gone: its run stops
         await self.runner.setup()
         assert self.sock is not None
-        await web.SockSite(self.runner, self.sock).start()
+        # our own listener rather than a SockSite: connections are counted as they are
+        # accepted, so a peer that opens many and sends nothing holds at most the bound
+        self._listener = await asyncio.get_running_loop().create_server(self._protocol, sock=self.sock,
+                                                                         backlog=256)
         self._expiry = asyncio.ensure_future(self._housekeeping(min(2.0, max(0.5, self.cfg.http_linger / 2))))
         log.info("http: the API and the web page on %s%s", self.address,
                  " (bearer token: blink http-token)" if self.token else " (Unix socket: its file mode guards it)")
+
+    def _protocol(self) -> asyncio.BaseProtocol:
+        assert self.runner is not None and self.runner.server is not None
+        if len(self.runner.server.connections) >= self.cfg.http_max_connections:
+            return _Busy(self.cfg.http_max_connections)
+        return self.runner.server()
 
     async def _housekeeping(self, seconds: float) -> None:
         """Ended executions go once their linger is over, asked for or not; where
@@ -142,6 +152,8 @@ class Api:
             _, late = await asyncio.wait(closing, timeout=2.0)
             for t in late:
                 t.cancel()
+        if self._listener is not None:
+            self._listener.close()
         if self.runner is not None:
             await self.runner.cleanup()
         if self.kind == "unix":
@@ -450,6 +462,19 @@ class Api:
             "Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; "
                                        "connect-src 'self' ws: wss:; img-src 'self' data:",
             "Cache-Control": "no-store"})
+
+
+class _Busy(asyncio.Protocol):
+    """A connection over ``--http-max-connections``: a 503 and close, nothing read."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+
+    def connection_made(self, transport) -> None:
+        body = json.dumps({"error": f"too many HTTP connections (at most {self.limit})"}).encode()
+        transport.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                        b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        transport.close()
 
 
 def _command(body: dict) -> dict:
