@@ -8,7 +8,10 @@ works. The extension uses the limited API, so the wheel is tagged abi3.
 
 ``build_py`` copies ``guest-agent/blink_agent`` and ``systemd/`` into
 ``vhubd/_shipped/`` in the build: the wheel then runs the local backend,
-``install-units``, ``build-image`` and ``build-guest`` without a checkout.
+``install-units``, ``build-image`` and ``build-guest`` without a checkout. It
+also runs ``tools/fetch_xterm.py`` (xterm.js for the web page, from the npm
+registry, integrity-checked; quick when ``vhubd/api/static/vendor`` is there,
+as it is in an sdist).
 """
 
 import os
@@ -19,6 +22,7 @@ import sys
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
+from setuptools.command.sdist import sdist
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -58,10 +62,21 @@ class optional_build_ext(build_ext):
             sys.stderr.write(f"WARNING: C codec not built ({exc}); vhubd will use the pure-Python codec\n")
 
 
+def _fetch_xterm() -> None:
+    """xterm.js for the web page (package data): fetched from the npm registry and
+    checked against its pinned integrity, unless already there (an sdist has it)."""
+    script = os.path.join(HERE, "tools", "fetch_xterm.py")
+    if os.path.exists(script):
+        import subprocess
+
+        subprocess.run([sys.executable, script], check=True)
+
+
 class build_py_shipped(build_py):
     """Also copy the guest agent and the systemd units into vhubd/_shipped/."""
 
     def run(self):
+        _fetch_xterm()
         super().run()
         if self.editable_mode:  # an editable install finds them in the checkout
             return
@@ -73,6 +88,14 @@ class build_py_shipped(build_py):
                             ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
 
 
+class sdist_with_xterm(sdist):
+    """The sdist carries xterm.js too: a wheel then builds from it offline."""
+
+    def run(self):
+        _fetch_xterm()
+        super().run()
+
+
 options = {}
 if MODE != "no":
     options["bdist_wheel"] = {"py_limited_api": "cp311"}  # the extension is abi3 (cffi's limited API)
@@ -80,6 +103,6 @@ if MODE != "no":
 setup(
     version=version(),
     cffi_modules=[] if MODE == "no" else ["csrc/build_blin.py:ffi"],
-    cmdclass={"build_ext": optional_build_ext, "build_py": build_py_shipped},
+    cmdclass={"build_ext": optional_build_ext, "build_py": build_py_shipped, "sdist": sdist_with_xterm},
     options=options,
 )

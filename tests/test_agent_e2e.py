@@ -401,6 +401,8 @@ def test_output_buffered_while_disconnected_then_dropped_oldest(peer, tmp_path, 
         time.sleep(0.02)
     time.sleep(0.3)
     hanging.handshake()
+    seqs = hanging.expect(lambda f: f.msg_type == MsgType.RpcRequest and f.request_id == 0)
+    assert json.loads(seqs.payload)["event"] == "output_seqs"  # numbers what follows (an execution is on)
     marker = hanging.expect(lambda f: f.msg_type == MsgType.RpcRequest and f.request_id == 0)
     body = json.loads(marker.payload)
     assert set(body) == {"event", "bytes"} and body["event"] == "output_dropped"

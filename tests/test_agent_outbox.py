@@ -16,6 +16,11 @@ from blink_agent.wire import MsgType
 OUT, ERR = MsgType.Stdout, MsgType.Stderr
 
 
+def take(ob, *args, **kw):
+    """What ``ob.take`` sends, without the output_seqs marker (tested on its own below)."""
+    return [f for f in ob.take(*args, **kw) if b'"output_seqs"' not in f.payload or f.msg_type != MsgType.RpcRequest]
+
+
 def payloads(frames):
     return [f.payload for f in frames if f.msg_type != MsgType.RpcRequest]
 
@@ -36,11 +41,11 @@ def test_default_limit():
 def test_nothing_leaves_before_connection_and_ack_decision():
     ob = Outbox(100)
     ob.push(OUT, 1, b"a")
-    assert ob.take() == []
+    assert take(ob) == []
     ob.connection_made()
-    assert not ob.has_unsent() and ob.take() == []  # ack mode undecided
+    assert not ob.has_unsent() and take(ob) == []  # ack mode undecided
     ob.set_ack_mode(False)
-    assert ob.take() == [OutFrame(OUT, 1, b"a")]
+    assert take(ob) == [OutFrame(OUT, 1, b"a")]
 
 
 def test_without_acks_frames_leave_once_written():
@@ -51,13 +56,13 @@ def test_without_acks_frames_leave_once_written():
     assert not ob.written_through(seq)
     ob.push(ERR, 1, b"de")
     assert ob.buffered_bytes == 5
-    assert ob.take() == [OutFrame(OUT, 1, b"abc"), OutFrame(ERR, 1, b"de")]
+    assert take(ob) == [OutFrame(OUT, 1, b"abc"), OutFrame(ERR, 1, b"de")]
     assert ob.buffered_bytes == 0 and len(ob) == 0
     assert ob.written_through(seq)
     ob.connection_lost()
     ob.connection_made()
     ob.set_ack_mode(True)
-    assert ob.take() == []  # nothing resent: it was never kept
+    assert take(ob) == []  # nothing resent: it was never kept
 
 
 def test_drop_oldest_while_disconnected_and_marker_in_their_place():
@@ -68,11 +73,11 @@ def test_drop_oldest_while_disconnected_and_marker_in_their_place():
     assert ob.pending_dropped_bytes == 16 and ob.dropped_frames_total == 4
     ob.connection_made()
     ob.set_ack_mode(False)
-    frames = ob.take()
+    frames = take(ob)
     assert marker_bytes(frames[0]) == 16
     assert payloads(frames) == [b"EEEE", b"FFFF"]
     assert ob.pending_dropped_bytes == 0
-    assert ob.take() == []
+    assert take(ob) == []
 
 
 def test_newest_frame_kept_even_alone_over_the_limit():
@@ -90,7 +95,7 @@ def test_ack_trimming_and_resend_order():
     ob.set_ack_mode(True)
     for i in range(5):
         ob.push(OUT if i % 2 == 0 else ERR, 7, b"f%d" % i)
-    assert payloads(ob.take()) == [b"f0", b"f1", b"f2", b"f3", b"f4"]
+    assert payloads(take(ob)) == [b"f0", b"f1", b"f2", b"f3", b"f4"]
     assert len(ob) == 5 and ob.unacked_frames == 5 and ob.unsent_frames == 0
     assert ob.ack(2) == (2, True)
     assert len(ob) == 3 and ob.buffered_bytes == 6
@@ -99,9 +104,9 @@ def test_ack_trimming_and_resend_order():
     ob.connection_lost()  # f2, f3, f4 were never acked
     assert ob.resent_frames_total == 3
     ob.connection_made()
-    assert ob.take() == []
+    assert take(ob) == []
     ob.set_ack_mode(True)
-    frames = ob.take()
+    frames = take(ob)
     assert payloads(frames) == [b"f2", b"f3", b"f4", b"f5"]  # resent first, in order
     assert [f.msg_type for f in frames] == [OUT, ERR, OUT, OUT]
     # Counting restarts at 0 on the new connection.
@@ -114,10 +119,10 @@ def test_ack_beyond_written_is_clamped():
     ob.connection_made()
     ob.set_ack_mode(True)
     ob.push(OUT, 1, b"x")
-    ob.take()
+    take(ob)
     ob.push(OUT, 1, b"y")  # not written yet
     assert ob.ack(5) == (1, False)
-    assert payloads(ob.take()) == [b"y"]
+    assert payloads(take(ob)) == [b"y"]
     assert ob.bad_acks == 1
 
 
@@ -127,7 +132,7 @@ def test_unacked_evicted_frames_lost_only_if_the_connection_dies():
     ob.set_ack_mode(True)
     ob.push(OUT, 1, b"aaaa")
     ob.push(OUT, 1, b"bbbb")
-    ob.take()
+    take(ob)
     ob.push(OUT, 1, b"cccc")  # over the limit: evicts written-but-unacked aaaa
     assert len(ob) == 2 and ob.unacked_frames == 2 and ob.pending_dropped_bytes == 0
     assert ob.ack(1) == (1, True)  # covers the evicted frame: nothing lost
@@ -137,7 +142,7 @@ def test_unacked_evicted_frames_lost_only_if_the_connection_dies():
     assert ob.pending_dropped_bytes == 4
     ob.connection_made()
     ob.set_ack_mode(True)
-    frames = ob.take()
+    frames = take(ob)
     assert marker_bytes(frames[0]) == 4
     assert payloads(frames) == [b"cccc", b"dddd"]
 
@@ -147,10 +152,10 @@ def test_late_hello_counts_written_frames_as_acked():
     ob.connection_made()
     ob.set_ack_mode(False)
     ob.push(OUT, 1, b"a")
-    ob.take()
+    take(ob)
     ob.set_ack_mode(True)
     ob.push(OUT, 1, b"b")
-    ob.take()
+    take(ob)
     assert ob.ack(1) == (0, True)  # the frame written before the hello
     assert ob.ack(2) == (1, True)
     assert len(ob) == 0
@@ -162,16 +167,16 @@ def test_written_through_tracks_resends():
     ob.set_ack_mode(True)
     s1 = ob.push(OUT, 1, b"a")
     s2 = ob.push(OUT, 1, b"b")
-    ob.take(max_bytes=1)
+    take(ob, max_bytes=1)
     assert ob.written_through(s1) and not ob.written_through(s2)
-    ob.take()
+    take(ob)
     assert ob.written_through(s2)
     ob.connection_lost()
     assert not ob.written_through(s1)
     ob.connection_made()
     ob.set_ack_mode(True)
     assert not ob.written_through(s1)  # it must be resent first
-    ob.take()
+    take(ob)
     assert ob.written_through(s2)
 
 
@@ -181,7 +186,30 @@ def test_flow_control_room():
     ob.set_ack_mode(True)
     ob.push(OUT, 1, b"x" * 8)
     assert ob.has_room(2) and not ob.has_room(3)
-    ob.take()
+    take(ob)
     assert not ob.has_room(3)  # written but unacked still counts
     ob.ack(1)
     assert ob.has_room(10)
+
+
+def test_output_seqs_number_each_execution_across_connections():
+    ob = Outbox(100)
+    ob.connection_made()
+    ob.set_ack_mode(True)
+    for data in (b"a1", b"a2", b"a3"):
+        ob.push(OUT, 7, data)
+    ob.push(OUT, 0, b"agent")  # the agent itself: not an execution, not counted
+    first = ob.take()
+    assert all(f.msg_type != MsgType.RpcRequest for f in first)  # nothing sent before: nothing to say
+    assert ob.ack(2) == (2, True)  # a1, a2 acknowledged; a3 and the agent's frame not
+    ob.push(ERR, 9, b"b1")
+    ob.connection_lost()
+    ob.push(OUT, 7, b"a4")  # while disconnected
+    ob.connection_made()
+    ob.set_ack_mode(True)
+    again = ob.take()
+    assert again[0].msg_type == MsgType.RpcRequest and again[0].request_id == 0
+    body = json.loads(again[0].payload)
+    # execution 7: a1, a2 are behind (acked), a3 comes next as seq 3; execution 9: b1 is seq 1
+    assert body == {"event": "output_seqs", "executions": {"7": 2, "9": 0}}
+    assert [(f.request_id, f.payload) for f in again[1:]] == [(7, b"a3"), (0, b"agent"), (9, b"b1"), (7, b"a4")]

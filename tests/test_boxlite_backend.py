@@ -77,6 +77,7 @@ def boxes_left(home: str) -> list:
     return asyncio.run(main())
 
 
+@needs_boxlite
 def test_host_check_is_overridable(monkeypatch):
     ok, why = bl.host_can_boot_vms()
     assert why

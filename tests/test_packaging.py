@@ -101,7 +101,9 @@ def test_sdist_has_what_a_wheel_is_built_from(built):
     for need in ("csrc/build_blin.py", "csrc/blin.h", "csrc/blin.c", "setup.py", "pyproject.toml", "LICENSE",
                  "MANIFEST.in", "guest-agent/blink_agent/_version.py", "guest-agent/pyproject.toml",
                  "systemd/blink-vhub.service", "systemd/variants/qemu.conf", "vhubd/relay/core.py",
-                 "vhubd/protocol/connection.py", "tests/harness/daemon.py", "docs/protocol.md"):
+                 "vhubd/protocol/connection.py", "tests/harness/daemon.py", "docs/protocol.md",
+                 "tools/fetch_xterm.py", "vhubd/api/static/index.html", "vhubd/api/static/vendor/xterm.js",
+                 "vhubd/api/static/vendor/VERSIONS"):
         assert need in names, need
     assert not [n for n in names if "__pycache__" in n or n.endswith((".so", ".pyc")) or ".ruff_cache" in n]
 
@@ -118,7 +120,10 @@ def test_wheel_is_abi3_and_carries_the_agent_and_units(built):
                  "vhubd/_shipped/guest-agent/blink_agent/_version.py",
                  "vhubd/_shipped/systemd/blink-vhub.service", "vhubd/_shipped/systemd/variants/qemu.conf",
                  "vhubd/_shipped/systemd/tmpfiles.d/blink-vhub.conf", "vhubd/relay/core.py",
-                 "vhubd/protocol/connection.py", "vhubd/vhost/vsock.py", f"vhubd-{__version__}.dist-info/licenses/LICENSE"):
+                 "vhubd/protocol/connection.py", "vhubd/vhost/vsock.py", f"vhubd-{__version__}.dist-info/licenses/LICENSE",
+                 "vhubd/api/app.py", "vhubd/api/static/index.html", "vhubd/api/static/app.js",
+                 "vhubd/api/static/app.css", "vhubd/api/static/vendor/xterm.js", "vhubd/api/static/vendor/xterm.css",
+                 "vhubd/api/static/vendor/addon-fit.js", "vhubd/api/static/vendor/xterm.LICENSE"):
         assert need in names, need
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
     assert "License-Expression: Apache-2.0" in meta
@@ -200,6 +205,40 @@ def test_other_backends_from_the_wheel(built, tmp_path):
     assert r.returncode == 1
     [line] = r.stderr.strip().splitlines()[-1:]
     assert "BoxLite" in line and "pip install 'vhubd[boxlite]'" in line, r.stderr
+
+
+def test_the_http_api_from_the_wheel(built, tmp_path):
+    """Without the http extra, --http says how to get it; with it, the API and the
+    web page (xterm.js included, from the package, not a CDN) are served."""
+    r = built.run("serve", "--http", "127.0.0.1:0", "--socket", str(tmp_path / "g.sock"), "--control",
+                  str(tmp_path / "c.sock"), "--state-dir", str(tmp_path / "st"), timeout=60)
+    assert r.returncode == 2 and "pip install 'vhubd[http]'" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    venv = tmp_path / "venv-http"
+    env = _clean_env()
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300, env=env)
+    r = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", f"{built.wheel}[http]"],
+                       capture_output=True, text=True, timeout=900, env=env, cwd=str(tmp_path))
+    if r.returncode != 0 and re.search(r"Could not find a version|No matching distribution|connection",
+                                       r.stdout + r.stderr, re.I):
+        pytest.skip("aiohttp cannot be fetched (no package index)")
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = Daemon(tmp_path / "d", "--backend", "local", "--http", "127.0.0.1:0", python=str(venv / "bin" / "python"),
+               tree=str(built.elsewhere), env=env).start()
+    try:
+        import urllib.request
+
+        base = f"http://{d.listeners['http']}"
+        with urllib.request.urlopen(base + "/", timeout=30) as resp:
+            page = resp.read().decode()
+        assert "/static/vendor/xterm.js" in page and "cdn" not in page.lower()
+        with urllib.request.urlopen(base + "/static/vendor/xterm.js", timeout=30) as resp:
+            assert len(resp.read()) > 100_000
+        token = (tmp_path / "d" / "state" / "http-token").read_text().strip()
+        req = urllib.request.Request(base + "/api/health", headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            assert json.loads(resp.read())["status"] == "ok"
+    finally:
+        d.stop()
 
 
 def test_install_units_and_build_image_from_the_wheel(built, tmp_path):

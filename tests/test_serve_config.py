@@ -28,7 +28,9 @@ OTHER = {
     "guest-dir": "/run/x/guests", "scrollback": 4096, "lossy-limit": "2M", "multiple-agents": True,
     "backend": "qemu", "state-dir": "/var/lib/x", "boot-timeout": 30, "idle-stop": 600, "standby-after": 30, "stop-after": 900, "image": "img:1",
     "qemu-accel": "tcg", "agent-command": "blink-agent serve", "once": True, "log-level": "debug",
-    "log": "stderr",
+    "log": "stderr", "http": "127.0.0.1:8788", "http-public": True, "http-origin": "https://c.example",
+    "http-buffer": "2M", "http-linger": 60, "http-max-executions": 8, "http-max-body": "64K",
+    "http-max-connections": 9, "http-run-output": "1M",
 }
 
 

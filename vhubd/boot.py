@@ -43,6 +43,9 @@ def check_boot_params(params: dict) -> None:
     if env is not None and (not isinstance(env, dict) or len(env) > MAX_ENV
                             or not all(isinstance(k, str) and isinstance(v, (str, int, float)) for k, v in env.items())):
         raise CallFailed("bad_params", f"env must be an object of at most {MAX_ENV} string values")
+    warm = params.get("warm")
+    if warm is not None and not isinstance(warm, bool):
+        raise CallFailed("bad_params", "warm must be true or false")
 
 
 class BootManager:
@@ -63,6 +66,7 @@ class BootManager:
         self.waiters: dict[str, asyncio.Future] = {}
         self.stops: dict[str, asyncio.Task] = {}
         self.booted: set[str] = set()  # sessions whose sandbox we started
+        self.warm: set[str] = set()  # booted with "warm": kept booted, exempt from idle stop
         self.boot_count = 0
         #: gets each boot phase of a session as a ``{"type": "boot", ...}`` event (the daemon publishes them)
         self.on_event: Callable[[Session, dict], None] | None = None
@@ -73,6 +77,8 @@ class BootManager:
         validate_name(name)
         check_boot_params(params or {})
         sess = self.registry.get(name) or self.registry.create(name, self.backend.name)
+        if (params or {}).get("warm") is not None:
+            (self.warm.add if params["warm"] else self.warm.discard)(name)  # type: ignore[index]
         fut = self.boots.get(name)
         if fut is not None:
             return fut
@@ -192,6 +198,7 @@ class BootManager:
         self.registry.set_state(sess, State.STOPPING, "stop requested")  # the relay closes its agent
         await self.backend.stop(name)
         self.booted.discard(name)
+        self.warm.discard(name)
         self.registry.set_state(sess, State.STOPPED, "stopped")
         log.info("session stopped session=%s", name)
         return {"session": name, "state": "stopped"}
@@ -288,6 +295,7 @@ class BootManager:
             return
         for sess in self.registry:
             if (sess.name in self.booted and sess.name not in self.boots and sess.name not in self.stops
+                    and sess.name not in self.warm
                     and not sess.clients and not sess.channels  # an open connection or copy: in use
                     and sess.state in (State.READY, State.AGENT_LOST)
                     and now - sess.last_activity > self.idle_stop):
@@ -299,7 +307,8 @@ class BootManager:
         """Idle ``standby_after`` seconds: standby; in standby ``stop_after`` seconds: stopped."""
         for sess in self.registry:
             name = sess.name
-            if name not in self.booted or name in self.boots or name in self.stops or name in self.pausing:
+            if (name not in self.booted or name in self.boots or name in self.stops or name in self.pausing
+                    or name in self.warm):  # warm: kept booted and running
                 continue
             if (self.standby_after and sess.state is State.READY
                     and now - sess.last_activity > self.standby_after):

@@ -70,6 +70,11 @@ def build_parser() -> Parser:
     client("standby", "pause a booted session, keeping its memory (anything sent to it wakes it)")
     client("wake", "resume a session from standby")
     client("rm", "remove a session (stopping it first): its token, scrollback and sockets go")
+    ht = sub.add_parser("http-token", help="print the HTTP API's bearer token (blink serve --http makes it)")
+    ht.add_argument("--state-dir", metavar="DIR", help="the daemon's state dir (default: $BLINK_STATE_DIR, "
+                                                       "/var/lib/blink for root, else ~/.local/state/blink)")
+    ht.add_argument("--url", metavar="HOST:PORT", help="print the web page's address with the token instead "
+                                                       "(e.g. 127.0.0.1:8787)")
     iu = sub.add_parser("install-units", help="install the systemd units (socket activation, Type=notify)")
     iu.add_argument("--prefix", default="/", metavar="DIR",
                     help="install under DIR/etc/systemd/system, DIR/etc/sysusers.d, DIR/etc/tmpfiles.d (default /)")
@@ -158,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_serve(args)
     if args.command == "install-units":
         return cmd_install_units(args)
+    if args.command == "http-token":
+        return cmd_http_token(args)
     if args.command == "build-guest":
         from .guest import run as build_guest
 
@@ -187,6 +194,21 @@ def setup_logging(level: str, mode: str = "auto") -> None:
     from .journal import configure_logging
 
     configure_logging(mode, level)
+
+
+def cmd_http_token(args) -> int:
+    from .api.access import read_token
+    from .paths import default_state_dir
+
+    state_dir = args.state_dir or default_state_dir()
+    try:
+        token = read_token(state_dir)
+    except OSError as exc:
+        sys.stderr.write(f"blink http-token: no token in {state_dir} ({exc.strerror}): start `blink serve --http "
+                         "127.0.0.1:8787` first (with the same --state-dir)\n")
+        return EXIT_FAIL
+    sys.stdout.write(f"http://{args.url}/#token={token}\n" if args.url else token + "\n")
+    return 0
 
 
 def cmd_install_units(args) -> int:
@@ -231,6 +253,13 @@ def cmd_serve(args) -> int:
     except (ValueError, ConfigError) as exc:
         sys.stderr.write(f"blink serve: error: {source_hint(settings, str(exc))}\n")
         return EXIT_USAGE
+    if cfg.http:
+        import importlib.util
+
+        if importlib.util.find_spec("aiohttp") is None:
+            sys.stderr.write("blink serve: error: --http needs aiohttp, which is not installed: "
+                             "pip install 'vhubd[http]'\n")
+            return EXIT_USAGE
     try:
         setup_logging(settings["log-level"], settings["log"])
     except ImportError:

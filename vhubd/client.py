@@ -119,10 +119,16 @@ class Client:
     @classmethod
     async def connect(cls, path: str | None = None, *, session: str = "*", subscribe=(), serve=None,
                       boot: bool = False, replay: bool = False, flow: str = "lossless",
-                      timeout: float = 10.0, queue_size: int = 4096, extra: dict | None = None) -> Client:
+                      timeout: float = 10.0, queue_size: int = 4096, extra: dict | None = None,
+                      sock: Any = None) -> Client:
+        """``sock``: an already connected socket to use instead of ``path`` (the
+        daemon's own HTTP API connects to itself through a socketpair)."""
         path = path or default_control_path()
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path, limit=1 << 20), timeout)
+            if sock is not None:
+                reader, writer = await asyncio.open_unix_connection(sock=sock, limit=1 << 20)
+            else:
+                reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path, limit=1 << 20), timeout)
         except (TimeoutError, OSError) as exc:
             reason = getattr(exc, "strerror", None) or "timed out"
             raise ConnectionClosed(f"cannot connect to the daemon at {path}: {reason} "

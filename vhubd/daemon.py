@@ -119,6 +119,14 @@ async def run_daemon(cfg: DaemonConfig, ready: asyncio.Event | None = None) -> i
     else:
         guest = next((s for s in specs if s.name == "vhub"), None)
         addr = f"unix:{guest.owned_path or guest.sock.getsockname() if guest else cfg.socket}"
+    api = None
+    if cfg.http:
+        try:
+            from .api.app import Api
+        except ImportError as exc:
+            for spec in specs:
+                spec.sock.close()
+            raise BackendStartError(f"--http needs aiohttp ({exc}): pip install 'vhubd[http]'") from None
     registry = SessionRegistry(cfg.scrollback, max_sessions=cfg.max_sessions)
     guest_dir: GuestDir | None = None
     agent_addr: str | Callable[[str], str] = addr
@@ -137,13 +145,24 @@ async def run_daemon(cfg: DaemonConfig, ready: asyncio.Event | None = None) -> i
         guest_dir = GuestDir(cfg.guest_dir, server, registry, cfg.socket_mode)
     store.load(cfg.backend)  # the sessions this daemon had before: their agents get back in
     relay.on_stats = lambda: {"connections": len(server.peers), "tasks": len(asyncio.all_tasks()),
-                              "listeners": server.addresses()}
+                              "listeners": {**server.addresses(), **({"http": api.address} if api else {})}}
+    if cfg.http:
+        api = Api(cfg, server, state_dir)
+        try:
+            api.bind()
+        except Exception:
+            for spec in specs:
+                spec.sock.close()
+            raise
+        await api.restore(lambda name: registry.get(name) is not None)  # before any guest is accepted
     await server.start(specs)
     relay.exposures.changed = store.changed
     for name, gp, host, port in store.exposed:  # exposures last while their session does, restarts included
         sess = registry.get(name)
         if sess is not None:
             relay.exposures.open(sess, gp, host, port)
+    if api is not None:
+        await api.start()
     ticker = loop.create_task(_every(cfg.tick, boots.tick))
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -169,7 +188,11 @@ async def run_daemon(cfg: DaemonConfig, ready: asyncio.Event | None = None) -> i
     ticker.cancel()
     store.close()
     ports.close_all()
+    if api is not None:
+        await api.stop_accepting()
     await server.shutdown(cfg.drain_timeout)  # first: accept nothing more, and drop nothing accepted
+    if api is not None:
+        await api.finish()  # what the executions' records hold, for the next daemon
     await boots.close()
     if guest_dir is not None:
         guest_dir.close_all()

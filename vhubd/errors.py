@@ -141,6 +141,15 @@ class BackendStartError(VhubError):
     """The chosen backend cannot be initialised."""
 
 
+class HttpError(VhubError):
+    """An HTTP API request fails: Blink's ``{"error": message}`` with ``status``."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
 class OnceError(VhubError):
     """``serve --once`` ended without the exchange it exists for."""
 

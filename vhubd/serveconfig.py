@@ -93,6 +93,20 @@ SETTINGS: tuple[Setting, ...] = (
       choices=("auto", "kvm", "tcg")),
     S("agent-command", "str", None, "local backend: the command that runs the guest agent", metavar="CMD",
       default_text="this Python -m blink_agent serve, with the agent vhubd ships"),
+    S("http", "str", None, "serve the control-plane API (Blink's REST + WebSocket attach) and the web terminal: "
+      "HOST:PORT (loopback unless --http-public) or unix:PATH", metavar="ADDR", default_text="off"),
+    S("http-public", "bool", False, "let --http bind a non-loopback address"),
+    S("http-origin", "str", None, "cross-origin browser requests allowed from these origins (comma-separated, "
+      "e.g. https://console.example.com; * for any)", metavar="ORIGINS", default_text="none: same origin only"),
+    S("http-buffer", "size", 1 << 20, "output kept per execution for attach ?after= (Blink's "
+      "BLINK_ATTACH_BUFFER_BYTES)"),
+    S("http-linger", "seconds", 300.0, "seconds an execution's record is kept after it ends (Blink's "
+      "BLINK_ATTACH_LINGER_SECS)"),
+    S("http-max-executions", "int", 64, "executions the HTTP API keeps at once (each up to --http-buffer)"),
+    S("http-max-body", "size", 1 << 20, "largest HTTP request body and WebSocket message"),
+    S("http-max-connections", "int", 256, "HTTP requests and WebSockets open at once"),
+    S("http-run-output", "size", 16 << 20, "stdout and stderr kept each for a /runs answer (beyond: "
+      "*_truncated); ndjson streams without a bound"),
     S("once", "bool", False, "Blink one-shot mode: one agent, its first RPC, exit"),
     S("log-level", "choice", "info", "log verbosity", choices=("debug", "info", "warning", "error"), field="-"),
     S("log", "choice", "auto", "journal: structured journald entries (needs systemd-python); auto: journal when "

@@ -45,11 +45,21 @@ class DeviceListener:
         self.fixed_session: str | None = session
 
 
+class InProcessListener:
+    """Control connections the daemon makes to itself (the HTTP API's clients):
+    a socketpair, so they take the same path through the relay as any client."""
+
+    role = "client"
+    token_required = False
+    fixed_session: str | None = None
+    name = "http"
+
+
 class Peer(asyncio.BufferedProtocol):
     """One accepted connection: pumps bytes between its transport and its
     sans-I/O ``Connection``, and is the relay's ``Port`` for it."""
 
-    def __init__(self, hub: Server, spec: ListenerSpec | DeviceListener):
+    def __init__(self, hub: Server, spec: ListenerSpec | DeviceListener | InProcessListener):
         self.hub = hub
         self.spec = spec
         self.relay = hub.relay
@@ -557,6 +567,19 @@ class Server:
             dirty, self.dirty = self.dirty, []
             for p in dirty:
                 p.write_pending()
+
+    async def connect_in_process(self) -> socket.socket:
+        """A control connection from inside the daemon: one end of a socketpair is
+        served as a client peer (counted, bounded and routed like any other),
+        the other is returned for ``vhubd.client.Client.connect(sock=...)``."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await self.loop.connect_accepted_socket(functools.partial(Peer, self, InProcessListener()), ours)
+        except BaseException:
+            ours.close()
+            theirs.close()
+            raise
+        return theirs
 
     def _schedule_tick(self) -> None:
         self._tick_handle = self.loop.call_later(self.config.tick, self._tick)

@@ -28,6 +28,8 @@ _RANGES = (
     ("max_handshake", 64, frames.MAX_U32), ("cut_through", 1024, 1 << 40), ("boot_timeout", 1e-3, INF),
     ("idle_stop", 1e-3, INF), ("standby_after", 1e-3, INF), ("stop_after", 1e-3, INF),
     ("vsock_port", 1, 0xFFFFFFFF),
+    ("http_buffer", 1024, 1 << 30), ("http_linger", 0, INF), ("http_max_executions", 1, 1 << 16),
+    ("http_max_body", 1024, 1 << 30), ("http_max_connections", 1, 1 << 20), ("http_run_output", 0, 1 << 40),
 )
 
 
@@ -85,6 +87,16 @@ class DaemonConfig:
     max_output: int = 32 << 20  # bytes queued toward one peer, at most
     max_handshake: int = 64 << 10  # payload of a handshake frame, checked from its header
     guest_dir: str | None = None  # per-session guest sockets DIR/<session>.sock
+    # the HTTP API (vhubd/api): off unless http is set
+    http: str | None = None
+    http_public: bool = False
+    http_origin: str | None = None
+    http_buffer: int = 1 << 20
+    http_linger: float = 300.0
+    http_max_executions: int = 64
+    http_max_body: int = 1 << 20
+    http_max_connections: int = 256
+    http_run_output: int = 16 << 20
 
     def relay_config(self) -> RelayConfig:
         return RelayConfig(max_payload=self.max_payload, anonymous_session=self.anonymous_session,
@@ -111,6 +123,14 @@ class DaemonConfig:
                 validate_name(self.anonymous_session)
             except InvalidName as exc:
                 raise ConfigError(f"--anonymous-session: {exc}") from None
+        if self.http is not None:
+            from .api.access import check_http_address
+
+            if self.once:
+                raise ConfigError("--http does not combine with --once (Blink's one-shot serve has no sessions to "
+                                  "serve over HTTP)")
+
+            check_http_address(self.http, self.http_public)
         if self.guest_dir is not None and not os.path.isdir(self.guest_dir):
             raise ConfigError(f"--guest-dir {self.guest_dir}: no such directory")
 

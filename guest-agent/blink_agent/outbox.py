@@ -13,6 +13,14 @@ bytes (unsent + unacked). The I/O layer makes producers wait for room while
 connected; while disconnected a push that overflows drops the OLDEST frames, and the
 next transmission starts with a notification ``{"event":"output_dropped","bytes":N}``
 standing in their place. The newest frame is always kept, even alone over the limit.
+
+Output seq numbers: the outbox counts the frames it was given per execution
+(request_id), so the n-th frame of execution X is its seq n, whichever
+connection carries it. The first transmission of each connection starts with the
+notification ``{"event":"output_seqs","executions":{"X": N}}``: the next frame of X
+on this connection is X's seq N+1 (sent when some N is not 0: after a reconnection). A daemon (its HTTP API's attach buffers) numbers
+frames with it, so the seqs a client saw before a daemon restart stay valid after
+it: resent frames it already had are recognised, dropped ones show as a gap.
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ from .wire import MsgType
 __all__ = ["DEFAULT_BUFFER_BYTES", "Outbox", "OutFrame", "dropped_marker", "parse_size"]
 
 DEFAULT_BUFFER_BYTES = 8 * 1024 * 1024
+#: Executions whose frame counts the outbox remembers (the most recent ids).
+MAX_COUNTED = 256
 
 
 class OutFrame(NamedTuple):
@@ -62,6 +72,13 @@ def dropped_marker(nbytes: int) -> OutFrame:
     return OutFrame(MsgType.RpcRequest, 0, body.encode())
 
 
+def seqs_marker(bases: dict[int, int]) -> OutFrame:
+    """The notification that numbers what follows: execution id -> frames before it."""
+    body = json.dumps({"event": "output_seqs", "executions": {str(k): v for k, v in bases.items()}},
+                      separators=(",", ":"))
+    return OutFrame(MsgType.RpcRequest, 0, body.encode())
+
+
 class Outbox:
     """Unsent + unacked stream frames, bounded by payload bytes.
 
@@ -93,6 +110,9 @@ class Outbox:
         self.dropped_frames_total = 0
         self.resent_frames_total = 0
         self.bad_acks = 0
+        # Frames pushed per execution (request_id != 0): their output seq numbers.
+        self.frame_counts: dict[int, int] = {}
+        self._seqs_due = False
 
     # -- introspection ------------------------------------------------------------
 
@@ -141,6 +161,11 @@ class Outbox:
         frames if the buffer overflows (the caller waits for room while connected)."""
         seq = self._next_seq
         self._next_seq += 1
+        if request_id:
+            counts = self.frame_counts
+            counts[request_id] = counts.get(request_id, 0) + 1
+            if len(counts) > MAX_COUNTED:
+                del counts[min(counts)]
         self._entries.append(_Entry(seq, int(msg_type), request_id, bytes(payload)))
         self._bytes += len(payload)
         while self._bytes > self.limit and len(self._entries) > 1:
@@ -173,6 +198,7 @@ class Outbox:
         self._acked = 0
         self._sent = 0
         self._evicted_unacked.clear()
+        self._seqs_due = bool(self.frame_counts)
 
     def set_ack_mode(self, enabled: bool) -> None:
         """Record whether the daemon acks on this connection (``vhub.hello`` seen).
@@ -211,6 +237,11 @@ class Outbox:
         out: list[OutFrame] = []
         if not self.has_unsent():
             return out
+        if self._seqs_due:
+            self._seqs_due = False
+            bases = self._seq_bases()
+            if any(bases.values()):  # else every frame is still to come: nothing to say
+                out.append(seqs_marker(bases))
         if self.pending_dropped_bytes:
             out.append(dropped_marker(self.pending_dropped_bytes))
             self.pending_dropped_bytes = 0
@@ -227,6 +258,16 @@ class Outbox:
             total += len(entry.payload)
             self._written += 1
         return out
+
+    def _seq_bases(self) -> dict[int, int]:
+        """Per counted execution: how many of its frames come before the first one
+        still to be written on this connection (at a connection's first take,
+        nothing of this connection is written yet)."""
+        pending: dict[int, int] = {}
+        for entry in self._entries:
+            if entry.request_id in self.frame_counts:
+                pending[entry.request_id] = pending.get(entry.request_id, 0) + 1
+        return {rid: n - pending.get(rid, 0) for rid, n in self.frame_counts.items()}
 
     def ack(self, frames: int) -> tuple[int, bool]:
         """Apply a cumulative ack; returns (frames newly released, ack was sane)."""
