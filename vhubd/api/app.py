@@ -41,7 +41,8 @@ STATUS = {
     "bad_request": 400, "session_exists": 409, "boot_failed": 503, "no_agent": 503, "agent_lost": 503,
     "session_stopped": 503, "session_stopping": 503, "session_removed": 410, "too_many_requests": 429,
     "too_many_sessions": 429, "too_many_connections": 429, "timeout": 504, "spawn_failed": 422,
-    "not_supported": 501, "stop_failed": 502,
+    "not_supported": 501, "stop_failed": 502, "not_exposed": 404, "exposed_already": 409, "listen_failed": 409,
+    "bad_state": 409, "standby_failed": 502, "wake_failed": 502,
 }
 
 
@@ -108,6 +109,11 @@ class Api:
         r.add_post("/api/sessions/{name}/runs", self.run)
         r.add_post("/api/sessions/{name}/spawn", self.spawn)
         r.add_get("/api/sessions/{name}/executions", self.list_executions)
+        r.add_get("/api/sessions/{name}/ports", self.list_ports)
+        r.add_post("/api/sessions/{name}/ports", self.expose)
+        r.add_delete("/api/sessions/{name}/ports/{port}", self.unexpose)
+        r.add_post("/api/sessions/{name}/standby", self.standby)
+        r.add_post("/api/sessions/{name}/wake", self.wake)
         r.add_get("/api/sessions/{name}/executions/{id}/attach", self.attacher.attach)
         r.add_get("/", self.page)
         r.add_static("/static/", STATIC, append_version=False)
@@ -268,7 +274,8 @@ class Api:
             "sandbox": info.get("sandbox"),
             "features": {"sessions": True, "runs": True, "runs_ndjson": True, "spawn": True, "pty": True,
                          "attach": True, "attach_seq": True, "reattach_after_restart": True,
-                         "warm_sessions": True, "web_terminal": True, "script": False, "files": False},
+                         "warm_sessions": True, "web_terminal": True, "script": False, "files": False,
+                         "ports": True, "standby": True},
             "limits": {"attach_buffer_bytes": self.cfg.http_buffer, "attach_linger_secs": self.cfg.http_linger,
                        "max_body_bytes": self.cfg.http_max_body}})
 
@@ -316,6 +323,41 @@ class Api:
         name = self.name(request)
         await self.call("vhub.remove", {"session": name}, timeout=None)
         return web.json_response({"event": "session_removed", "session": name})
+
+    # -- ports (vhub.expose) and standby ------------------------------------------------------
+    async def list_ports(self, request: web.Request) -> web.Response:
+        name = self.name(request)
+        await self.call("vhub.info", {"session": name})  # an unknown session is 404
+        ports = await self.call("vhub.exposed", {"session": name})
+        return web.json_response({"event": "port_list", "session": name, "ports": ports})
+
+    async def expose(self, request: web.Request) -> web.Response:
+        name = self.name(request)
+        body = await self.body(request)
+        port = body.get("port")
+        if type(port) is not int or not 0 < port < 65536:
+            raise HttpError(400, "port must be an integer from 1 to 65535")
+        params: dict = {"session": name, "port": port}
+        if body.get("listen") is not None:
+            params["listen"] = body["listen"]
+        exposure = await self.call("vhub.expose", params)
+        return web.json_response({"event": "port_exposed", **exposure})
+
+    async def unexpose(self, request: web.Request) -> web.Response:
+        name = self.name(request)
+        port = request.match_info["port"]
+        if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+            raise HttpError(400, "the port must be an integer from 1 to 65535")
+        result = await self.call("vhub.unexpose", {"session": name, "port": int(port)})
+        return web.json_response({"event": "port_unexposed", **result})
+
+    async def standby(self, request: web.Request) -> web.Response:
+        result = await self.call("vhub.standby", {"session": self.name(request)}, timeout=None)
+        return web.json_response({"event": "session_standby", **result})
+
+    async def wake(self, request: web.Request) -> web.Response:
+        result = await self.call("vhub.wake", {"session": self.name(request)}, timeout=None)
+        return web.json_response({"event": "session_woken", **result})
 
     async def list_executions(self, request: web.Request) -> web.Response:
         name = self.name(request)
