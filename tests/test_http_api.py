@@ -143,7 +143,7 @@ def test_runs_pipe_mode(api_daemon):
                 status, data = await api.req("POST", "/api/sessions/r/runs", bad)
                 assert status == 400 and word in data["error"], (bad, status, data)
             status, data = await api.req("POST", "/api/sessions/r/runs", {"script": "/tmp/x.sh"})
-            assert status == 501 and "file transfer" in data["error"]
+            assert status == 501 and "blink cp" in data["error"]
 
     run(body(), timeout=60)
 

@@ -371,8 +371,8 @@ class Api:
         name = self.name(request)
         body = await self.body(request)
         if "script" in body:
-            raise HttpError(501, "{script} needs file transfer into the guest, which this daemon does not have "
-                                 "yet; send {command, args} instead")
+            raise HttpError(501, "{script} (a host file copied into the guest) is not served over HTTP yet: copy "
+                                 "the file in with `blink cp` (file transfer) and send {command, args}")
         params = _command(body)
         for key, kind in (("stdin", str),):
             if body.get(key) is not None and not isinstance(body[key], kind):
