@@ -142,8 +142,22 @@ def test_runs_pipe_mode(api_daemon):
                               ({"command": "true", "timeout": "1"}, "timeout")):
                 status, data = await api.req("POST", "/api/sessions/r/runs", bad)
                 assert status == 400 and word in data["error"], (bad, status, data)
-            status, data = await api.req("POST", "/api/sessions/r/runs", {"script": "/tmp/x.sh"})
-            assert status == 501 and "blink cp" in data["error"]
+            # Blink's {script}: a host file copied into the guest (over a channel) and run
+            d = api_daemon.dir
+            with open(os.path.join(d, "s.sh"), "w") as f:
+                f.write("#!/bin/sh\necho \"script $0 says $1\"\nexit 4\n")
+            os.chmod(os.path.join(d, "s.sh"), 0o755)
+            ran = await api.ok("POST", "/api/sessions/r/runs", {"script": os.path.join(d, "s.sh"), "args": ["hi"]})
+            assert ran["exit_code"] == 4 and ran["stdout"].startswith("script /tmp/blink-script-"), ran
+            assert ran["stdout"].endswith(" says hi\n"), ran
+            with open(os.path.join(d, "plain.sh"), "w") as f:  # not executable: run with /bin/sh
+                f.write("echo plain $1\n")
+            ran = await api.ok("POST", "/api/sessions/r/runs", {"script": os.path.join(d, "plain.sh"), "args": ["x"]})
+            assert (ran["exit_code"], ran["stdout"]) == (0, "plain x\n"), ran
+            for bad, want in (({"script": "rel.sh"}, 400), ({"script": 5}, 400), ({"script": d}, 400),
+                              ({"script": os.path.join(d, "missing.sh")}, 400)):
+                status, data = await api.req("POST", "/api/sessions/r/runs", bad)
+                assert status == want and "script" in data["error"], (bad, status, data)
 
     run(body(), timeout=60)
 

@@ -85,6 +85,19 @@ class Progress:
             self.stream.flush()
 
 
+class _NoTerminal:
+    """Where a quiet copy's progress goes: nowhere."""
+
+    def isatty(self) -> bool:
+        return False
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
 class _Sender:
     """A file object for ``tarfile`` in a worker thread: writes go to the channel."""
 
@@ -161,8 +174,10 @@ def _check(done: dict, sha: str, nbytes: int, what: str) -> dict:
     return done
 
 
-async def upload(client: Any, session: str, src: str, dest: str, stdin: IO[bytes] | None = None) -> dict:
-    """Copy local ``src`` (or a tar on ``stdin`` when ``src`` is "-") to ``session:dest``."""
+async def upload(client: Any, session: str, src: str, dest: str, stdin: IO[bytes] | None = None,
+                 quiet: bool = False) -> dict:
+    """Copy local ``src`` (or a tar on ``stdin`` when ``src`` is "-") to ``session:dest``
+    (``quiet``: no progress line, e.g. inside the daemon)."""
     loop = asyncio.get_running_loop()
     if src == "-":
         top, total = None, None
@@ -174,7 +189,7 @@ async def upload(client: Any, session: str, src: str, dest: str, stdin: IO[bytes
         top = os.path.basename(os.path.normpath(src)) or "."
         total = await loop.run_in_executor(None, tree_size, src)
     ch = await client.open_channel(session, "agent.untar", {"dest": dest, "top": top})
-    progress = Progress(f"{src} -> {session}:{dest}", total)
+    progress = Progress(f"{src} -> {session}:{dest}", total, stream=_NoTerminal() if quiet else None)
     out = _Sender(ch, loop, progress)
     try:
         try:

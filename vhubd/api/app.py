@@ -20,7 +20,9 @@ import codecs
 import json
 import logging
 import os
+import secrets
 import socket
+import stat
 from typing import Any
 
 from aiohttp import web
@@ -274,7 +276,7 @@ class Api:
             "sandbox": info.get("sandbox"),
             "features": {"sessions": True, "runs": True, "runs_ndjson": True, "spawn": True, "pty": True,
                          "attach": True, "attach_seq": True, "reattach_after_restart": True,
-                         "warm_sessions": True, "web_terminal": True, "script": False, "files": False,
+                         "warm_sessions": True, "web_terminal": True, "script": True, "files": False,
                          "ports": True, "standby": True},
             "limits": {"attach_buffer_bytes": self.cfg.http_buffer, "attach_linger_secs": self.cfg.http_linger,
                        "max_body_bytes": self.cfg.http_max_body}})
@@ -370,10 +372,8 @@ class Api:
     async def run(self, request: web.Request) -> web.StreamResponse:
         name = self.name(request)
         body = await self.body(request)
-        if "script" in body:
-            raise HttpError(501, "{script} (a host file copied into the guest) is not served over HTTP yet: copy "
-                                 "the file in with `blink cp` (file transfer) and send {command, args}")
-        params = _command(body)
+        script = _script(body) if "script" in body else None
+        params = _command({**body, "command": "script"} if script else body)
         for key, kind in (("stdin", str),):
             if body.get(key) is not None and not isinstance(body[key], kind):
                 raise HttpError(400, "stdin must be a string")
@@ -393,6 +393,8 @@ class Api:
         except (ConnectionClosed, RemoteError) as exc:
             raise _remote(exc) from None
         try:
+            if script is not None:  # Blink's {script}: the host file copied into the guest, then run
+                params["argv"] = await self._copy_script(client, name, script) + params["argv"][1:]
             try:
                 started = await client.call("agent.run", params, timeout=None)
             except (RemoteError, ConnectionClosed) as exc:
@@ -408,6 +410,19 @@ class Api:
                 raise
         finally:
             await client.close()
+
+    async def _copy_script(self, client: Client, session: str, script: tuple[str, bool]) -> list[str]:
+        """Copy the script into the guest (a fresh path under /tmp, over a channel,
+        sha256 checked); the argv that runs it (through /bin/sh when not executable)."""
+        from ..filecopy import upload
+
+        path, executable = script
+        dest = f"/tmp/blink-script-{secrets.token_hex(8)}"
+        try:
+            await upload(client, session, path, dest, quiet=True)
+        except (RemoteError, ConnectionClosed) as exc:
+            raise _remote(exc) from None
+        return [dest] if executable else ["/bin/sh", dest]
 
     async def _kill(self, session: str, eid: int) -> None:
         try:
@@ -517,6 +532,27 @@ class _Busy(asyncio.Protocol):
         transport.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                         b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
         transport.close()
+
+
+MAX_SCRIPT = 16 << 20
+
+
+def _script(body: dict) -> tuple[str, bool]:
+    """Blink's ``{script}``: an absolute path to a regular file on the daemon's
+    host, read as the daemon's user (the API's token is an operator's key); the
+    path and whether it is executable."""
+    path = body.get("script")
+    if not isinstance(path, str) or not path.startswith("/") or len(path) > 4096 or "\0" in path:
+        raise HttpError(400, "script must be an absolute path to a file on the daemon's host")
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise HttpError(400, f"script {clip(path)}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise HttpError(400, f"script {clip(path)} is not a regular file")
+    if st.st_size > MAX_SCRIPT:
+        raise HttpError(413, f"script {clip(path)} is larger than {MAX_SCRIPT >> 20} MiB")
+    return path, bool(st.st_mode & 0o111)
 
 
 def _command(body: dict) -> dict:
