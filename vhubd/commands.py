@@ -107,45 +107,32 @@ async def cmd_boot(args) -> int:
     return 0
 
 
-async def cmd_rm(args) -> int:
+async def _on_session(args, call, line) -> int:
+    """One daemon call about session NAME: its result as JSON, or ``line(result)``."""
     async with await _connect(args) as c:
-        res = await c.remove(args.name)
+        res = await call(c, args.name)
     if args.json:
         _print_json(res)
     else:
-        sys.stdout.write(f"{res['session']}: removed\n")
+        sys.stdout.write(line(res) + "\n")
     return 0
+
+
+async def cmd_rm(args) -> int:
+    return await _on_session(args, lambda c, n: c.remove(n), lambda r: f"{r['session']}: removed")
 
 
 async def cmd_stop(args) -> int:
-    async with await _connect(args) as c:
-        res = await c.stop(args.name)
-    if args.json:
-        _print_json(res)
-    else:
-        sys.stdout.write(f"{res['session']}: {res['state']}\n")
-    return 0
+    return await _on_session(args, lambda c, n: c.stop(n), lambda r: f"{r['session']}: {r['state']}")
 
 
 async def cmd_standby(args) -> int:
-    async with await _connect(args) as c:
-        res = await c.standby(args.name)
-    if args.json:
-        _print_json(res)
-    else:
-        sys.stdout.write(f"{res['session']}: {res['state']}\n")
-    return 0
+    return await _on_session(args, lambda c, n: c.standby(n), lambda r: f"{r['session']}: {r['state']}")
 
 
 async def cmd_wake(args) -> int:
-    async with await _connect(args) as c:
-        res = await c.wake(args.name)
-    if args.json:
-        _print_json(res)
-    else:
-        took = f" in {res['ms']:.1f} ms" if res.get("woken") else " (it was not in standby)"
-        sys.stdout.write(f"{res['session']}: {res['state']}{took}\n")
-    return 0
+    return await _on_session(args, lambda c, n: c.wake(n), lambda r: f"{r['session']}: {r['state']}" + (
+        f" in {r['ms']:.1f} ms" if r.get("woken") else " (it was not in standby)"))
 
 
 async def cmd_call(args) -> int:
