@@ -211,3 +211,14 @@ def test_events_tell_subscribers_about_standby(tmp_path):
         asyncio.run(asyncio.wait_for(body(), 60))
     finally:
         d.stop()
+
+
+def test_heartbeats_alone_are_not_activity_for_the_idle_policies(tmp_path):
+    # heartbeats every second, idle after 3 s: before, each pong counted as agent traffic and nothing was ever idle
+    d = daemon(tmp_path, "local", "--standby-after", "3")
+    try:
+        assert d.cli("boot", "sb", timeout=60).returncode == 0
+        wait_for(lambda: json.loads(d.cli("info", "sb", "--json").stdout)["state"] == "standby", 30,
+                 interval=0.5, what="idle standby despite the heartbeats")
+    finally:
+        d.stop()

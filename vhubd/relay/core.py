@@ -25,7 +25,17 @@ from typing import Any, Protocol
 
 from .. import codec, frames
 from ..errors import clip
-from ..protocol import Frame, RemoteErrorEvent, StreamChunk, StreamRun, StreamStart, Violation, notification
+from ..protocol import (
+    Frame,
+    Ping,
+    Pong,
+    RemoteErrorEvent,
+    StreamChunk,
+    StreamRun,
+    StreamStart,
+    Violation,
+    notification,
+)
 from ..ratelog import RateLimitedLog
 from ..sessions import Session, SessionRegistry, State
 from .admission import Admission
@@ -138,7 +148,8 @@ class Relay:
 
     def guest_events(self, member: Member, events: list) -> None:
         sess = member.session
-        sess.last_activity = time.monotonic()
+        if any(type(e) not in _HEARTBEATS for e in events):  # heartbeats are not activity (idle policies)
+            sess.last_activity = time.monotonic()
         streams = self.streams
         for i, ev in enumerate(events):
             ct = sess.cut_through
@@ -231,7 +242,7 @@ class Relay:
         if sess.agent is member:
             sess.agent = None
             sess.last_activity = time.monotonic()
-            if sess.state in (State.READY, State.STANDBY):
+            if sess.state in (State.READY, State.STANDBY):  # SAVING: a snapshot unplugged it; it comes back
                 self.registry.set_state(sess, State.AGENT_LOST, reason)
             log.info("guest gone session=%s peer=%s reason=%s", sess.name, member.label, reason)
 
@@ -282,6 +293,9 @@ class Relay:
                 "notes": (["the local backend runs agents as host processes: NOT a sandbox"]
                           if backend == "local" else []),
                 **(self.on_stats() if self.on_stats is not None else {})}
+
+
+_HEARTBEATS = (Ping, Pong)
 
 
 def _version() -> str:
