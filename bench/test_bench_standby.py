@@ -99,3 +99,50 @@ def test_resume_from_standby(benchmark, record, tmp_path_factory, loop, backend)
     if boots:
         record(benchmark, "standby", secondary=True, backend=backend, op="cold boot of a session (same run)",
                **_ms(boots))
+
+
+def test_restore_vs_cold_boot(benchmark, record, tmp_path_factory, loop):
+    """qemu: a session brought back from a disk snapshot (QEMU -incoming from
+    the file, the vsock device plugged in, the agent redialled and answering
+    ``agent.ping``) beside a cold boot to the same point, in the same run."""
+    d = _daemon(tmp_path_factory, "qemu")
+    restores: list = []
+    colds: list = []
+    try:
+        admin = loop.run_until_complete(Client.connect(d.control))
+        loop.run_until_complete(admin.boot("rs", timeout=180))
+        t0 = time.perf_counter_ns()
+        snap = loop.run_until_complete(admin.snapshot("rs", "s", stop=True))
+        save_ms = (time.perf_counter_ns() - t0) / 1e6
+
+        async def ready_and_ping(name: str) -> None:
+            c = await Client.connect(d.control, session=name)
+            assert await c.call("agent.ping", {}, timeout=60) == {"pong": True}
+            await c.close()
+
+        async def restore() -> None:
+            t0 = time.perf_counter_ns()
+            await admin.restore("rs", "s")
+            await ready_and_ping("rs")
+            restores.append(time.perf_counter_ns() - t0)
+
+        async def cold(i: int) -> None:
+            t0 = time.perf_counter_ns()
+            await admin.boot(f"cold{i}", timeout=180)
+            await ready_and_ping(f"cold{i}")
+            colds.append(time.perf_counter_ns() - t0)
+            await admin.stop(f"cold{i}")
+
+        benchmark.group = "snapshot qemu"
+        benchmark.pedantic(lambda: loop.run_until_complete(restore()), rounds=BOOTS, iterations=1, warmup_rounds=0)
+        for i in range(BOOTS):
+            loop.run_until_complete(cold(i))
+        loop.run_until_complete(admin.stop("rs"))
+        loop.run_until_complete(admin.close())
+    finally:
+        assert d.stop() == 0, d.log()
+    r, c = _ms(restores), _ms(colds)
+    record(benchmark, "snapshot", backend="qemu", op="restore from a disk snapshot to agent.ping answered", **r,
+           cold_p50_ms=c["p50_ms"], restore_vs_cold=round(r["p50_ms"] / c["p50_ms"], 3),
+           snapshot_mib=round(snap["size_bytes"] / 1048576, 1), save_ms=round(save_ms))
+    record(benchmark, "snapshot", secondary=True, backend="qemu", op="cold boot to agent.ping answered (same run)", **c)

@@ -230,3 +230,52 @@ def test_boxlite_session_boots_and_runs(make_daemon, tmp_path):  # pragma: no co
     assert info["agent"]["peer"].startswith("tcp:127.0.0.1:")  # host.boxlite.internal is the host's loopback
     r = run(d, "vm", "--", "sh", "-c", "echo out; echo err >&2; exit 3", timeout=60)
     assert (r.returncode, r.stdout, r.stderr) == (3, b"out\n", b"err\n")
+
+
+@pytest.mark.slow
+@needs_boxlite
+def test_snapshots_map_to_boxlites_up_to_the_vm_start(tmp_path):
+    """A session's snapshot through BoxLite's own calls (the box's disk: BoxLite
+    0.10.8 has no memory snapshots): ``snapshot.create`` on the stopped box and
+    ``export`` into the snapshot's directory; a restore through
+    ``snapshot.restore``, and through ``import_box`` from the export once the
+    box is gone; each then starts the VM, which fails here (or runs on a KVM
+    host). The box and its snapshots survive a failed restore."""
+    ok, _ = bl.host_can_boot_vms()
+    require_rootfs_image()
+    share_image_cache(tmp_path / "s")
+    be = bl.BoxliteBackend(str(tmp_path / "s" / "boxlite"), state_dir=str(tmp_path / "s"))
+    sp = spec(tmp_path, session="snap")
+
+    async def start_or_fail(what) -> None:
+        try:
+            await what
+        except bl.BackendError as exc:
+            assert not ok and "BoxLite could not start the VM" in str(exc), exc
+        else:
+            assert ok
+
+    async def main():
+        box, _ = await be.create_box(sp)
+        await start_or_fail(be._start_box("snap", box))  # the disk exists from here, booted or not
+        one = tmp_path / "snaps" / "one"
+        one.mkdir(parents=True)
+        res = await be.snapshot("snap", str(one), keep_running=False)
+        assert res["memory"] is False and res["boxlite_snapshot"].startswith("vhub-"), res
+        rec = json.loads((one / bl.SNAPSHOT_FILE).read_text())
+        assert rec["box"] == "vhub-snap" and (one / rec["archive"]).stat().st_size > 0
+        assert [s.name for s in await box.snapshot.list()] == [res["boxlite_snapshot"]]
+        # restore through BoxLite's snapshot: the same box, its snapshot kept even when the start fails
+        await start_or_fail(be.restore(sp, str(one)))
+        assert (await be.info("snap")) is not None
+        assert [s.name for s in await box.snapshot.list()] == [res["boxlite_snapshot"]]
+        # the box gone (with BoxLite's snapshot): restored from the export, a box of the same name again
+        await be.remove("snap")
+        assert await be.info("snap") is None
+        await start_or_fail(be.restore(sp, str(one)))
+        info = await be.info("snap")
+        assert info is not None and info.name == "vhub-snap"
+        await be.remove("snap")
+        await be.close()
+
+    asyncio.run(main())

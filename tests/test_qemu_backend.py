@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -196,12 +197,23 @@ def test_boot_failure_reports_qemus_own_words(qd, tmp_path):
     bad.mkdir()
     (bad / "vmlinuz").write_bytes(b"this is not a kernel")
     (bad / "initramfs.cpio").write_bytes(b"")
-    (bad / "manifest.json").write_text(json.dumps({"kernel_release": "none"}))
+    (bad / "manifest.json").write_text(json.dumps({"kernel_release": "none", "kernel_modules": ["virtio_pci"]}))
     r = qd.cli("boot", "broken", "--image", str(bad))
     assert r.returncode != 0
     msg = r.stderr.decode()
     assert "boot_failed" in msg and "QEMU exited with code 1: qemu: linux kernel too old" in msg, msg
     assert session(qd, "broken")["state"] == "failed"
+
+
+def test_an_image_older_than_the_pcie_device_says_rebuild_it(qd, tmp_path):
+    old = tmp_path / "old-image"
+    shutil.copytree(require_guest_image().dir, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["kernel_modules"] = [m for m in manifest["kernel_modules"] if not m.startswith("virtio_pci")]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    r = qd.cli("boot", "oldimg", "--image", str(old))
+    msg = r.stderr.decode()
+    assert r.returncode != 0 and "boot_failed" in msg and "blink build-guest" in msg and "virtio_pci" in msg, msg
 
 
 def test_boot_timeout_and_idle_stop_leave_no_qemu(image, make_daemon, tmp_path):

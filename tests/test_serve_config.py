@@ -26,7 +26,7 @@ OTHER = {
     "stall-timeout": 4.5, "heartbeat": 0, "rpc-timeout": 9, "max-connections": 77, "max-clients": 78,
     "max-sessions": 79, "max-attached": 5, "max-inflight": 80, "max-output": "1M", "max-handshake": "4K",
     "guest-dir": "/run/x/guests", "scrollback": 4096, "lossy-limit": "2M", "multiple-agents": True,
-    "backend": "qemu", "state-dir": "/var/lib/x", "boot-timeout": 30, "idle-stop": 600, "standby-after": 30, "stop-after": 900, "image": "img:1",
+    "backend": "qemu", "state-dir": "/var/lib/x", "boot-timeout": 30, "idle-stop": 600, "standby-after": 30, "stop-after": 900, "snapshot-after": 1800, "image": "img:1",
     "qemu-accel": "tcg", "agent-command": "blink-agent serve", "once": True, "log-level": "debug",
     "log": "stderr", "http": "127.0.0.1:8788", "http-public": True, "http-origin": "https://c.example",
     "http-buffer": "2M", "http-linger": 60, "http-max-executions": 8, "http-max-body": "64K",

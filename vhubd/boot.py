@@ -20,6 +20,7 @@ from collections.abc import Callable
 from .backends import Backend, BackendError, BootSpec
 from .errors import BootFailed, CallFailed
 from .sessions import Session, SessionRegistry, State, new_token, validate_name
+from .snapshots import Snapshots, SnapshotStore
 
 log = logging.getLogger("vhubd")
 
@@ -52,7 +53,8 @@ class BootManager:
     def __init__(self, registry: SessionRegistry, backend: Backend, *, state_dir: str,
                  agent_addr: str | Callable[[str], str],
                  boot_timeout: float = 120.0, idle_stop: float | None = None,
-                 standby_after: float | None = None, stop_after: float | None = None):
+                 standby_after: float | None = None, stop_after: float | None = None,
+                 snapshot_after: float | None = None):
         self.registry = registry
         self.backend = backend
         self.state_dir = state_dir
@@ -70,10 +72,15 @@ class BootManager:
         self.boot_count = 0
         #: gets each boot phase of a session as a ``{"type": "boot", ...}`` event (the daemon publishes them)
         self.on_event: Callable[[Session, dict], None] | None = None
+        #: snapshots of sessions (vhub.snapshot, restore, the --snapshot-after policy)
+        self.snapshots = Snapshots(self, SnapshotStore(state_dir), snapshot_after=snapshot_after)
         registry.watch(self._state_changed)
 
     # -- boot --
-    def boot(self, name: str, params: dict | None = None) -> asyncio.Future:
+    def boot(self, name: str, params: dict | None = None, *, restore: str | None = None) -> asyncio.Future:
+        """Boot ``name`` (single-flight); with ``restore``, from that snapshot
+        directory. A session the --snapshot-after policy stopped comes back
+        from its ``auto`` snapshot."""
         validate_name(name)
         check_boot_params(params or {})
         sess = self.registry.get(name) or self.registry.create(name, self.backend.name)
@@ -82,18 +89,31 @@ class BootManager:
         fut = self.boots.get(name)
         if fut is not None:
             return fut
+        busy = self.snapshots.busy.get(name)
+        if busy is not None and restore is None:  # a snapshot or restore under way: then see
+            return asyncio.ensure_future(self._after_snapshot(busy, name, params, restore))
         loop = asyncio.get_running_loop()
         if sess.agent is not None:
             done = loop.create_future()
             done.set_result({"session": name, "state": sess.state.value, "booted": False})
             return done
-        fut = asyncio.ensure_future(self._boot(sess, dict(params or {})))
+        if restore is None and not any((params or {}).get(k) for k in ("image", "cpus", "memory_mib", "env")):
+            restore = self.snapshots.resume_point(name)  # the policy stopped it after a snapshot
+        fut = asyncio.ensure_future(self._boot(sess, dict(params or {}), restore))
         self.boots[name] = fut
         fut.add_done_callback(lambda f: self.boots.pop(name, None))
         fut.add_done_callback(_consume)
         return fut
 
-    async def _boot(self, sess: Session, params: dict) -> dict:
+    async def _after_snapshot(self, busy: asyncio.Future, name: str, params: dict | None,
+                              restore: str | None) -> dict:
+        try:
+            await asyncio.shield(busy)
+        except Exception:
+            pass
+        return await self.boot(name, params, restore=restore)
+
+    async def _boot(self, sess: Session, params: dict, restore: str | None = None) -> dict:
         name = sess.name
         if name in self.stops:
             await asyncio.shield(self.stops[name])
@@ -119,7 +139,10 @@ class BootManager:
         try:
             async with asyncio.timeout(self.boot_timeout):
                 self.booted.add(name)
-                handle = await self.backend.start(spec)
+                if restore is not None:
+                    handle = await self.backend.restore(spec, restore)
+                else:
+                    handle = await self.backend.start(spec)
                 stage = "waiting for the agent's handshake"
                 if sess.agent is None:
                     phase("waiting for the agent to connect")
@@ -133,11 +156,11 @@ class BootManager:
         except TimeoutError:
             msg = f"boot of {name!r} timed out after {self.boot_timeout:g} s while {stage}"
             phase("failed", reason=msg)
-            await self._fail(sess, msg)
+            await self._fail(sess, msg, keep=restore is not None)
             raise BootFailed(msg) from None
         except (BackendError, OSError) as exc:
             phase("failed", reason=str(exc))
-            await self._fail(sess, str(exc))
+            await self._fail(sess, str(exc), keep=restore is not None)
             raise BootFailed(str(exc)) from None
         except asyncio.CancelledError:
             phase("failed", reason="boot cancelled (session stopping)")
@@ -145,10 +168,13 @@ class BootManager:
         finally:
             self.waiters.pop(name, None)
         phase("ready")
+        self.snapshots.resumed(name)  # booted or restored: the policy's snapshot, if any, is behind it now
         ms = (time.monotonic() - t0) * 1000
-        log.info("session booted session=%s backend=%s in %.0f ms", name, self.backend.name, ms)
+        log.info("session %s session=%s backend=%s in %.0f ms", "restored" if restore else "booted", name,
+                 self.backend.name, ms)
         sess.last_activity = time.monotonic()
-        return {"session": name, "state": sess.state.value, "booted": True, "boot_ms": round(ms, 1)}
+        return {"session": name, "state": sess.state.value, "booted": True, "boot_ms": round(ms, 1),
+                **({"restored_from": os.path.basename(restore)} if restore else {})}
 
     def _phase(self, sess: Session, t0: float, what: str, **extra: object) -> None:
         if self.on_event is not None:
@@ -158,12 +184,14 @@ class BootManager:
             except Exception:
                 log.exception("publishing a boot event of %s", sess.name)
 
-    async def _fail(self, sess: Session, msg: str) -> None:
+    async def _fail(self, sess: Session, msg: str, keep: bool = False) -> None:
+        """The boot failed: its sandbox stops, and is removed unless ``keep``
+        (a failed restore keeps the box its snapshots live in)."""
         log.warning("boot failed session=%s: %s", sess.name, msg)
         self.booted.discard(sess.name)
         try:
             await self.backend.stop(sess.name)
-            remove = getattr(self.backend, "remove", None)
+            remove = None if keep else getattr(self.backend, "remove", None)
             if remove is not None:
                 await remove(sess.name)
         except Exception:
@@ -241,9 +269,10 @@ class BootManager:
             raise CallFailed("unknown_session", f"no session named {name!r}")
         if sess.state is State.STANDBY:
             return {"session": name, "state": "standby"}
-        if sess.state is not State.READY or name not in self.booted or name in self.boots or name in self.stops:
+        if (sess.state is not State.READY or name not in self.booted or name in self.boots or name in self.stops
+                or name in self.snapshots.busy):
             raise CallFailed("bad_state", f"session {name!r} is {sess.state.value}: only a ready session this "
-                                          "daemon booted can go to standby")
+                                          "daemon booted, with no snapshot under way, can go to standby")
         t0 = time.monotonic()
         try:
             await self.backend.pause(name)
@@ -275,8 +304,9 @@ class BootManager:
         return {"session": name, "state": sess.state.value, "woken": True, "ms": round(ms, 2)}
 
     def forget(self, name: str) -> None:
-        """The session was removed (vhub.remove): nothing of it is kept."""
+        """The session was removed (vhub.remove): nothing of it is kept, its snapshots neither."""
         self.booted.discard(name)
+        self.snapshots.store.remove_all(name)
 
     def _state_changed(self, sess: Session, old: State) -> None:
         """An agent connected: the boot waiting for it is done."""
@@ -291,11 +321,12 @@ class BootManager:
         now = time.monotonic()
         if self.standby_after or self.stop_after:
             self._standby_policy(now)
+        self.snapshots.tick(now)
         if not self.idle_stop:
             return
         for sess in self.registry:
             if (sess.name in self.booted and sess.name not in self.boots and sess.name not in self.stops
-                    and sess.name not in self.warm
+                    and sess.name not in self.warm and sess.name not in self.snapshots.busy
                     and not sess.clients and not sess.channels  # an open connection or copy: in use
                     and sess.state in (State.READY, State.AGENT_LOST)
                     and now - sess.last_activity > self.idle_stop):
@@ -308,7 +339,7 @@ class BootManager:
         for sess in self.registry:
             name = sess.name
             if (name not in self.booted or name in self.boots or name in self.stops or name in self.pausing
-                    or name in self.warm):  # warm: kept booted and running
+                    or name in self.warm or name in self.snapshots.busy):  # warm: kept booted and running
                 continue
             if (self.standby_after and sess.state is State.READY
                     and now - sess.last_activity > self.standby_after):

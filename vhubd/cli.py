@@ -69,6 +69,14 @@ def build_parser() -> Parser:
     client("stop", "stop a session")
     client("standby", "pause a booted session, keeping its memory (anything sent to it wakes it)")
     client("wake", "resume a session from standby")
+    sn = client("snapshot", "save a session's whole sandbox (qemu: memory and devices) as snapshot SNAP")
+    sn.add_argument("snapshot", metavar="SNAP", help="snapshot name")
+    sn.add_argument("--stop", action="store_true", help="stop the session after the snapshot (scale to zero)")
+    client("snapshots", "list a session's snapshots, newest first")
+    client("restore", "bring a session back as it was at snapshot SNAP (stopping what runs)").add_argument(
+        "snapshot", metavar="SNAP", help="snapshot name")
+    client("rm-snapshot", "remove a session's snapshot SNAP").add_argument(
+        "snapshot", metavar="SNAP", help="snapshot name")
     client("rm", "remove a session (stopping it first): its token, scrollback and sockets go")
     ht = sub.add_parser("http-token", help="print the HTTP API's bearer token (blink serve --http makes it)")
     ht.add_argument("--state-dir", metavar="DIR", help="the daemon's state dir (default: $BLINK_STATE_DIR, "

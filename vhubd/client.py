@@ -467,6 +467,18 @@ class Client:
     async def stop(self, session: str) -> dict:
         return await self.call("vhub.stop", {"session": session})
 
+    async def snapshot(self, session: str, name: str, *, stop: bool = False, timeout: float | None = 600.0) -> dict:
+        return await self.call("vhub.snapshot", {"session": session, "name": name, "stop": stop}, timeout=timeout)
+
+    async def snapshots(self, session: str) -> list:
+        return await self.call("vhub.snapshots", {"session": session})
+
+    async def restore(self, session: str, name: str, timeout: float | None = 600.0) -> dict:
+        return await self.call("vhub.restore", {"session": session, "name": name}, timeout=timeout)
+
+    async def remove_snapshot(self, session: str, name: str) -> dict:
+        return await self.call("vhub.remove_snapshot", {"session": session, "name": name})
+
     async def next(self, timeout: float | None = None):
         """The next Output or Event; None once the connection is closed."""
         item = await asyncio.wait_for(self._queue.get(), timeout)

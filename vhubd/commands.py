@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 
 EXIT_FAIL = 1  # the operation failed
 EXIT_USAGE = 2  # bad usage
@@ -133,6 +134,37 @@ async def cmd_standby(args) -> int:
 async def cmd_wake(args) -> int:
     return await _on_session(args, lambda c, n: c.wake(n), lambda r: f"{r['session']}: {r['state']}" + (
         f" in {r['ms']:.1f} ms" if r.get("woken") else " (it was not in standby)"))
+
+
+async def cmd_snapshot(args) -> int:
+    return await _on_session(args, lambda c, n: c.snapshot(n, args.snapshot, stop=args.stop), lambda r: (
+        f"{r['session']}: snapshot {r['snapshot']} saved ({r['size_bytes'] / 1048576:.0f} MiB in "
+        f"{r['ms'] / 1000:.1f} s); {r['state']}"))
+
+
+async def cmd_snapshots(args) -> int:
+    async with await _connect(args) as c:
+        snaps = await c.snapshots(args.name)
+    if args.json:
+        _print_json(snaps)
+        return 0
+    rows = [("SNAPSHOT", "CREATED", "SIZE")] + [
+        (s["name"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.get("created_at", 0))),
+         f"{s.get('size_bytes', 0) / 1048576:.0f} MiB") for s in snaps]
+    width = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        sys.stdout.write("  ".join(v.ljust(w) for v, w in zip(r, width, strict=True)).rstrip() + "\n")
+    return 0
+
+
+async def cmd_restore(args) -> int:
+    return await _on_session(args, lambda c, n: c.restore(n, args.snapshot), lambda r: (
+        f"{r['session']}: restored from {r['snapshot']} in {r['boot_ms'] / 1000:.1f} s; {r['state']}"))
+
+
+async def cmd_rm_snapshot(args) -> int:
+    return await _on_session(args, lambda c, n: c.remove_snapshot(n, args.snapshot),
+                             lambda r: f"{r['session']}: snapshot {r['snapshot']} removed")
 
 
 async def cmd_call(args) -> int:
@@ -291,4 +323,5 @@ CLIENT_COMMANDS = {
     "sessions": cmd_sessions, "info": cmd_info, "stats": cmd_stats, "register": cmd_register,
     "call": cmd_call, "tail": cmd_tail, "run": cmd_run, "boot": cmd_boot, "stop": cmd_stop, "rm": cmd_rm,
     "attach": cmd_attach, "standby": cmd_standby, "wake": cmd_wake,
+    "snapshot": cmd_snapshot, "snapshots": cmd_snapshots, "restore": cmd_restore, "rm-snapshot": cmd_rm_snapshot,
 }

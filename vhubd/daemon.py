@@ -134,7 +134,8 @@ async def run_daemon(cfg: DaemonConfig, ready: asyncio.Event | None = None) -> i
         agent_addr = functools.partial(GuestDir.address_in, cfg.guest_dir)
     boots = BootManager(registry, backend, state_dir=state_dir, agent_addr=agent_addr,
                         boot_timeout=cfg.boot_timeout, idle_stop=cfg.idle_stop,
-                        standby_after=cfg.standby_after, stop_after=cfg.stop_after)
+                        standby_after=cfg.standby_after, stop_after=cfg.stop_after,
+                        snapshot_after=cfg.snapshot_after)
     relay = Relay(cfg.relay_config(), registry, loop.call_later, boots=boots)
     boots.on_event = relay.publish  # boot phases reach events subscribers as {"type": "boot", ...}
     store = SessionStore(os.path.join(state_dir, "sessions.json"), registry, loop.call_later)

@@ -85,6 +85,8 @@ SETTINGS: tuple[Setting, ...] = (
       "(qemu: the VM paused, local: the agent's processes stopped; anything sent to it wakes it)",
       default_text="never"),
     S("stop-after", "seconds", None, "stop sessions that have been in standby this long", default_text="never"),
+    S("snapshot-after", "seconds", None, "snapshot booted sessions with no clients and no agent traffic for this long "
+      "and stop them (qemu); the next request restores the snapshot instead of booting cold", default_text="never"),
     S("image", "str", None, "boxlite: an OCI reference (a registry image) or a local OCI layout directory; qemu: "
       "a guest image directory", metavar="IMAGE",
       default_text="boxlite: the layout `blink build-image` builds from Debian packages, built on first use; "

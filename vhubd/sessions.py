@@ -33,6 +33,7 @@ class State(str, enum.Enum):
     WAITING_AGENT = "waiting_agent"
     READY = "ready"
     STANDBY = "standby"  # booted, paused (its memory kept); anything that needs it wakes it
+    SAVING = "saving"  # a snapshot is being written: its agent's link is down meanwhile and comes back
     AGENT_LOST = "agent_lost"
     STOPPING = "stopping"
     FAILED = "failed"
@@ -43,7 +44,8 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     S.STOPPED: frozenset({S.BOOTING, S.WAITING_AGENT, S.READY}),
     S.BOOTING: frozenset({S.WAITING_AGENT, S.READY, S.FAILED, S.STOPPING}),
     S.WAITING_AGENT: frozenset({S.READY, S.FAILED, S.STOPPING, S.STOPPED, S.BOOTING}),
-    S.READY: frozenset({S.AGENT_LOST, S.STOPPING, S.STANDBY}),
+    S.READY: frozenset({S.AGENT_LOST, S.STOPPING, S.STANDBY, S.SAVING}),
+    S.SAVING: frozenset({S.READY, S.AGENT_LOST, S.STOPPING, S.FAILED}),
     S.STANDBY: frozenset({S.READY, S.AGENT_LOST, S.STOPPING, S.FAILED}),
     S.AGENT_LOST: frozenset({S.READY, S.STOPPING, S.BOOTING, S.FAILED, S.STOPPED}),
     S.STOPPING: frozenset({S.STOPPED, S.FAILED}),

@@ -26,7 +26,7 @@ _RANGES = (
     ("max_attached", 1, 1 << 20), ("max_inflight", 1, 1 << 24), ("scrollback", 0, 1 << 40),
     ("lossy_limit", 1024, 1 << 40), ("high_water", 1024, 1 << 40), ("max_output", 1 << 16, 1 << 40),
     ("max_handshake", 64, frames.MAX_U32), ("cut_through", 1024, 1 << 40), ("boot_timeout", 1e-3, INF),
-    ("idle_stop", 1e-3, INF), ("standby_after", 1e-3, INF), ("stop_after", 1e-3, INF),
+    ("idle_stop", 1e-3, INF), ("standby_after", 1e-3, INF), ("stop_after", 1e-3, INF), ("snapshot_after", 1e-3, INF),
     ("vsock_port", 1, 0xFFFFFFFF),
     ("http_buffer", 1024, 1 << 30), ("http_linger", 0, INF), ("http_max_executions", 1, 1 << 16),
     ("http_max_body", 1024, 1 << 30), ("http_max_connections", 1, 1 << 20), ("http_run_output", 0, 1 << 40),
@@ -75,6 +75,7 @@ class DaemonConfig:
     idle_stop: float | None = None
     standby_after: float | None = None  # idle this long: standby (paused, memory kept)
     stop_after: float | None = None  # in standby this long: stopped
+    snapshot_after: float | None = None  # idle this long: snapshot "auto", stopped; the next boot restores it
     image: str | None = None
     agent_command: str | None = None
     qemu_accel: str = "auto"  # qemu backend: auto (KVM if a probe VM runs), kvm, tcg

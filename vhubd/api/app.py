@@ -44,7 +44,8 @@ STATUS = {
     "session_stopped": 503, "session_stopping": 503, "session_removed": 410, "too_many_requests": 429,
     "too_many_sessions": 429, "too_many_connections": 429, "timeout": 504, "spawn_failed": 422,
     "not_supported": 501, "stop_failed": 502, "not_exposed": 404, "exposed_already": 409, "listen_failed": 409,
-    "bad_state": 409, "standby_failed": 502, "wake_failed": 502,
+    "bad_state": 409, "standby_failed": 502, "wake_failed": 502, "unknown_snapshot": 404, "snapshot_exists": 409,
+    "too_many_snapshots": 429, "snapshot_failed": 502, "restore_failed": 502,
 }
 
 
@@ -116,6 +117,10 @@ class Api:
         r.add_delete("/api/sessions/{name}/ports/{port}", self.unexpose)
         r.add_post("/api/sessions/{name}/standby", self.standby)
         r.add_post("/api/sessions/{name}/wake", self.wake)
+        r.add_get("/api/sessions/{name}/checkpoints", self.list_checkpoints)
+        r.add_post("/api/sessions/{name}/checkpoints", self.checkpoint)
+        r.add_post("/api/sessions/{name}/checkpoints/{snapshot}/restore", self.restore_checkpoint)
+        r.add_delete("/api/sessions/{name}/checkpoints/{snapshot}", self.remove_checkpoint)
         r.add_get("/api/sessions/{name}/executions/{id}/attach", self.attacher.attach)
         r.add_get("/", self.page)
         r.add_static("/static/", STATIC, append_version=False)
@@ -277,7 +282,8 @@ class Api:
             "features": {"sessions": True, "runs": True, "runs_ndjson": True, "spawn": True, "pty": True,
                          "attach": True, "attach_seq": True, "reattach_after_restart": True,
                          "warm_sessions": True, "web_terminal": True, "script": True, "files": False,
-                         "ports": True, "standby": True},
+                         "ports": True, "standby": True, "checkpoints": bool(info.get("snapshots"))},
+            "snapshot_enabled": bool(info.get("snapshots")),
             "limits": {"attach_buffer_bytes": self.cfg.http_buffer, "attach_linger_secs": self.cfg.http_linger,
                        "max_body_bytes": self.cfg.http_max_body}})
 
@@ -360,6 +366,36 @@ class Api:
     async def wake(self, request: web.Request) -> web.Response:
         result = await self.call("vhub.wake", {"session": self.name(request)}, timeout=None)
         return web.json_response({"event": "session_woken", **result})
+
+    # -- checkpoints (vhub.snapshot, Blink's shapes) -------------------------------------------
+    async def list_checkpoints(self, request: web.Request) -> web.Response:
+        snaps = await self.call("vhub.snapshots", {"session": self.name(request)})
+        return web.json_response({"event": "checkpoint_list", "snapshots": [
+            {"name": s.get("name"), "id": s.get("id"), "created_at": s.get("created_at"),
+             "size_bytes": s.get("size_bytes")} for s in snaps]})
+
+    async def checkpoint(self, request: web.Request) -> web.Response:
+        name = self.name(request)
+        body = await self.body(request)
+        if not isinstance(body.get("snapshot"), str):
+            raise HttpError(400, "snapshot must be the checkpoint's name (a string)")
+        params = {"session": name, "name": body["snapshot"], "stop": body.get("stop", False)}
+        res = await self.call("vhub.snapshot", params, timeout=None)
+        return web.json_response({"event": "session_checkpoint", "snapshot": res["snapshot"],
+                                  "snapshot_id": res.get("id"), "created_at": res.get("created_at"),
+                                  "size_bytes": res.get("size_bytes"), "state": res.get("state")})
+
+    async def restore_checkpoint(self, request: web.Request) -> web.Response:
+        name = self.name(request)
+        res = await self.call("vhub.restore", {"session": name, "name": request.match_info["snapshot"]},
+                              timeout=None)
+        return web.json_response({"event": "session_restored", "name": name, "snapshot": res.get("snapshot"),
+                                  "state": res.get("state"), "restore_ms": res.get("boot_ms")})
+
+    async def remove_checkpoint(self, request: web.Request) -> web.Response:
+        name = self.name(request)
+        res = await self.call("vhub.remove_snapshot", {"session": name, "name": request.match_info["snapshot"]})
+        return web.json_response({"event": "checkpoint_removed", "name": name, "snapshot": res.get("snapshot")})
 
     async def list_executions(self, request: web.Request) -> web.Response:
         name = self.name(request)

@@ -32,6 +32,7 @@ class Backend:
     name = "?"
     sandbox = True
     boots = True  # False: someone else starts the VM
+    snapshots = False  # True: snapshot and restore work
 
     async def start(self, spec: BootSpec):
         """Start the sandbox; returns a handle whose ``exited`` future (or
@@ -48,6 +49,15 @@ class Backend:
     async def resume(self, session: str) -> None:
         """Out of standby: the sandbox runs again from where it was."""
         raise BackendError(f"the {self.name} backend has no standby")
+
+    async def snapshot(self, session: str, directory: str, *, keep_running: bool = True) -> dict:
+        """Save the running sandbox's whole state into ``directory``; it runs
+        on (``keep_running``) or is left for ``stop``. A failure leaves it as it was."""
+        raise BackendError(f"the {self.name} backend has no snapshots")
+
+    async def restore(self, spec: BootSpec, directory: str):
+        """Like ``start``, from the state ``snapshot`` saved in ``directory``."""
+        raise BackendError(f"the {self.name} backend has no snapshots")
 
     async def close(self) -> None:
         pass

@@ -16,14 +16,23 @@ blink_agent serve`` as its entrypoint.
 Facts of boxlite 0.10.8: create is instant; a start() that cannot boot fails
 after ~10-20 s with EngineError; a cancelled start() keeps the VM going, so
 failures always stop and remove the box.
+
+Snapshots map to BoxLite's: ``box.snapshot.create`` on the stopped box (it
+moves the disk file aside, so never under a running VM), then ``box.export``
+of that disk into the snapshot's directory (the snapshot stays whole if the
+box goes); a restore stops the box, ``snapshot.restore`` (or ``import_box``
+from the export when the box or its BoxLite snapshot is gone) and starts it.
+BoxLite 0.10.8 snapshots disks, not memory: processes start again from a boot.
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import logging
 import os
+import secrets
 import time
 from typing import Any
 
@@ -95,8 +104,13 @@ def baked_in(image: str) -> bool:
     return isinstance(entry, list) and "blink_agent" in entry
 
 
+SNAPSHOT_FILE = "boxlite.json"  # in a snapshot's directory: the box, BoxLite's snapshot name, the export
+EXPORT_FILE = "box.boxlite"
+
+
 class BoxliteBackend(Backend):
     name = "boxlite"
+    snapshots = True
 
     def __init__(self, home_dir: str, image: str | None = None, state_dir: str | None = None):
         try:
@@ -204,7 +218,7 @@ class BoxliteBackend(Backend):
         return None
 
     async def stop(self, session: str) -> None:
-        box = self.boxes.get(session)
+        box = self.boxes.pop(session, None)  # a stopped box's handle is spent: runtime.get() makes a new one
         if box is not None:
             try:
                 await box.stop()
@@ -222,6 +236,89 @@ class BoxliteBackend(Backend):
                 log.warning("boxlite remove session=%s: %s", session, explain(exc))
         else:
             log.info("boxlite box %s removed", box_name(session))
+
+    # -- snapshots (the disk: BoxLite 0.10.8 has no memory snapshots) --
+    async def _box(self, session: str):
+        box = self.boxes.get(session)
+        if box is None:
+            try:
+                box = await self.runtime.get(box_name(session))
+            except Exception as exc:
+                raise BackendError(explain(exc)) from exc
+            if box is None:
+                raise BackendError(f"session {session!r} has no BoxLite box")
+            self.boxes[session] = box
+        return box
+
+    async def snapshot(self, session: str, directory: str, *, keep_running: bool = True) -> dict:
+        await self._box(session)
+        snap = f"vhub-{secrets.token_hex(6)}"
+        await self.stop(session)  # BoxLite moves the disk file aside: never under a running VM
+        box = await self._box(session)
+        try:
+            try:
+                info = await box.snapshot.create(name=snap)
+            except Exception as exc:
+                raise BackendError(f"snapshot: {explain(exc)}") from exc
+            try:
+                archive = await box.export(dest=os.path.join(directory, EXPORT_FILE))
+            except Exception as exc:
+                try:
+                    await box.snapshot.remove(snap)
+                except Exception:
+                    pass
+                raise BackendError(f"export: {explain(exc)}") from exc
+            rec = {"box": box_name(session), "box_id": getattr(box, "id", None), "snapshot": snap,
+                   "archive": os.path.basename(str(archive)), "memory": False}
+            with open(os.path.join(directory, SNAPSHOT_FILE), "w") as f:
+                json.dump(rec, f)
+        finally:
+            if keep_running:  # as it was: running (BoxLite boots it again from its disk)
+                await self._start_box(session, box)
+        return {"bytes": int(getattr(info, "size_bytes", 0) or 0), "memory": False, "boxlite_snapshot": snap,
+                "container_disk_bytes": int(getattr(info, "container_disk_bytes", 0) or 0)}
+
+    async def restore(self, spec: BootSpec, directory: str):
+        try:
+            with open(os.path.join(directory, SNAPSHOT_FILE)) as f:
+                rec = json.load(f)
+            snap, archive = str(rec["snapshot"]), os.path.join(directory, os.path.basename(str(rec["archive"])))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise BackendError(f"snapshot in {directory} is unusable: {exc}") from None
+        spec.progress("restoring the box's disk from its snapshot")
+        try:
+            await self.stop(spec.session)
+            box = await self._box(spec.session)
+            await box.snapshot.restore(snap)
+        except Exception as exc:  # the box or its BoxLite snapshot is gone: from the export
+            log.info("boxlite restore session=%s from the export (%s)", spec.session, explain(exc))
+            await self.remove(spec.session)
+            try:
+                box = await self.runtime.import_box(archive, name=box_name(spec.session))
+            except Exception as exc2:
+                raise BackendError(f"restore: {explain(exc2)}") from exc2
+            self.boxes[spec.session] = box
+        spec.progress("starting the VM")
+        await self._start_box(spec.session, box)
+        return None
+
+    async def _start_box(self, session: str, box) -> None:
+        t0 = time.monotonic()
+        try:
+            await box.start()
+        except Exception as exc:  # the box and its snapshots stay
+            await self.stop(session)
+            raise BackendError(explain(exc, None, time.monotonic() - t0)) from exc
+
+    async def forget_snapshot(self, session: str, directory: str) -> None:
+        """``blink rm-snapshot``: BoxLite's snapshot goes too (unless the box's disk still depends on it)."""
+        try:
+            with open(os.path.join(directory, SNAPSHOT_FILE)) as f:
+                snap = str(json.load(f)["snapshot"])
+            box = await self._box(session)
+            await box.snapshot.remove(snap)
+        except Exception as exc:
+            log.info("boxlite snapshot of session=%s kept by BoxLite: %s", session, explain(exc))
 
     async def info(self, session: str):
         return await self.runtime.get_info(box_name(session))

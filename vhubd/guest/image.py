@@ -50,7 +50,7 @@ BUILDER_VERSION = "1"
 KERNEL_META = "linux-image-cloud-amd64"
 PYTHON_META = "python3-minimal"
 BASE_PACKAGES = ["busybox-static", "libc6", "zlib1g", "libexpat1"]
-KERNEL_MODULES = ["vmw_vsock_virtio_transport", "virtio_mmio"]  # and their dependencies
+KERNEL_MODULES = ["vmw_vsock_virtio_transport", "virtio_mmio", "virtio_pci"]  # and their dependencies
 MODULES = ("apt", "cache", "cpio", "elf", "image", "python")  # the builder: its sources are part of the key
 
 

@@ -33,6 +33,8 @@ class DaemonCalls:
             "vhub.info": self.info, "vhub.register": self.register, "vhub.boot": self.boot,
             "vhub.stop": self.stop, "vhub.remove": self.remove, "vhub.takeover": self.takeover,
             "vhub.standby": self.standby, "vhub.wake": self.wake,
+            "vhub.snapshot": self.snapshot, "vhub.snapshots": self.snapshots, "vhub.restore": self.restore,
+            "vhub.remove_snapshot": self.remove_snapshot,
             "vhub.channel": self.channel, "vhub.expose": relay.exposures.expose,
             "vhub.unexpose": relay.exposures.unexpose, "vhub.exposed": relay.exposures.exposed,
         }
@@ -146,6 +148,31 @@ class DaemonCalls:
         fut.add_done_callback(lambda f: self._answer(member, rid, f, "wake_failed"))
         return DEFERRED
 
+    def snapshot(self, member: Member, params: dict, rid: int) -> object:
+        """Save the session's sandbox as snapshot ``name``; ``stop``: stop it after."""
+        sess = self.session_param(params)
+        stop = params.get("stop", False)
+        if not isinstance(stop, bool):
+            raise CallFailed("bad_params", "stop must be true or false")
+        fut = self._boots("vhub.snapshot").snapshots.take(sess.name, params.get("name"), stop=stop)
+        fut.add_done_callback(lambda f: self._answer(member, rid, f, "snapshot_failed"))
+        return DEFERRED
+
+    def snapshots(self, member: Member, params: dict, rid: int) -> object:
+        sess = self.session_param(params)
+        return self._boots("vhub.snapshots").snapshots.list(sess.name)
+
+    def restore(self, member: Member, params: dict, rid: int) -> object:
+        """Bring the session back as it was at snapshot ``name`` (stopping what runs)."""
+        sess = self.session_param(params)
+        fut = self._boots("vhub.restore").snapshots.restore(sess.name, params.get("name"))
+        fut.add_done_callback(lambda f: self._answer(member, rid, f, "restore_failed"))
+        return DEFERRED
+
+    def remove_snapshot(self, member: Member, params: dict, rid: int) -> object:
+        sess = self.session_param(params)
+        return self._boots("vhub.remove_snapshot").snapshots.remove(sess.name, params.get("name"))
+
     def remove(self, member: Member, params: dict, rid: int) -> object:
         """Stop the session if it runs, disconnect whoever is in it, forget it."""
         sess = self.session_param(params)
@@ -190,7 +217,7 @@ class DaemonCalls:
         if member.port.closed or not rid:
             return
         if fut.cancelled():
-            what = "boot" if code == "boot_failed" else "stop"
+            what = {"boot_failed": "boot", "snapshot_failed": "snapshot", "restore_failed": "restore"}.get(code, "stop")
             member.port.send(rpc_error(rid, code, f"{what} cancelled (session stopping)"))
             return
         exc = fut.exception()

@@ -290,6 +290,7 @@ class Relay:
                 "codec": codec.BACKEND, "backend": backend,
                 "sessions": len(self.registry), "guests": len(self.guests), "clients": len(self.clients),
                 "sandbox": backend not in ("local",),
+                "snapshots": bool(getattr(getattr(self.boots, "backend", None), "snapshots", False)),
                 "notes": (["the local backend runs agents as host processes: NOT a sandbox"]
                           if backend == "local" else []),
                 **(self.on_stats() if self.on_stats is not None else {})}
