@@ -115,6 +115,12 @@ def test_a_failing_snapshot_leaves_the_session_as_it_was(tmp_path):
         assert consecutive(guest_count(d, "sn"))
         assert cli_json(d, "snapshots", "sn") == []
         assert os.listdir(full / "sn") == []  # nothing half-written is left
+        os.unlink(tmp_path / "state" / "sessions" / "sn" / "qmp.sock")  # QEMU's monitor gone: a QEMU error
+        r = d.cli("snapshot", "sn", "again", timeout=60)
+        err = r.stderr.decode()
+        assert r.returncode == 1 and "snapshot_failed" in err and "QMP" in err and err.count("\n") == 1, err
+        assert cli_json(d, "info", "sn")["state"] == "ready"
+        assert d.cli("run", "sn", "--", "true", timeout=60).returncode == 0
     finally:
         d.stop()
         subprocess.run(["umount", str(full)], capture_output=True)
