@@ -423,11 +423,7 @@ class QemuBackend(Backend):
         vm = await self._launch(spec, machine, os.path.join(directory, STATE_FILE))
         try:
             path = os.path.join(spec.workdir, QMP_SOCKET)
-            deadline = time.monotonic() + 10.0
-            while not os.path.exists(path):  # QEMU makes it as it starts
-                if vm.proc.returncode is not None or time.monotonic() > deadline:
-                    raise BackendError(f"QEMU did not start: {vm.describe_exit(vm.proc.returncode or 0)}")
-                await asyncio.sleep(0.01)
+            await _listening(vm, path)
             async with qmp.Monitor(path, timeout=10.0) as mon:
                 await _migration(mon, SAVE_TIMEOUT, "loading the VM", incoming=True)
                 await mon.execute("device_add", {"driver": VSOCK_DRIVER, "chardev": CHARDEV, "bus": PORT,
@@ -477,6 +473,27 @@ class QemuBackend(Backend):
         if self._accel:
             d["accel"], d["accel_reason"] = self._accel
         return d
+
+
+async def _listening(vm: QemuVm, path: str, timeout: float = 10.0) -> None:
+    """Wait until the new QEMU accepts on its QMP socket (it binds, then
+    listens: in between a connect is refused)."""
+    deadline = time.monotonic() + timeout
+    loop = asyncio.get_running_loop()
+    while True:
+        if vm.proc.returncode is not None:
+            raise BackendError(f"QEMU did not start: {vm.describe_exit(vm.proc.returncode)}")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.setblocking(False)
+        try:
+            await loop.sock_connect(probe, path)
+            return
+        except (FileNotFoundError, ConnectionRefusedError):
+            if time.monotonic() > deadline:
+                raise BackendError(f"QEMU did not open its QMP socket within {timeout:g} s") from None
+        finally:
+            probe.close()
+        await asyncio.sleep(0.01)
 
 
 async def _migration(mon: qmp.Monitor, timeout: float, what: str, incoming: bool = False) -> None:
