@@ -305,3 +305,25 @@ def test_async_flavour(host):
         assert hub.closed
 
     asyncio.run(main())
+
+
+def test_a_missing_vsock_device_is_polled_not_backed_off():
+    """ENODEV on connect: the daemon unplugged the VM's vsock device for a
+    snapshot; the agent tries every DEVICE_POLL instead of backing off, so the
+    link is back as soon as the new device is (other errors still back off)."""
+    import errno
+    import os
+
+    from blink_agent import async_hub
+
+    def lost(err: int) -> ConnectionLost:
+        try:
+            raise ConnectionLost("cannot connect to vsock://2:10000") from OSError(err, os.strerror(err))
+        except ConnectionLost as exc:
+            return exc
+
+    assert async_hub._no_device(lost(errno.ENODEV))
+    assert async_hub._no_device(OSError(errno.ENODEV, "No such device"))
+    assert not async_hub._no_device(lost(errno.ECONNREFUSED))
+    assert not async_hub._no_device(ConnectionLost("connection closed"))
+    assert 0 < async_hub.DEVICE_POLL <= 0.1

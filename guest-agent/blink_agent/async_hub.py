@@ -15,6 +15,7 @@ public face of both.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 from typing import Any, Awaitable, Callable
@@ -27,6 +28,13 @@ from .outbox import DEFAULT_BUFFER_BYTES, parse_size
 from .output import STREAM_CHUNK, HubOutput
 from .rpc import Handler, Handlers, PendingCalls
 from .wire import DEFAULT_MAX_PAYLOAD, MsgType
+
+DEVICE_POLL = 0.05  # seconds between connects while the vsock device is gone (a connect then costs one syscall)
+
+
+def _no_device(exc: BaseException) -> bool:
+    cause = exc.__cause__ if isinstance(exc, ConnectionLost) else exc
+    return isinstance(cause, OSError) and cause.errno == errno.ENODEV
 
 __all__ = ["AsyncHub", "backoff_delays", "STREAM_CHUNK"]
 
@@ -260,10 +268,12 @@ class AsyncHub(HubOutput):
     async def _run(self, first: Link | None) -> None:
         link = first
         delays = backoff_delays(*self._backoff)
+        polling = False  # trying a device that is not there (ENODEV) every DEVICE_POLL
         while not self._closed:
             if link is None:
                 try:
                     link = await self._open()
+                    polling = False
                     if self._closed:
                         await link.close()
                         break
@@ -275,6 +285,15 @@ class AsyncHub(HubOutput):
                         self.fatal = exc
                         log.error("%s; not reconnecting", exc)
                         break
+                    if _no_device(exc):
+                        # the vsock device is unplugged (the daemon is snapshotting this VM and plugs a new one
+                        # in within seconds): poll it, quietly, so the link is back as soon as the device is
+                        if not polling:
+                            log.warning("%s; trying every %.2f s until the device is back", exc, DEVICE_POLL)
+                            polling = True
+                        await self._wait_until(lambda: self._closed, DEVICE_POLL)
+                        continue
+                    polling = False
                     delay = next(delays)
                     log.warning("%s; retrying in %.2f s", exc, delay)
                     await self._wait_until(lambda: self._closed, delay)
