@@ -314,7 +314,7 @@ def test_a_missing_vsock_device_is_polled_not_backed_off():
     import errno
     import os
 
-    from blink_agent import async_hub
+    from blink_agent import link
 
     def lost(err: int) -> ConnectionLost:
         try:
@@ -322,8 +322,8 @@ def test_a_missing_vsock_device_is_polled_not_backed_off():
         except ConnectionLost as exc:
             return exc
 
-    assert async_hub._no_device(lost(errno.ENODEV))
-    assert async_hub._no_device(OSError(errno.ENODEV, "No such device"))
-    assert not async_hub._no_device(lost(errno.ECONNREFUSED))
-    assert not async_hub._no_device(ConnectionLost("connection closed"))
-    assert 0 < async_hub.DEVICE_POLL <= 0.1
+    assert link.no_device(lost(errno.ENODEV))
+    assert link.no_device(OSError(errno.ENODEV, "No such device"))
+    assert not link.no_device(lost(errno.ECONNREFUSED))
+    assert not link.no_device(ConnectionLost("connection closed"))
+    assert 0 < link.DEVICE_POLL <= 0.1

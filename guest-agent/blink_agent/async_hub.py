@@ -5,8 +5,7 @@ capped exponential backoff and jitter (:func:`backoff_delays`), serving each
 :class:`~blink_agent.link.Link` and deciding what its events mean for the hub
 (:meth:`AsyncHub._dispatch`), the calls in flight and the methods served (kept by
 :mod:`blink_agent.rpc`), and the lifecycle (start, flush, close). The output flow
-through the bounded buffer (producers, pump, acks) is its base class
-:class:`~blink_agent.output.HubOutput`.
+through the bounded buffer (producers, pump, acks) is its base class :class:`~blink_agent.output.HubOutput`.
 
 The blocking flavour is :mod:`blink_agent.blocking`; :mod:`blink_agent.hub` is the
 public face of both.
@@ -15,7 +14,6 @@ public face of both.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import os
 from typing import Any, Awaitable, Callable
@@ -23,18 +21,11 @@ from typing import Any, Awaitable, Callable
 from . import protocol as P
 from .address import Address, parse_address
 from .errors import CallTimeout, ConnectionLost, HandshakeRejected, ProtocolError, RpcError
-from .link import Link, backoff_delays, open_link
+from .link import DEVICE_POLL, Link, backoff_delays, no_device, open_link
 from .outbox import DEFAULT_BUFFER_BYTES, parse_size
 from .output import STREAM_CHUNK, HubOutput
 from .rpc import Handler, Handlers, PendingCalls
 from .wire import DEFAULT_MAX_PAYLOAD, MsgType
-
-DEVICE_POLL = 0.05  # seconds between connects while the vsock device is gone (a connect then costs one syscall)
-
-
-def _no_device(exc: BaseException) -> bool:
-    cause = exc.__cause__ if isinstance(exc, ConnectionLost) else exc
-    return isinstance(cause, OSError) and cause.errno == errno.ENODEV
 
 __all__ = ["AsyncHub", "backoff_delays", "STREAM_CHUNK"]
 
@@ -285,9 +276,7 @@ class AsyncHub(HubOutput):
                         self.fatal = exc
                         log.error("%s; not reconnecting", exc)
                         break
-                    if _no_device(exc):
-                        # the vsock device is unplugged (the daemon is snapshotting this VM and plugs a new one
-                        # in within seconds): poll it, quietly, so the link is back as soon as the device is
+                    if no_device(exc):  # unplugged for a snapshot: back within seconds, so poll it, quietly
                         if not polling:
                             log.warning("%s; trying every %.2f s until the device is back", exc, DEVICE_POLL)
                             polling = True

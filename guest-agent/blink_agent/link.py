@@ -16,6 +16,7 @@ dials) this is the only module that touches sockets; what frames mean is decided
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import random
 import socket
@@ -48,6 +49,16 @@ def backoff_delays(
     while True:
         yield delay * rng.uniform(0.5, 1.0)
         delay = min(cap, delay * 2)
+
+
+DEVICE_POLL = 0.05  # seconds between connects while the vsock device is gone (a connect then costs one syscall)
+
+
+def no_device(exc: BaseException) -> bool:
+    """Whether a connect failed for want of a vsock device (ENODEV): the daemon
+    unplugged it to snapshot the VM, and plugs a new one in within seconds."""
+    cause = exc.__cause__ if isinstance(exc, ConnectionLost) else exc
+    return isinstance(cause, OSError) and cause.errno == errno.ENODEV
 
 
 class Link:
