@@ -47,3 +47,9 @@ def make_daemon(tmp_path):
 @pytest.fixture
 def daemon(make_daemon):
     return make_daemon()
+
+
+@pytest.fixture
+def api_daemon(make_daemon):
+    """A local-backend daemon with the HTTP API on a free loopback port."""
+    return make_daemon("--backend", "local", "--http", "127.0.0.1:0", "--heartbeat", "0")

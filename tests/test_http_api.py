@@ -20,11 +20,6 @@ from harness.http import HttpApi, joined, read_attach  # noqa: E402
 PY = sys.executable
 
 
-@pytest.fixture
-def api_daemon(make_daemon):
-    return make_daemon("--backend", "local", "--http", "127.0.0.1:0", "--heartbeat", "0")
-
-
 def test_health_product_and_the_token(api_daemon):
     async def body():
         async with HttpApi(api_daemon) as api:

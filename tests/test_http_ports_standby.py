@@ -39,11 +39,6 @@ def _fetch(port: int) -> bytes:
         return b""
 
 
-@pytest.fixture
-def api_daemon(make_daemon):
-    return make_daemon("--backend", "local", "--http", "127.0.0.1:0", "--heartbeat", "0")
-
-
 def test_ports_are_exposed_listed_and_removed_over_http(api_daemon):
     async def body():
         async with HttpApi(api_daemon) as api:

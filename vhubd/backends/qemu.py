@@ -415,10 +415,7 @@ class QemuBackend(Backend):
             own = os.path.join(spec.workdir, "restored-" + os.path.basename(machine[key]))
             if os.path.lexists(own):
                 os.unlink(own)
-            try:
-                os.link(machine[key], own)
-            except OSError:
-                shutil.copyfile(machine[key], own)
+            _link_or_copy(machine[key], own)
             machine[key] = own
         vm = await self._launch(spec, machine, os.path.join(directory, STATE_FILE))
         try:
@@ -527,14 +524,17 @@ def _copy_machine(machine: dict, directory: str) -> None:
     system) and ``machine.json``: a restore needs no guest image cache."""
     rec = dict(machine)
     for key, name in (("kernel", "vmlinuz"), ("initramfs", "initramfs.cpio")):
-        dest = os.path.join(directory, name)
-        try:
-            os.link(machine[key], dest)
-        except OSError:
-            shutil.copyfile(machine[key], dest)
+        _link_or_copy(machine[key], os.path.join(directory, name))
         rec[key] = name
     with open(os.path.join(directory, MACHINE_FILE), "w") as f:
         json.dump(rec, f)
+
+
+def _link_or_copy(src: str, dest: str) -> None:
+    try:
+        os.link(src, dest)
+    except OSError:  # another file system
+        shutil.copyfile(src, dest)
 
 
 def _load_machine(directory: str) -> dict:
