@@ -11,6 +11,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -130,6 +131,33 @@ def test_tty_without_a_terminal_falls_back_to_pipes(local):
     assert lines[0] == ("blink run: stdin is not a terminal, so no terminal for the command: running it on "
                         "pipes (-T)")
     assert lines[1:] == ["err"]
+
+
+def test_stdin_read_after_the_loop_ended_is_dropped_without_a_warning():
+    """The stdin thread may read after ``blink run``'s loop has ended (the command
+    was done first): it stops quietly, with no coroutine left un-awaited (CI saw
+    "coroutine 'Queue.put' was never awaited" on stderr)."""
+    code = textwrap.dedent("""
+        import asyncio, os, time, warnings
+        warnings.simplefilter("always")
+        from vhubd.piperun import StdinPump
+        r, w = os.pipe()
+        async def main():
+            pump = StdinPump(None, 1, 1 << 16, fd=r)
+            pump.start()
+            await asyncio.sleep(0.05)
+            pump.stop()
+        asyncio.run(main())
+        for _ in range(8):  # more than the queue holds: every read after the loop must go nowhere
+            os.write(w, b"late")
+            time.sleep(0.05)
+        os.close(w)
+        time.sleep(0.3)
+        print("done")
+    """)
+    r = subprocess.run([PY, "-X", "dev", "-c", code], capture_output=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout == b"done\n", r.stderr
+    assert r.stderr == b""
 
 
 def test_agent_stdin_feed_is_bounded_against_a_host_ignoring_the_window():

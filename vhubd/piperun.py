@@ -27,6 +27,7 @@ EXIT_FAIL = 1
 EXIT_CANNOT_EXECUTE = 126
 EXIT_NOT_FOUND = 127
 READ_CHUNK = 64 * 1024
+QUEUED = 4  # chunks read from our stdin and not yet sent
 
 
 def spawn_failure(message: str, program: str) -> tuple[int, str]:
@@ -72,7 +73,11 @@ class StdinPump:
         self.consumed = 0
         self.closed = False  # the command closed its stdin: stop reading ours
         self._room = asyncio.Event()
-        self._queue: asyncio.Queue = asyncio.Queue(4)
+        # The thread hands chunks to the loop with call_soon_threadsafe (no
+        # coroutine is made off the loop: one the loop never ran would warn at
+        # exit); at most QUEUED of them wait, counted by a thread semaphore.
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._slots = threading.BoundedSemaphore(QUEUED)
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -88,9 +93,12 @@ class StdinPump:
                 continue
             except OSError:
                 data = b""  # a closed or unreadable stdin is an empty one
+            while not self._slots.acquire(timeout=0.5):
+                if self.closed or loop.is_closed():
+                    return
             try:
-                asyncio.run_coroutine_threadsafe(self._queue.put(data), loop).result()
-            except BaseException:  # the loop is closing or gone (cancelled, closed): we are exiting
+                loop.call_soon_threadsafe(self._queue.put_nowait, data)
+            except RuntimeError:  # the loop is closed: we are exiting
                 return
             if not data or self.closed:
                 return
@@ -99,6 +107,7 @@ class StdinPump:
         try:
             while not self.closed:
                 data = await self._queue.get()
+                self._slots.release()
                 if not data:
                     await self.client.send_stream(self.eid, b"")  # EOF
                     return
