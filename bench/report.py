@@ -302,8 +302,10 @@ def render(rows: list[dict], machine: dict | None = None) -> str:
             for tr in RPC_TRANSPORTS:
                 r = find(rpc, conc=c, transport=tr)
                 if r:
-                    rows_.append([str(c), tr, rate(r["rps"]), num(r["p50_us"]), num(r["p99_us"])])
-        L += table(["concurrency", "transport", "RPS", "p50 µs", "p99 µs"], rows_, "rlrrr")
+                    cpu = r.get("relay_cpu_us")
+                    rows_.append([str(c), tr, rate(r["rps"]), num(r["p50_us"]), num(r["p99_us"]),
+                                  "-" if cpu is None else num(cpu, 1)])
+        L += table(["concurrency", "transport", "RPS", "p50 µs", "p99 µs", "relay CPU µs per RPC"], rows_, "rlrrrr")
         L += ["", "Ratios (vhubd RPS ÷ reference RPS; vhubd p50 ÷ reference p50, lower is better):", ""]
         rows_ = []
         for c in sorted({r["conc"] for r in rpc}):
@@ -316,9 +318,11 @@ def render(rows: list[dict], machine: dict | None = None) -> str:
                 cells.append(f"{rx(ratio(v['rps'], r and r['rps']))} / {rx(ratio(v['p50_us'], r and r['p50_us']))}")
             lib = find(rpc, conc=c, transport="vhubd+client-lib")
             cells.append(rx(ratio(lib and lib["rps"], v["rps"])))
+            r = find(rpc, conc=c, transport="socat-plain")
+            cells.append(rx(ratio(v.get("relay_cpu_us"), r and r.get("relay_cpu_us"))))
             rows_.append(cells)
         L += table(["concurrency", "vs direct (RPS / p50)", "vs socat -b 262144", "vs plain socat",
-                    "client-lib handler RPS ÷ raw handler"], rows_, "rrrrr")
+                    "client-lib handler RPS ÷ raw handler", "relay CPU per RPC ÷ plain socat's"], rows_, "rrrrrr")
         L.append("")
 
     h2g = by.get("h2g", [])

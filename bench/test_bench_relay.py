@@ -314,10 +314,16 @@ def test_rpc(benchmark, record, bench_dir, request, rpc_guest, handler, conc, tr
                 target = relay_path
         live["handler"] = True
         _guest_connect(rpc_guest, target, hs)
-        return (), {}
+        relay_pid = daemon.pid if daemon is not None else live["socat"].pid if "socat" in live else None
+        return (relay_pid,), {}
 
-    def run():
-        results.append(rpc_guest.call(cmd="rpc", n=n, conc=conc))
+    def run(relay_pid):
+        cpu0 = _proc_cpu(relay_pid) if relay_pid else None
+        r = rpc_guest.call(cmd="rpc", n=n, conc=conc)
+        cpu1 = _proc_cpu(relay_pid) if relay_pid else None
+        # the relay's CPU per round trip (both frames of it), from the relay's schedstat
+        r["relay_cpu_us"] = (cpu1 - cpu0) / n * 1e6 if cpu0 is not None and cpu1 is not None else None
+        results.append(r)
 
     benchmark.group = f"rpc c={conc}"
     try:
@@ -333,7 +339,8 @@ def test_rpc(benchmark, record, bench_dir, request, rpc_guest, handler, conc, tr
     for r in results:
         lat = sorted(r["lat_ns"])
         rounds.append({"rps": n / r["seconds"], "p50_us": percentile(lat, 50) / 1e3,
-                       "p99_us": percentile(lat, 99) / 1e3, "max_us": lat[-1] / 1e3})
+                       "p99_us": percentile(lat, 99) / 1e3, "max_us": lat[-1] / 1e3,
+                       "relay_cpu_us": r["relay_cpu_us"]})
     rounds.sort(key=lambda x: x["rps"])
     row = dict(rounds[len(rounds) // 2], n=n, conc=conc)
     record(benchmark, "rpc", transport=transport, **row, **_peak_kib(daemon))
