@@ -1,33 +1,9 @@
 /* BLIN v1 frame codec; see blin.h. Byte-wise little-endian access, so the
  * code is independent of host endianness and alignment. */
 #include "blin.h"
+#include "le.h"
 
 static const uint8_t magic_le[4] = {0x4E, 0x49, 0x4C, 0x42};
-
-static uint32_t rd32(const uint8_t *p)
-{
-    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) |
-           ((uint32_t)p[3] << 24);
-}
-
-static uint64_t rd64(const uint8_t *p)
-{
-    return (uint64_t)rd32(p) | ((uint64_t)rd32(p + 4) << 32);
-}
-
-static void wr32(uint8_t *p, uint32_t v)
-{
-    p[0] = (uint8_t)v;
-    p[1] = (uint8_t)(v >> 8);
-    p[2] = (uint8_t)(v >> 16);
-    p[3] = (uint8_t)(v >> 24);
-}
-
-static void wr64(uint8_t *p, uint64_t v)
-{
-    wr32(p, (uint32_t)v);
-    wr32(p + 4, (uint32_t)(v >> 32));
-}
 
 uint64_t blin_type_bit(unsigned t)
 {
@@ -61,7 +37,7 @@ int blin_check_header(const uint8_t *p, size_t avail, uint32_t max_payload)
         return BLIN_BAD_VERSION;
     if (avail > 5 && !blin_known_type(p[5]))
         return BLIN_UNKNOWN_TYPE;
-    if (avail >= 12 && rd32(p + 8) > max_payload)
+    if (avail >= 12 && blin_rd32(p + 8) > max_payload)
         return BLIN_FRAME_TOO_LARGE;
     return BLIN_OK;
 }
@@ -90,7 +66,7 @@ int blin_scan(const uint8_t *buf, size_t start, size_t end, uint32_t max_payload
             pending = BLIN_PENDING_HEADER;
             break;
         }
-        len = rd32(p + 8);
+        len = blin_rd32(p + 8);
         if (avail - BLIN_HEADER_SIZE < len) {
             pending = BLIN_PENDING_PAYLOAD;
             break;
@@ -99,7 +75,7 @@ int blin_scan(const uint8_t *buf, size_t start, size_t end, uint32_t max_payload
         out[count].msg_type = p[5];
         out[count].flags = (uint64_t)p[6] | ((uint64_t)p[7] << 8);
         out[count].length = len;
-        out[count].request_id = rd64(p + 12);
+        out[count].request_id = blin_rd64(p + 12);
         mask |= blin_type_bit(p[5]);
         count++;
         pos += BLIN_HEADER_SIZE + (size_t)len;
@@ -128,8 +104,8 @@ int blin_parse_header(const uint8_t *buf, size_t len, size_t offset,
     out->offset = offset;
     out->msg_type = p[5];
     out->flags = (uint64_t)p[6] | ((uint64_t)p[7] << 8);
-    out->length = rd32(p + 8);
-    out->request_id = rd64(p + 12);
+    out->length = blin_rd32(p + 8);
+    out->request_id = blin_rd64(p + 12);
     return BLIN_OK;
 }
 
@@ -143,13 +119,13 @@ int blin_pack_header(uint8_t *buf, size_t len, size_t offset, unsigned msg_type,
     if (offset > len || len - offset < BLIN_HEADER_SIZE)
         return BLIN_SHORT_BUFFER;
     p = buf + offset;
-    wr32(p, BLIN_MAGIC);
+    blin_wr32(p, BLIN_MAGIC);
     p[4] = BLIN_VERSION;
     p[5] = (uint8_t)msg_type;
     p[6] = (uint8_t)flags;
     p[7] = (uint8_t)(flags >> 8);
-    wr32(p + 8, payload_len);
-    wr64(p + 12, request_id);
+    blin_wr32(p + 8, payload_len);
+    blin_wr64(p + 12, request_id);
     return BLIN_OK;
 }
 
@@ -160,7 +136,7 @@ size_t blin_frame_boundary(const uint8_t *buf, size_t len, size_t min_offset)
     while (pos < min_offset) {
         if (len - pos < BLIN_HEADER_SIZE)
             return len;
-        pos += BLIN_HEADER_SIZE + (size_t)rd32(buf + pos + 8);
+        pos += BLIN_HEADER_SIZE + (size_t)blin_rd32(buf + pos + 8);
         if (pos > len)
             return len;
     }
@@ -172,7 +148,7 @@ int blin_rewrite_request_id(uint8_t *buf, size_t len, size_t offset,
 {
     if (offset > len || len - offset < BLIN_HEADER_SIZE)
         return BLIN_SHORT_BUFFER;
-    *old_id = rd64(buf + offset + 12);
-    wr64(buf + offset + 12, new_id);
+    *old_id = blin_rd64(buf + offset + 12);
+    blin_wr64(buf + offset + 12, new_id);
     return BLIN_OK;
 }

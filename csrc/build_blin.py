@@ -32,6 +32,28 @@ int blin_pack_header(uint8_t *buf, size_t len, size_t offset, unsigned msg_type,
 int blin_rewrite_request_id(uint8_t *buf, size_t len, size_t offset,
                             uint64_t new_id, uint64_t *old_id);
 size_t blin_frame_boundary(const uint8_t *buf, size_t len, size_t min_offset);
+
+typedef struct blin_router blin_router_t;
+typedef struct { int32_t slot; const uint8_t *data; size_t len; } blin_out_t;
+typedef struct {
+    uint64_t frames; uint64_t forwarded; uint64_t answered; uint64_t nout; const blin_out_t *outs;
+} blin_route_t;
+typedef struct { int32_t dest; int32_t origin; uint64_t id; uint64_t origin_id; } blin_call_t;
+blin_router_t *blin_router_new(void);
+void blin_router_free(blin_router_t *r);
+int32_t blin_router_add(blin_router_t *r, int guest, uint32_t session, uint32_t max_inflight);
+size_t blin_router_release(blin_router_t *r, int32_t slot);
+size_t blin_router_expire(blin_router_t *r, double now);
+const blin_call_t *blin_router_calls(const blin_router_t *r);
+void blin_router_learn(blin_router_t *r, uint32_t session, const uint8_t *method, size_t len, int32_t dest);
+void blin_router_forget(blin_router_t *r);
+size_t blin_route(blin_router_t *r, int32_t slot, const uint8_t *buf, size_t start, size_t end,
+                  uint32_t max_payload, double deadline, uint32_t extra, blin_route_t *res);
+int blin_router_take(blin_router_t *r, int32_t dest, uint64_t id, int32_t *origin, uint64_t *origin_id);
+uint32_t blin_router_outstanding(const blin_router_t *r, int32_t slot);
+size_t blin_router_count(const blin_router_t *r);
+int blin_router_earliest(const blin_router_t *r, double *at);
+int blin_route_method(const uint8_t *p, size_t n, size_t *off, size_t *len);
 """
 
 
@@ -51,8 +73,8 @@ ffi = FFI()
 ffi.cdef(CDEF)
 ffi.set_source(
     "vhubd._blin",
-    '#include "blin.h"',
-    sources=[os.path.relpath(HERE / "blin.c")],
+    '#include "blin.h"\n#include "route.h"',
+    sources=[os.path.relpath(HERE / "blin.c"), os.path.relpath(HERE / "route.c")],
     include_dirs=[os.path.relpath(HERE)],
     extra_compile_args=compile_args(),
     extra_link_args=["-fsanitize=address,undefined"] if sanitize() else [],

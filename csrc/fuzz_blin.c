@@ -11,12 +11,18 @@
  * two: scanning a prefix never contradicts scanning the whole, which is what
  * the daemon relies on when a frame arrives over several reads. The Python
  * twin is compared with this codec on the corpus libFuzzer grows
- * (tests/reliability.py differential). */
+ * (tests/reliability.py differential).
+ *
+ * The RPC hot loop (route.c) gets every input too, as a guest's batch and as a
+ * handler's: what it forwards is whole frames of the input with new ids, the
+ * answers to them go back with the input's ids, its tables empty out, and
+ * nothing leaks. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "blin.h"
+#include "route.h"
 
 #define CHECK(c) do { if (!(c)) { fprintf(stderr, "invariant failed: %s\n", #c); abort(); } } while (0)
 
@@ -107,6 +113,61 @@ static void split_consistency(const uint8_t *data, size_t size, size_t cut, uint
     }
 }
 
+/* The input as a guest's batch through the loop, then answered by the handler. */
+static void route_checked(const uint8_t *data, size_t size)
+{
+    static const char *methods[] = {"a", "tool.run", "x.y", "m"};
+    blin_router_t *r = blin_router_new();
+    blin_route_t res;
+    int32_t g, h;
+    size_t i, stop, pos, off, len, took = 0;
+    uint8_t *answers;
+
+    CHECK(r != NULL);
+    if (blin_route_method(data, size, &off, &len)) {
+        CHECK(len >= 1 && len <= BLIN_ROUTE_METHOD_MAX && off + len < size);
+        for (i = off; i < off + len; i++)
+            CHECK(data[i] != '"' && data[i] != '\\' && data[i] >= 0x20 && data[i] < 0x7F);
+    }
+    g = blin_router_add(r, 1, 7, 16);
+    h = blin_router_add(r, 0, 0, 16);
+    CHECK(g == 0 && h == 1);
+    for (i = 0; i < sizeof methods / sizeof methods[0]; i++)
+        blin_router_learn(r, 7, (const uint8_t *)methods[i], strlen(methods[i]), h);
+    stop = blin_route(r, g, data, 0, size, 16u << 20, 1.0, 0, &res);
+    CHECK(stop <= size && res.frames == res.forwarded && res.answered == 0);
+    CHECK(blin_router_count(r) == res.forwarded && blin_router_outstanding(r, g) == res.forwarded);
+    CHECK(res.nout == (res.forwarded ? 1u : 0u));
+    if (res.nout) {
+        /* whole frames of the input, ids replaced by the handler's */
+        CHECK(res.outs[0].slot == h && res.outs[0].len == stop);
+        for (pos = 0; pos < stop; pos += BLIN_HEADER_SIZE + le(data + pos + 8, 4)) {
+            CHECK(memcmp(res.outs[0].data + pos, data + pos, 12) == 0);
+            CHECK(le(res.outs[0].data + pos + 12, 8) == (BLIN_ROUTE_ID_BIT | (++took)));
+        }
+        CHECK(pos == stop && took == res.forwarded);
+        answers = malloc(stop);
+        CHECK(answers != NULL);
+        memcpy(answers, res.outs[0].data, stop);
+        for (pos = 0; pos < stop; pos += BLIN_HEADER_SIZE + le(answers + pos + 8, 4))
+            answers[pos + 5] = 0x11; /* each request answered with its own bytes */
+        CHECK(blin_route(r, h, answers, 0, stop, 16u << 20, 0.0, 0, &res) == stop);
+        CHECK(res.answered == took && res.nout == 1 && res.outs[0].slot == g && res.outs[0].len == stop);
+        for (pos = 0; pos < stop; pos += BLIN_HEADER_SIZE + le(data + pos + 8, 4))
+            CHECK(le(res.outs[0].data + pos + 12, 8) == le(data + pos + 12, 8));
+        free(answers);
+    }
+    CHECK(blin_router_count(r) == 0 && blin_router_outstanding(r, g) == 0);
+    /* the input as a handler's answers (forged ids), and from the middle */
+    blin_route(r, h, data, 0, size, 16u << 20, 0.0, 0, &res);
+    CHECK(res.answered == 0 && res.nout == 0);
+    blin_route(r, g, data, size / 2, size, 64, 2.0, 15, &res);
+    CHECK(res.forwarded <= 1);
+    CHECK(blin_router_release(r, h) == res.forwarded && blin_router_count(r) == 0);
+    CHECK(blin_router_release(r, g) == 0 && blin_router_expire(r, 10.0) == 0);
+    blin_router_free(r);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     uint8_t *copy;
@@ -140,6 +201,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     else
         CHECK(size - size / 2 < BLIN_HEADER_SIZE);
     free(copy);
+    route_checked(data, size);
     return 0;
 }
 

@@ -31,4 +31,17 @@ def seeds(n: int = 400, seed: int = 1):
         elif kind == 3:
             s[8:12] = struct.pack("<I", rnd.getrandbits(32))  # lying length
         out.append(bytes(s))
+    # runs of RpcRequests for the methods csrc/fuzz_blin.c teaches the RPC hot loop
+    rpc = random.Random(seed + 1)
+    bodies = [b'{"method":"%s"}', b'{"method":"%s","params":{"i":[1,2.5,null,true,"s\\n"]}}',
+              b' {"params":{}, "method" : "%s"} ', b'{"method":"%s","n":1e3}', b'{"method":"%s","method":"a"}']
+    for _ in range(n // 4):
+        s = bytearray(b"".join(frame(0x10, rpc.choice(bodies) % rpc.choice([b"a", b"tool.run", b"x.y", b"m", b"zz"]),
+                                     rpc.choice([0, 1, rpc.getrandbits(64)]))
+                               for _ in range(rpc.randrange(1, 6))))
+        if rpc.random() < 0.3:
+            s = s[: rpc.randrange(len(s))]
+        elif rpc.random() < 0.3:
+            s[rpc.randrange(len(s))] = rpc.randrange(256)
+        out.append(bytes(s))
     return out

@@ -121,7 +121,7 @@ def build_fuzzer(out_dir: Path) -> Path | None:
     if shutil.which("clang") is None:
         return None
     exe = Path(out_dir) / "fuzz_blin"
-    r = subprocess.run(["clang", *FUZZ_FLAGS, f"-I{CSRC}", str(CSRC / "blin.c"), str(CSRC / "fuzz_blin.c"),
+    r = subprocess.run(["clang", *FUZZ_FLAGS, f"-I{CSRC}", str(CSRC / "blin.c"), str(CSRC / "route.c"), str(CSRC / "fuzz_blin.c"),
                         "-o", str(exe)], capture_output=True, text=True)
     if r.returncode != 0:
         if "fuzzer" in r.stderr and ("cannot find" in r.stderr or "unsupported" in r.stderr):
@@ -211,6 +211,32 @@ def codec_trace(impl, data: bytes, max_payload: int) -> list:
     if n >= HEADER_SIZE:
         buf = bytearray(data)
         tr.append((impl.rewrite_request_id(buf, 0, 0x1122334455667788), bytes(buf)))
+    tr += _route_trace(impl, data, max_payload)
+    return tr
+
+
+def _route_trace(impl, data: bytes, max_payload: int) -> list:
+    """The RPC hot loop on ``data`` (as csrc/fuzz_blin.c drives it): the payload
+    rule, ``data`` as a guest's batch (whole and from a third), the handler
+    answering what it got, ``data`` as a handler's answers, the releases."""
+    tr: list = [impl.route_method(data)]
+    r = impl.Router()
+    g, h = r.add(True, 7, 16), r.add(False, 0, 16)
+    for m in ("a", "tool.run", "x.y", "m"):
+        r.learn(7, m, h)
+    buf = bytearray(data)
+    got = r.route(g, buf, 0, len(buf), max_payload, 1.0, 0)
+    tr.append(got)
+    for _, out in got[4]:
+        answers = bytearray(out)
+        pos = 0
+        while pos < len(answers):
+            answers[pos + 5] = 0x11
+            pos += HEADER_SIZE + int.from_bytes(answers[pos + 8:pos + 12], "little")
+        tr.append(r.route(h, answers, 0, len(answers), max_payload, 0.0, 0))
+    tr.append(r.route(h, buf, 0, len(buf), max_payload, 0.0, 0))
+    tr.append(r.route(g, buf, len(buf) // 3, len(buf), max_payload, 2.0, 15))
+    tr.append((r.count(), r.earliest(), r.outstanding(g), r.release(h), r.release(g), r.count()))
     return tr
 
 

@@ -110,3 +110,88 @@ def rewrite_request_id(buf, offset: int, new_id: int) -> int:
     ):
         raise ValueError("buffer too short for a BLIN header")
     return _old[0]
+
+
+def _check_route_args(buf, start: int, end: int) -> None:
+    if not 0 <= start <= end <= len(buf):
+        raise ValueError("bad start/end for buffer")
+
+
+class Router:
+    """The relay's RPC hot loop (csrc/route.c); see _codec_py.Router for the contract."""
+
+    __slots__ = ("_r", "_res")
+
+    def __init__(self):
+        r = lib.blin_router_new()
+        if r == ffi.NULL:
+            raise MemoryError("cannot allocate the RPC router")
+        self._r = ffi.gc(r, lib.blin_router_free)
+        self._res = ffi.new("blin_route_t *")
+
+    def add(self, guest: bool, session: int, max_inflight: int) -> int:
+        if not 0 <= session <= MAX_U32 or not 0 <= max_inflight <= MAX_U32:
+            raise ValueError("session or max_inflight out of range")
+        slot = lib.blin_router_add(self._r, 1 if guest else 0, session, max_inflight)
+        if slot < 0:
+            raise MemoryError("cannot grow the RPC router")
+        return slot
+
+    def release(self, slot: int) -> list[tuple[int, int]]:
+        n = lib.blin_router_release(self._r, slot)
+        calls = lib.blin_router_calls(self._r)
+        return [(calls[i].origin, calls[i].origin_id) for i in range(n)]
+
+    def expire(self, now: float) -> list[tuple[int, int, int]]:
+        n = lib.blin_router_expire(self._r, now)
+        calls = lib.blin_router_calls(self._r)
+        return [(calls[i].dest, calls[i].origin, calls[i].origin_id) for i in range(n)]
+
+    def learn(self, session: int, method: str, dest: int) -> None:
+        try:
+            raw = method.encode()
+        except UnicodeEncodeError:
+            return  # a lone surrogate: never the bytes of a routable payload
+        if 0 <= session <= MAX_U32:
+            lib.blin_router_learn(self._r, session, raw, len(raw), dest)
+
+    def forget(self) -> None:
+        lib.blin_router_forget(self._r)
+
+    def route(self, slot: int, buf, start: int, end: int, max_payload: int, deadline: float, extra: int):
+        _check_route_args(buf, start, end)
+        res = self._res
+        stop = lib.blin_route(self._r, slot, _from_buffer(buf), start, end, max_payload, deadline, extra, res)
+        n = res.nout
+        if not n:
+            return stop, res.frames, res.forwarded, res.answered, []
+        outs = res.outs
+        return stop, res.frames, res.forwarded, res.answered, [
+            (outs[i].slot, _buffer(outs[i].data, outs[i].len)[:]) for i in range(n)]
+
+    def take(self, dest: int, request_id: int) -> tuple[int, int] | None:
+        origin, origin_id = ffi.new("int32_t *"), ffi.new("uint64_t *")
+        if 0 <= request_id <= MAX_U64 and lib.blin_router_take(self._r, dest, request_id, origin, origin_id):
+            return origin[0], origin_id[0]
+        return None
+
+    def outstanding(self, slot: int) -> int:
+        return lib.blin_router_outstanding(self._r, slot)
+
+    def count(self) -> int:
+        return lib.blin_router_count(self._r)
+
+    def earliest(self) -> float | None:
+        at = ffi.new("double *")
+        return at[0] if lib.blin_router_earliest(self._r, at) else None
+
+
+_off = ffi.new("size_t *")
+_len = ffi.new("size_t *")
+
+
+def route_method(payload) -> tuple[int, int] | None:
+    """(offset, length) of the method in an RpcRequest payload the RPC hot loop may route, else None."""
+    if lib.blin_route_method(_from_buffer(payload), len(payload), _off, _len):
+        return _off[0], _len[0]
+    return None

@@ -38,6 +38,8 @@ pack_header = _impl.pack_header
 pack_header_into = _impl.pack_header_into
 rewrite_request_id = _impl.rewrite_request_id
 frame_boundary = _impl.frame_boundary
+Router = _impl.Router
+route_method = _impl.route_method
 
 
 def backends() -> dict[str, ModuleType]:

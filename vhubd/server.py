@@ -185,6 +185,9 @@ class Peer(asyncio.BufferedProtocol):
             self.conn.accept(decision.payload, self.hs_request_id)  # type: ignore[union-attr]
             self.flush()
             self.member = member
+            lane = self.relay.rpc.lane(member)
+            if lane is not None:
+                self.conn.set_fast_lane(*lane)
             self.awaiting_boot = False
             self.handshaken = True
             if member.lossy:

@@ -151,6 +151,7 @@ class Session:
         self.cut_through: Any = None  # relay.streams.CutThrough while a large frame is in flight
         self.channels: set = set()  # relay.channels.Channel: its agent's open channels
         self.exposed: dict = {}  # guest port -> relay.exposures.Exposure
+        self.route_id = 0  # its number in the relay's RPC hot loop (relay.rpc), once it has one
 
     def check_token(self, token: object) -> bool:
         if self.token is None:

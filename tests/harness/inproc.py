@@ -195,7 +195,18 @@ class World:
 
     # -- the I/O layer's part --
     def feed(self, port: FakePort, data: bytes) -> None:
-        events = port.conn.receive_data(data)
+        """Bytes from the peer, read by read as server.Peer gets them: each
+        read's events are delivered before the next read."""
+        mv = memoryview(data)
+        while mv and not port.closed:  # a closed transport reads nothing more
+            dst = port.conn.get_buffer()
+            n = min(len(dst), len(mv))
+            dst[:n] = mv[:n]
+            del dst
+            mv = mv[n:]
+            self._read(port, port.conn.buffer_updated(n))
+
+    def _read(self, port: FakePort, events: list) -> None:
         for ev in events:
             if type(ev) is Handshake and port.member is None and port.decision is None:
                 payload = bytes(ev.payload)
@@ -221,6 +232,9 @@ class World:
             for out in port.conn.data_to_send():
                 port.out += out
             port.member = d.member
+            lane = self.relay.rpc.lane(d.member)  # the RPC hot loop, as server.Peer sets it
+            if lane is not None:
+                port.conn.set_fast_lane(*lane)
             self.relay.admitted(d.member)
             more = port.conn.resume()
             if more:

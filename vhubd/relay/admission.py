@@ -201,6 +201,7 @@ class Admission:
         else:
             sess.clients.add(member)
             result = {"ok": True, "session": sess.info()}
+        relay.rpc.routes_changed()
         return Accept(member, _encode(result))
 
     def _booted(self, member: Member, fut: Any) -> None:

@@ -257,6 +257,7 @@ class Relay:
         if sess is not None:
             sess.clients.discard(member)
             sess.last_activity = time.monotonic()
+        self.rpc.routes_changed()
         self.streams.write_resumed(member)
 
     # ---------------------------------------------------------------- events

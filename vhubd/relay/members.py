@@ -18,7 +18,7 @@ class Member:
     __slots__ = ("port", "role", "session", "subscribe_mask", "events", "serve_exact", "serve_prefix", "lossy",
                  "inflight", "next_id", "sessions_blocked", "all_sessions", "ack", "acked", "stream_frames",
                  "ack_pending", "joined", "attached", "replay", "request_id", "boot_params", "outstanding",
-                 "blocked_writers", "replay_pending")
+                 "blocked_writers", "replay_pending", "slot")
 
     def __init__(self, port: Port, role: str):
         self.port = port
@@ -46,6 +46,7 @@ class Member:
         self.outstanding = 0  # its RPCs forwarded and not yet answered (Limits.max_inflight)
         self.blocked_writers: set[Member] = set()  # members paused because they wrote to this full one
         self.replay_pending = False  # asked for replay while a cut-through frame was in flight
+        self.slot = -1  # its slot in the RPC hot loop (relay.rpc), once it has one
 
     @property
     def label(self) -> str:
@@ -56,8 +57,10 @@ class Member:
         return self.port.closed
 
     def new_id(self) -> int:
+        """An id for a call toward this member. Never with ROUTE_ID_BIT: those
+        are the RPC hot loop's (relay.rpc), on the same member."""
         i = self.next_id
-        self.next_id = i + 1 if i < frames.MAX_U64 else 1
+        self.next_id = i + 1 if i + 1 < frames.ROUTE_ID_BIT else 1
         return i
 
     def serves(self, method: str) -> bool:

@@ -47,8 +47,9 @@ class Port(Protocol):
     def write(self, data: Any) -> None:
         """Whole frames forwarded from another peer (a slice of its receive buffer)."""
 
-    def send(self, frame: bytes) -> None:
-        """A frame the daemon made for this peer: an answer, an event, an ack."""
+    def send(self, frame: Any) -> None:
+        """A frame for this peer that answers what it sent (bytes the daemon made,
+        or an answer forwarded from another peer): a reply, an event, an ack."""
 
     def write_part(self, data: Any, last: bool) -> None:
         """Bytes of a cut-through frame; every other write waits until ``last``."""

@@ -6,6 +6,15 @@ daemon itself for ``vhub.*``. A forwarded request gets an id of the
 destination's own (rewritten in place in the receive buffer, no copy), and
 its answer goes back with the origin's id. Every forwarded call has a
 deadline; one timer serves them all, so nobody waits forever.
+
+The hot loop: once a guest's method was routed here to a handler, the
+guest's next requests for it, and the handler's answers to them, are routed
+by ``codec.Router`` (csrc/route.c, or its pure-Python twin) for a whole read
+batch in one call, up to the first frame that needs this module (the
+connection's fast lane, ``lane``). It decides every frame it takes as this
+module would, with ids of its own (``frames.ROUTE_ID_BIT`` set) and its own
+table of calls in flight; the bounds (max_inflight, deadlines, a handler
+that leaves) hold for both tables. ``BLINK_RPC_LANE=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -15,7 +24,10 @@ import struct
 import time
 from typing import TYPE_CHECKING
 
+from .. import codec
 from ..errors import CallFailed, clip
+from ..frames import MAX_U32, ROUTE_ID_BIT, MsgType
+from ..paths import env
 from ..protocol import Frame, rpc_error, rpc_result
 from ..sessions import Session
 from .members import Member
@@ -29,6 +41,8 @@ log = logging.getLogger("vhubd")
 # 8-byte store a cffi call costs 4-8x more than the work (bench/RESULTS.md).
 _set_request_id = struct.Struct("<Q").pack_into
 DEFERRED = object()  # a daemon call whose answer is written later (boot, stop)
+GUEST_LANE = frozenset({MsgType.RPC_REQUEST})
+CLIENT_LANE = frozenset({MsgType.RPC_RESPONSE, MsgType.RPC_ERROR})
 
 
 class Rpc:
@@ -36,6 +50,81 @@ class Rpc:
         self.relay = relay
         self.counters = relay.counters
         self._expiry = None  # the one timer for RPC deadlines
+        on = env("BLINK_RPC_LANE", "1").strip() not in ("0", "no", "off")
+        self.router = codec.Router() if on else None
+        self.by_slot: dict[int, Member] = {}
+        self._next_session = 1  # sessions are numbered for the router (Session.route_id)
+
+    # ---------------------------------------------------------------- the hot loop
+    def lane(self, member: Member):
+        """(frame types, function) for the member's connection (``Connection.
+        set_fast_lane``), or None: a guest's requests, a client's answers."""
+        router = self.router
+        if router is None:
+            return None
+        relay = self.relay
+        by_slot = self.by_slot
+        if member.role == "guest":
+            sess = member.session
+            if sess is None:
+                return None
+            counters = self.counters
+            note_write = relay.streams.note_write
+
+            def requests(buf, start: int, end: int, max_payload: int) -> tuple[int, int]:
+                ct = sess.cut_through
+                if ct is not None and ct.source is not member:
+                    return start, 0  # held behind another guest's frame: relay.guest_events decides
+                stop, n, forwarded, _, outs = router.route(self.slot_of(member), buf, start, end, max_payload,
+                                                           relay.clock() + relay.config.rpc_timeout,
+                                                           member.outstanding)
+                if n:
+                    sess.last_activity = time.monotonic()
+                    counters["rpc_forwarded"] += forwarded
+                    for slot, data in outs:
+                        dest = by_slot[slot]
+                        dest.port.write(data)
+                        note_write(member, dest)
+                    if self._expiry is None:
+                        self.arm_expiry()
+                return stop, n
+
+            return GUEST_LANE, requests
+
+        def answers(buf, start: int, end: int, max_payload: int) -> tuple[int, int]:
+            stop, n, _, _, outs = router.route(self.slot_of(member), buf, start, end, max_payload, 0.0, 0)
+            for slot, data in outs:
+                by_slot[slot].port.send(data)  # answers: the origin must read what it asked for
+            return stop, n
+
+        return CLIENT_LANE, answers
+
+    def slot_of(self, member: Member) -> int:
+        if member.slot < 0:
+            sess = member.session
+            member.slot = self.router.add(member.role == "guest", self._session_id(sess) if sess else 0,  # type: ignore[union-attr]
+                                          member.port.limits.max_inflight)
+            self.by_slot[member.slot] = member
+        return member.slot
+
+    def _session_id(self, sess: Session) -> int:
+        sid = sess.route_id
+        if not sid:
+            if self._next_session > MAX_U32:  # after 4 billion sessions: numbers again, nothing remembered
+                self._next_session = 1
+                self.router.forget()  # type: ignore[union-attr]
+            sid = sess.route_id = self._next_session
+            self._next_session += 1
+        return sid
+
+    def routes_changed(self) -> None:
+        """Who serves what changed (a client came or went): methods are looked up again."""
+        if self.router is not None:
+            self.router.forget()
+
+    def _routed(self, member: Member) -> int:
+        """The member's calls in flight that the hot loop forwarded."""
+        return self.router.outstanding(member.slot) if member.slot >= 0 else 0  # type: ignore[union-attr]
 
     # ---------------------------------------------------------------- requests
     def from_guest(self, member: Member, sess: Session, ev: Frame) -> None:
@@ -79,6 +168,8 @@ class Rpc:
                 relay.publish(sess, {"type": "notification", "method": method,
                                      "params": req.get("params", {k: v for k, v in req.items() if k != "event"})})
             return
+        if rid and member.slot >= 0:  # the guest's lane routes this method from now on
+            self.router.learn(self._session_id(sess), method, self.slot_of(handler))  # type: ignore[union-attr]
         self.forward(member, rid, handler, ev)
 
     def from_client(self, member: Member, ev: Frame) -> None:
@@ -145,10 +236,11 @@ class Rpc:
             dest.port.write(ev.data)
             self.relay.streams.note_write(origin, dest)
             return
-        if origin.outstanding >= origin.port.limits.max_inflight:
+        outstanding = origin.outstanding + self._routed(origin)
+        if outstanding >= origin.port.limits.max_inflight:
             self.counters["too_many_requests"] += 1
             origin.port.send(rpc_error(origin_id, "too_many_requests",
-                                       f"{origin.outstanding} calls of this connection are in flight already "
+                                       f"{outstanding} calls of this connection are in flight already "
                                        "(the limit): wait for their answers"))
             return
         self.counters["rpc_forwarded"] += 1  # a refused call is not forwarded
@@ -168,6 +260,9 @@ class Rpc:
 
     # ---------------------------------------------------------------- answers
     def answer(self, member: Member, ev: Frame) -> None:
+        if ev.request_id & ROUTE_ID_BIT:  # a call the hot loop forwarded; this answer came another way
+            self._routed_answer(member, ev)
+            return
         entry = member.inflight.pop(ev.request_id, None)
         if entry is None:
             return  # late (after a timeout) or unknown: dropped
@@ -180,13 +275,30 @@ class Rpc:
         _set_request_id(ev.data, 12, origin_id)
         origin.port.send(ev.data)  # an answer: the origin must read what it asked for
 
+    def _routed_answer(self, member: Member, ev: Frame) -> None:
+        found = self.router.take(member.slot, ev.request_id) if member.slot >= 0 else None  # type: ignore[union-attr]
+        if found is None:
+            return  # late or unknown: dropped
+        origin = self.by_slot[found[0]]
+        if not origin.port.closed:
+            _set_request_id(ev.data, 12, found[1])
+            origin.port.send(ev.data)
+
     def fail_inflight(self, member: Member, code: str, message: str) -> None:
-        """The destination is gone: every call it owed an answer fails."""
+        """The member is gone: every call it owed an answer fails (the calls it
+        made are forgotten: their answers are dropped)."""
         inflight, member.inflight = member.inflight, {}
         for origin, origin_id, _ in inflight.values():
             origin.outstanding -= 1
             if not origin.port.closed:
                 origin.port.send(rpc_error(origin_id, code, message))
+        if member.slot >= 0:
+            for slot, origin_id in self.router.release(member.slot):  # type: ignore[union-attr]
+                origin = self.by_slot[slot]
+                if not origin.port.closed:
+                    origin.port.send(rpc_error(origin_id, code, message))
+            del self.by_slot[member.slot]
+            member.slot = -1
 
     # ---------------------------------------------------------------- expiry
     def _members(self):
@@ -196,9 +308,12 @@ class Rpc:
         self._expiry = None
         now = self.relay.clock()
         self.expire(now)
-        nxt = min((next(iter(m.inflight.values()))[2] for m in self._members() if m.inflight), default=None)
-        if nxt is not None:
-            self._expiry = self.relay.call_later(max(0.0, nxt - now) + 0.001, self._expire_due)
+        due = [next(iter(m.inflight.values()))[2] for m in self._members() if m.inflight]
+        routed = self.router.earliest() if self.router is not None else None
+        if routed is not None:
+            due.append(routed)
+        if due:
+            self._expiry = self.relay.call_later(max(0.0, min(due) - now) + 0.001, self._expire_due)
 
     def expire(self, now: float) -> None:
         """Answer ``timeout`` for calls past their deadline. Entries go in with
@@ -212,18 +327,19 @@ class Rpc:
                     break
                 late.append(rid)
             for rid in late:
-                self._timeout(member, rid)
+                entry = member.inflight.pop(rid)
+                entry[0].outstanding -= 1
+                self._timed_out(member, entry[0], entry[1])
+        if self.router is not None:
+            by_slot = self.by_slot
+            for dest, origin, origin_id in self.router.expire(now):
+                self._timed_out(by_slot[dest], by_slot[origin], origin_id)
 
-    def _timeout(self, dest: Member, rid: int) -> None:
-        entry = dest.inflight.pop(rid, None)
-        if entry is None:
-            return
-        origin, origin_id, _ = entry
-        origin.outstanding -= 1
+    def _timed_out(self, dest: Member, origin: Member, origin_id: int) -> None:
         self.counters["rpc_timeouts"] += 1
         if not origin.port.closed:
             origin.port.send(rpc_error(origin_id, "timeout", f"no answer from {dest.role} {dest.label} within "
                                                              f"{self.relay.config.rpc_timeout:g} s"))
 
     def inflight_count(self) -> int:
-        return sum(len(m.inflight) for m in self._members())
+        return sum(len(m.inflight) for m in self._members()) + (self.router.count() if self.router else 0)
