@@ -1,4 +1,4 @@
-/* The relay's RPC hot loop; see route.h. vhubd/_codec_py.Router is its twin:
+/* The relay's RPC hot loop; see route.h. vhubd/_route_py.py is its twin:
  * every decision below is made the same way there. */
 #include <stdlib.h>
 #include <string.h>

@@ -6,7 +6,7 @@
  * and a host client's answer to such a call (its id rewritten back, to the
  * guest that asked). It stops at the first frame that is anything else; the
  * Python relay (vhubd/relay) handles that one and the rest of the batch, with
- * the same outcome for every frame. vhubd/_codec_py.Router is its twin.
+ * the same outcome for every frame. vhubd/_route_py.py is its twin.
  *
  * Peers are small integer slots. The ids this loop hands out have the top
  * bit set (BLIN_ROUTE_ID_BIT); the Python relay's own ids never do, so both

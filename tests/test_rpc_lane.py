@@ -1,4 +1,4 @@
-"""The relay's RPC hot loop (csrc/route.c and its twin _codec_py.Router).
+"""The relay's RPC hot loop (csrc/route.c and its twin vhubd/_route_py.py).
 
 Codec level, on both backends: the two agree byte for byte (payload rules,
 routing, tables), and what the loop accepts is what msgspec reads the same

@@ -118,7 +118,7 @@ def _check_route_args(buf, start: int, end: int) -> None:
 
 
 class Router:
-    """The relay's RPC hot loop (csrc/route.c); see _codec_py.Router for the contract."""
+    """The relay's RPC hot loop (csrc/route.c); see _route_py.Router for the contract."""
 
     __slots__ = ("_r", "_res")
 

@@ -24,7 +24,7 @@ PONG_PAYLOAD = b"pong"
 CHANNEL_BASE = 1 << 62
 CHANNEL_WINDOW = 1 << 20  # bytes one side may have in flight toward the other, per channel
 CHANNEL_FRAME = 128 * 1024  # largest channel StreamData payload (and below the cut-through size)
-# The relay's RPC hot loop (csrc/route.h; the twin is _codec_py.Router): the ids
+# The relay's RPC hot loop (csrc/route.h; the twin is _route_py.Router): the ids
 # it hands out have this bit set, the Python relay's never do
 ROUTE_ID_BIT = 1 << 63
 ROUTE_FRAME_MAX = 65536  # larger frames go the Python way
