@@ -2,6 +2,7 @@
 
     python bench/profile_relay.py stream 65536 --seconds 10 [--codec python] [--py-spy out.svg|out.txt]
     python bench/profile_relay.py rpc 64 --seconds 10 --py-spy /tmp/rpc.txt
+    python bench/profile_relay.py rpc 64 --handler lib --spy-on handler --py-spy /tmp/lib.txt
     python bench/profile_relay.py --top /tmp/rpc.txt      # self/inclusive % per function:line
 
 Starts a daemon, keeps the guest -> daemon -> subscriber stream (or the RPC
@@ -76,6 +77,9 @@ def main() -> int:
     ap.add_argument("--top", help="summarise a collapsed-stack file and exit")
     ap.add_argument("--daemon-arg", action="append", default=[], help="extra `vhubd serve` argument")
     ap.add_argument("--native", action="store_true", help="py-spy --native (C frames too)")
+    ap.add_argument("--handler", choices=["raw", "lib"], default="raw",
+                    help="rpc: a raw-socket handler, or one written with vhubd.client")
+    ap.add_argument("--spy-on", choices=["daemon", "handler"], default="daemon", help="the process py-spy samples")
     args = ap.parse_args()
     if args.top:
         top(args.top)
@@ -86,9 +90,15 @@ def main() -> int:
     guest = Worker("guest")
     handler = Worker("handler") if args.kind == "rpc" else None
     spy = None
+    if handler is not None:
+        if args.handler == "lib":
+            handler.call(cmd="serve_client", path=d.control)
+        else:
+            handler.call(cmd="serve", path=d.control, mode="vhubd")
     if args.pyspy:
         fmt = ["--format", "raw"] if args.pyspy.endswith(".txt") else []
-        spy = subprocess.Popen(["py-spy", "record", "--pid", str(d.pid), "--rate", str(args.rate),
+        target = handler.proc.pid if args.spy_on == "handler" and handler is not None else d.pid
+        spy = subprocess.Popen(["py-spy", "record", "--pid", str(target), "--rate", str(args.rate),
                                 "--duration", str(int(args.seconds)), "-o", args.pyspy, *([] if args.native else ["--nonblocking"]), *fmt,
                                 *(["--native"] if args.native else [])])
     deadline = time.monotonic() + args.seconds
@@ -115,7 +125,6 @@ def main() -> int:
             # CPU per byte is far less noisy than MB/s on a shared machine
             print(f"{moved / dt / 1e6:.1f} MB/s payload over {dt:.1f} s; daemon CPU {cpu / (moved / 1e9):.3f} s/GB")
         else:
-            handler.call(cmd="serve", path=d.control, mode="vhubd")
             n = 20_000
             while time.monotonic() < deadline:
                 while not guest.call(cmd="connect", path=d.socket, handshake=True).get("ok"):

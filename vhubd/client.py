@@ -79,6 +79,9 @@ class Event:
 _END = object()
 
 
+_PLAIN = frozenset({dict, list, str, int, float, bool, type(None), bytes})  # results never awaitable
+
+
 def _result_frame(rid: int, result: Any) -> bytes:
     try:
         return rpc_result(rid, result)
@@ -174,7 +177,9 @@ class Client:
                                 continue
                             await self._put(Output(KINDS[f.msg_type], f.request_id, bytes(f.payload)))
                     elif t is Frame:
-                        await self._frame(ev)
+                        item = self._frame(ev)
+                        if item is not None:
+                            await self._put(item)
                     elif t is Handshake:
                         if not self._handshake.done():
                             self._handshake.set_result(_decode(bytes(ev.payload)) if len(ev.payload) else {})
@@ -258,7 +263,9 @@ class Client:
                 except asyncio.QueueFull:
                     pass
 
-    async def _frame(self, ev: Frame) -> None:
+    def _frame(self, ev: Frame) -> Event | None:
+        """Handle one frame; an Event for the queue, if it is one (the read
+        loop awaits room for it: no coroutine per frame)."""
         mt = ev.msg_type
         if mt == MsgType.RPC_RESPONSE or mt == MsgType.RPC_ERROR:
             fut = self._pending.pop(ev.request_id, None)
@@ -271,8 +278,7 @@ class Client:
             req = _decode(bytes(ev.payload))
             method = req.get("method") or req.get("event")
             if method == "vhub.event" and ev.request_id == 0:
-                await self._put(Event(req.get("params") or {}))
-                return
+                return Event(req.get("params") or {})
             if isinstance(method, str) and method.startswith("chan.") and ev.request_id == 0:
                 params = params_of(req)
                 cid = params.get("channel")
@@ -281,8 +287,9 @@ class Client:
                     ch._note(method, params)
                 elif type(cid) is int and cid >= CHANNEL_BASE:
                     self._early_note(cid, (method, params))
-                return
+                return None
             self._serve(ev.request_id, method, req.get("params"))
+        return None
 
     def _handler(self, method: str) -> Callable[[Any], Any] | None:
         fn = self._handlers.get(method)
@@ -304,7 +311,7 @@ class Client:
         except Exception as exc:
             self._answer(rid, _error_frame(rid, exc))
             return
-        if inspect.isawaitable(result):
+        if type(result) not in _PLAIN and inspect.isawaitable(result):
             task = asyncio.ensure_future(self._serve_later(rid, result))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)

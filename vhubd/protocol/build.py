@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import msgspec
 
-from .. import codec
+from .._codec_py import pack_header
 from ..frames import PONG_PAYLOAD, MsgType
 
 _json_encode = msgspec.json.encode
@@ -19,8 +19,10 @@ RE = int(MsgType.RPC_ERROR)
 
 
 def encode_frame(msg_type: int, request_id: int, payload=b"", flags: int = 0) -> bytes:
-    """Header + payload as one bytes object (for small frames)."""
-    return codec.pack_header(msg_type, request_id, len(payload), flags) + bytes(payload)
+    """Header + payload as one bytes object (for small frames). The header is
+    packed with struct whatever the codec backend: for one 20-byte header a
+    cffi call costs more than the work (bench/RESULTS.md, "pack")."""
+    return pack_header(msg_type, request_id, len(payload), flags) + bytes(payload)
 
 
 def error_payload(code: str, message: str) -> bytes:
