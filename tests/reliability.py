@@ -1821,7 +1821,9 @@ def render(report: dict) -> str:
         "state against what is left, and that scanning any prefix never contradicts scanning the whole. The "
         "pure-Python codec is then compared with the C one on every input of the corpus libFuzzer grew: batch "
         "scans at every capacity, scans of every prefix, partial header checks, `parse_header`, request-id "
-        "rewrite, and a whole `protocol.Connection` fed at once, byte by byte and in random pieces.",
+        "rewrite, the RPC hot loop (`csrc/route.c`: the payload rule, each input routed as a guest's batch, "
+        "answered, and as a handler's answers), and a whole `protocol.Connection` fed at once, byte by byte "
+        "and in random pieces.",
         "",
         "| run | size | coverage | time | result |",
         "|---|---|---|---|---|",
