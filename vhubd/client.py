@@ -33,7 +33,7 @@ import msgspec
 
 from .channel import ClientChannel, params_of
 from .errors import ConnectionClosed, InvalidState, RemoteError
-from .frames import CHANNEL_BASE, CHANNEL_WINDOW, SESSIONS_PAGE, MsgType
+from .frames import CHANNEL_BASE, CHANNEL_WINDOW, HEADER, MAGIC, SESSIONS_PAGE, VERSION, MsgType
 from .paths import default_control_path
 from .protocol import (
     Connection,
@@ -41,6 +41,7 @@ from .protocol import (
     Handshake,
     RemoteErrorEvent,
     Side,
+    State,
     StreamRun,
     Violation,
     parse_error_payload,
@@ -77,6 +78,10 @@ class Event:
 
 
 _END = object()
+
+_RQ = int(MsgType.RPC_REQUEST)
+_REQUESTS = frozenset({_RQ})
+_unpack_header = HEADER.unpack_from
 
 
 _PLAIN = frozenset({dict, list, str, int, float, bool, type(None), bytes})  # results never awaitable
@@ -138,6 +143,8 @@ class Client:
                                    "(is `blink serve` running?)", "unreachable") from None
         self = cls(reader, writer, queue_size)
         self._handlers = dict(serve or {})
+        if self._handlers:
+            self._conn.set_fast_lane(_REQUESTS, self._request_lane)
         self.session = session
         self.subscribed = tuple(subscribe)
         hs = {"role": "client", "session": session, "subscribe": list(subscribe),
@@ -275,11 +282,20 @@ class Client:
                 else:
                     fut.set_exception(RemoteError(*parse_error_payload(ev.payload)))
         elif mt == MsgType.RPC_REQUEST:
-            req = _decode(bytes(ev.payload))
+            try:
+                req = _decode(ev.payload)
+            except msgspec.DecodeError:
+                req = None
+            if type(req) is not dict:
+                self._bad_request(ev.request_id, "RpcRequest payload must be a JSON object")
+                return None
             method = req.get("method") or req.get("event")
+            if type(method) is not str:
+                self._bad_request(ev.request_id, "RpcRequest needs a method (or event)")
+                return None
             if method == "vhub.event" and ev.request_id == 0:
                 return Event(req.get("params") or {})
-            if isinstance(method, str) and method.startswith("chan.") and ev.request_id == 0:
+            if method.startswith("chan.") and ev.request_id == 0:
                 params = params_of(req)
                 cid = params.get("channel")
                 ch = self._channels.get(cid) if type(cid) is int else None
@@ -290,6 +306,42 @@ class Client:
                 return None
             self._serve(ev.request_id, method, req.get("params"))
         return None
+
+    def _request_lane(self, buf: bytearray, start: int, end: int, limit: int) -> tuple[int, int]:
+        """The Connection's fast lane for a read batch that starts with
+        requests: each complete, well-formed RpcRequest with an id is served
+        straight from the receive buffer (no Frame, no payload copy), exactly
+        as ``_frame`` would serve it. It stops at the first frame that is
+        anything else (another type, a notification, a bad header, a payload
+        that is not a JSON object) and leaves the rest to the scanner, which
+        checks and reports it as usual."""
+        pos, count = start, 0
+        view = memoryview(buf)
+        try:
+            while end - pos >= 20:
+                magic, version, mtype, _, length, rid = _unpack_header(buf, pos)
+                stop = pos + 20 + length
+                if (mtype != _RQ or not rid or magic != MAGIC or version != VERSION or length > limit
+                        or stop > end):
+                    break
+                try:
+                    req = _decode(view[pos + 20:stop])
+                except msgspec.DecodeError:
+                    break
+                method = (req.get("method") or req.get("event")) if type(req) is dict else None
+                if type(method) is not str:
+                    break
+                pos = stop
+                count += 1
+                self._serve(rid, method, req.get("params"))
+        finally:
+            view.release()  # the receive buffer must not stay pinned
+        return pos, count
+
+    def _bad_request(self, rid: int, message: str) -> None:
+        """A request the library cannot read: its caller gets an error (a
+        notification, nothing), and the connection goes on."""
+        self._answer(rid, rpc_error(rid, "bad_request", message))
 
     def _handler(self, method: str) -> Callable[[Any], Any] | None:
         fn = self._handlers.get(method)
@@ -327,7 +379,10 @@ class Client:
         self._flush()
 
     def _answer(self, rid: int, frame: bytes) -> None:
-        if rid and not self._writer.is_closing():
+        """Queue an answer; none for a notification, none once the connection
+        has failed or closed (a request read in the same batch as a protocol
+        violation: the Error frame already went out, nothing follows it)."""
+        if rid and self._conn.state is not State.CLOSED and not self._writer.is_closing():
             self._conn.send_frame(frame)
 
     # -- public API --

@@ -6,10 +6,11 @@ from __future__ import annotations
 import msgspec
 
 from .._codec_py import pack_header
-from ..frames import PONG_PAYLOAD, MsgType
+from ..frames import HEADER, MAGIC, MAX_U64, PONG_PAYLOAD, VERSION, MsgType
 
 _json_encode = msgspec.json.encode
 _json_decode = msgspec.json.decode
+_pack = HEADER.pack
 
 HB = int(MsgType.HEARTBEAT)
 ER = int(MsgType.ERROR)
@@ -36,7 +37,12 @@ def rpc_request(request_id: int, method: str, params=None, **extra) -> bytes:
 
 
 def rpc_result(request_id: int, result) -> bytes:
-    return encode_frame(RS, request_id, _json_encode(result))
+    """The answer a handler sends for every request it serves: packed here
+    without encode_frame's layers (the client library's hot path)."""
+    body = _json_encode(result)
+    if type(request_id) is int and 0 <= request_id <= MAX_U64:
+        return _pack(MAGIC, VERSION, RS, 0, len(body), request_id) + body
+    return encode_frame(RS, request_id, body)  # raises what a bad id raises
 
 
 def rpc_error(request_id: int, code: str, message: str) -> bytes:
