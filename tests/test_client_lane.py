@@ -78,6 +78,14 @@ def parse(raw: bytes) -> list:
     return out
 
 
+async def accept_handshake(reader, writer) -> None:
+    """The daemon's side of the handshake: read the client's, answer ok."""
+    hs = await reader.readexactly(20)
+    await reader.readexactly(int.from_bytes(hs[8:12], "little"))
+    writer.write(frame(T.HANDSHAKE, 1, {"ok": True}))
+    await writer.drain()
+
+
 async def serve_script(tmp_path, lane: bool, data: bytes, cuts: list[int], want: int):
     """A daemon stand-in: answers the handshake, writes ``data`` cut at
     ``cuts``, and reads the client's frames until ``want`` answers came (or
@@ -100,10 +108,7 @@ async def serve_script(tmp_path, lane: bool, data: bytes, cuts: list[int], want:
         return p
 
     async def daemon(reader, writer):
-        hs = await reader.readexactly(20)
-        await reader.readexactly(int.from_bytes(hs[8:12], "little"))
-        writer.write(frame(T.HANDSHAKE, 1, {"ok": True}))
-        await writer.drain()
+        await accept_handshake(reader, writer)
         await ready.wait()
         last = 0
         for cut in [*cuts, len(data)]:
@@ -225,10 +230,7 @@ def test_the_lane_takes_only_complete_frames_whatever_lies_past_the_end(tmp_path
         path = str(tmp_path / "direct.sock")
 
         async def daemon(reader, writer):
-            hs = await reader.readexactly(20)
-            await reader.readexactly(int.from_bytes(hs[8:12], "little"))
-            writer.write(frame(T.HANDSHAKE, 1, {"ok": True}))
-            await writer.drain()
+            await accept_handshake(reader, writer)
             await reader.read()
             writer.close()
             await writer.wait_closed()

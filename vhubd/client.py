@@ -33,7 +33,7 @@ import msgspec
 
 from .channel import ClientChannel, params_of
 from .errors import ConnectionClosed, InvalidState, RemoteError
-from .frames import CHANNEL_BASE, CHANNEL_WINDOW, HEADER, MAGIC, SESSIONS_PAGE, VERSION, MsgType
+from .frames import CHANNEL_BASE, CHANNEL_WINDOW, HEADER, HEADER_SIZE, MAGIC, SESSIONS_PAGE, VERSION, MsgType
 from .paths import default_control_path
 from .protocol import (
     Connection,
@@ -82,6 +82,13 @@ _END = object()
 _RQ = int(MsgType.RPC_REQUEST)
 _REQUESTS = frozenset({_RQ})
 _unpack_header = HEADER.unpack_from
+
+
+def _method_of(req: Any) -> str | None:
+    """The method a decoded RpcRequest payload names (``event`` is its old
+    spelling); None when the payload is not an object naming one."""
+    method = (req.get("method") or req.get("event")) if type(req) is dict else None
+    return method if type(method) is str else None
 
 
 _PLAIN = frozenset({dict, list, str, int, float, bool, type(None), bytes})  # results never awaitable
@@ -286,12 +293,10 @@ class Client:
                 req = _decode(ev.payload)
             except msgspec.DecodeError:
                 req = None
-            if type(req) is not dict:
-                self._bad_request(ev.request_id, "RpcRequest payload must be a JSON object")
-                return None
-            method = req.get("method") or req.get("event")
-            if type(method) is not str:
-                self._bad_request(ev.request_id, "RpcRequest needs a method (or event)")
+            method = _method_of(req)
+            if method is None:
+                self._bad_request(ev.request_id, "RpcRequest needs a method (or event)" if type(req) is dict
+                                  else "RpcRequest payload must be a JSON object")
                 return None
             if method == "vhub.event" and ev.request_id == 0:
                 return Event(req.get("params") or {})
@@ -318,18 +323,18 @@ class Client:
         pos, count = start, 0
         view = memoryview(buf)
         try:
-            while end - pos >= 20:
+            while end - pos >= HEADER_SIZE:
                 magic, version, mtype, _, length, rid = _unpack_header(buf, pos)
-                stop = pos + 20 + length
+                stop = pos + HEADER_SIZE + length
                 if (mtype != _RQ or not rid or magic != MAGIC or version != VERSION or length > limit
                         or stop > end):
                     break
                 try:
-                    req = _decode(view[pos + 20:stop])
+                    req = _decode(view[pos + HEADER_SIZE:stop])
                 except msgspec.DecodeError:
                     break
-                method = (req.get("method") or req.get("event")) if type(req) is dict else None
-                if type(method) is not str:
+                method = _method_of(req)
+                if method is None:
                     break
                 pos = stop
                 count += 1
