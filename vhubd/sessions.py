@@ -72,23 +72,53 @@ def new_token() -> str:
     return secrets.token_hex(24)
 
 
+REFERENCE_AT = 32 * 1024  # a chunk at least this large may be kept by reference (see ``keep``)
+
+
+def keep(data) -> Any:
+    """What a ring keeps of ``data``: a large slice that covers at least half of
+    the receive buffer it lives in is kept as that slice (the buffer is never
+    written again while a slice of it lives: protocol.buffer), anything else is
+    copied. So the ring copies no bulk output, and pins at most twice the
+    bytes it holds (a buffer holds at most two such halves)."""
+    if type(data) is memoryview and data.nbytes >= REFERENCE_AT and 2 * data.nbytes >= len(data.obj):  # type: ignore[arg-type]
+        return data
+    return bytes(data)
+
+
+class Pieces:
+    """One whole frame kept as the pieces it arrived in (a cut-through frame's
+    header and slices of the guest's receive buffers): never joined."""
+
+    __slots__ = ("parts", "size", "msg_type")
+
+    def __init__(self, parts: list):
+        self.parts = parts
+        self.size = sum(map(len, parts))
+        self.msg_type = parts[0][5]
+
+    def __len__(self) -> int:
+        return self.size
+
+
 class Scrollback:
     """Last ``capacity`` bytes of a session's stream frames, whole frames only,
     oldest dropped first. Stored once per session: replay writes these same
-    bytes objects to each client that asks."""
+    buffers to each client that asks. Bulk output is kept by reference to the
+    guest's receive buffer (``keep``), small chunks as copies."""
 
     __slots__ = ("capacity", "chunks", "size", "dropped")
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self.chunks: collections.deque[bytes] = collections.deque()
+        self.chunks: collections.deque = collections.deque()
         self.size = 0
         self.dropped = 0
 
     def append(self, data) -> None:
-        """Append complete frames (a buffer; copied once). When the ring
-        overflows, the oldest *frames* go, never a part of one; a batch larger
-        than the ring keeps its newest whole frames."""
+        """Append complete frames (a buffer). When the ring overflows, the
+        oldest *frames* go, never a part of one; a batch larger than the ring
+        keeps its newest whole frames."""
         n = len(data)
         if not n or self.capacity <= 0:
             self.dropped += n
@@ -99,29 +129,36 @@ class Scrollback:
             data, n = kept, len(kept)
             if not n:
                 return
-        self.chunks.append(bytes(data))
+        self.chunks.append(data if type(data) is Pieces else keep(data))
         self.size += n
         if self.size <= self.capacity:
             return
-        # big rings trim to 7/8 of their capacity: one trim (a copy of part of
-        # the oldest chunk) per eighth of the ring, not one per append; small
-        # rings keep exactly as much as fits
+        # big rings trim to 7/8 of their capacity: one trim (part of the oldest
+        # chunk) per eighth of the ring, not one per append; small rings keep
+        # exactly as much as fits
         low = self.capacity - (self.capacity >> 3) if self.capacity >= 65536 else self.capacity
         while self.size > low:
             old = self.chunks[0]
             excess = self.size - low
-            if len(old) <= excess:
+            if len(old) <= excess or type(old) is Pieces:  # one frame: all or nothing
                 self.chunks.popleft()
                 self.size -= len(old)
                 self.dropped += len(old)
             else:
-                rest = bytes(newest_frames(memoryview(old), len(old) - excess))
+                rest = keep(newest_frames(memoryview(old), len(old) - excess))
                 self.chunks[0] = rest
                 self.size -= len(old) - len(rest)
                 self.dropped += len(old) - len(rest)
 
-    def replay(self) -> list[bytes]:
-        return list(self.chunks)
+    def replay(self) -> list:
+        """The ring's bytes as a list of buffers (a ``Pieces`` frame as its pieces)."""
+        out: list = []
+        for c in self.chunks:
+            if type(c) is Pieces:
+                out.extend(c.parts)
+            else:
+                out.append(c)
+        return out
 
 
 class Session:

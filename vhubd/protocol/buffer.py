@@ -9,6 +9,8 @@ _getrefcount = sys.getrefcount
 _probe = [bytearray(1)]
 _SPARE_FREE = _getrefcount(_probe[0])  # refcount of a list-held bytearray with no live slices
 del _probe
+SPARES = 16  # retired buffers kept for reuse (most still pinned: a scrollback keeps bulk output by reference)
+FREE_SPARES = 2  # of those, unpinned ones kept (the memory an idle-but-busy connection holds on to)
 
 
 class ReceiveBuffer:
@@ -19,7 +21,8 @@ class ReceiveBuffer:
     the next buffer 4x larger (up to ``grow_limit``); ``shrink()`` on idle
     goes back to ``initial``. A pinned buffer is retired to a small spare pool
     and reused once its slices are gone, so a busy stream does not allocate
-    (and zero-fill) a fresh buffer per read.
+    (and zero-fill) a fresh buffer per read, even while a session's scrollback
+    keeps slices of its last few buffers.
     """
 
     __slots__ = ("buf", "start", "end", "initial", "grow_limit", "target", "_baseline", "_offered", "_spare")
@@ -55,10 +58,19 @@ class ReceiveBuffer:
         self.buf = new
         del new
         self._rebase()
-        if len(old) == self.target and len(self._spare) < 2:
-            self._spare.append(old)  # maybe pinned now; reused once its slices are gone
+        if len(old) == self.target:
+            self._retire(old)  # maybe pinned now; reused once its slices are gone
         self.start = 0
         self.end = live
+
+    def _retire(self, old: bytearray) -> None:
+        spare = self._spare
+        spare.append(old)
+        free = [i for i in range(len(spare)) if _getrefcount(spare[i]) == _SPARE_FREE]
+        for i in reversed(free[FREE_SPARES:]):
+            del spare[i]  # memory back: more unpinned spares than a busy stream needs
+        if len(spare) > SPARES:
+            del spare[0]  # the oldest (pinned: its slices keep it alive, not this list)
 
     def _rebase(self) -> None:
         # refcount of self.buf when nothing but this object holds it

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from .. import codec, frames
+from .. import codec, frames, sessions
 from ..frames import HEADER_SIZE
 from ..protocol import StreamChunk, StreamRun, StreamStart, notification
 from ..sessions import Session
@@ -36,7 +36,7 @@ ACK_RETRY = 0.01  # seconds between checks while a lossless subscriber still hol
 class CutThrough:
     """A large stream frame in flight: who gets its parts, and the last
     ``keep`` payload bytes for the scrollback (nothing when the ring is too
-    small to hold any of it)."""
+    small to hold any of it), bulk parts by reference (``sessions.keep``)."""
 
     __slots__ = ("targets", "head", "keep", "parts", "size", "source", "waiting")
 
@@ -46,7 +46,7 @@ class CutThrough:
         self.waiting: list = []  # (member, events) of other guests of the session, held until it ends
         self.head = bytearray(ev.data[:HEADER_SIZE])
         self.keep = max(0, min(ev.length, room))
-        self.parts: list = []  # bytes (the first may become a memoryview of its tail)
+        self.parts: list = []  # bytes or slices of the guest's receive buffers
         self.size = 0
 
     def keep_tail(self, data: memoryview) -> None:
@@ -54,24 +54,28 @@ class CutThrough:
         if not keep:
             return
         if len(data) >= keep:
-            self.parts = [bytes(data[len(data) - keep:])]
+            self.parts = [sessions.keep(data[len(data) - keep:])]
             self.size = keep
             return
-        self.parts.append(bytes(data))
+        self.parts.append(sessions.keep(data))
         self.size += len(data)
         while self.size - len(self.parts[0]) >= keep:
             self.size -= len(self.parts.pop(0))
 
-    def frame_for_scrollback(self) -> bytes:
-        """The frame's kept tail as one frame: one copy (the join)."""
+    def frame_for_scrollback(self) -> Any:
+        """The frame's kept tail as one frame: bulk as ``Pieces`` (no copy),
+        small tails joined."""
         if not self.keep:
             return b""
         parts = self.parts
         excess = self.size - self.keep
         if excess > 0:
-            parts[0] = memoryview(parts[0])[excess:]
-        self.head[8:12] = min(self.size, self.keep).to_bytes(4, "little")
-        return b"".join([self.head, *parts])
+            parts[0] = sessions.keep(memoryview(parts[0])[excess:])
+        size = min(self.size, self.keep)
+        self.head[8:12] = size.to_bytes(4, "little")
+        if size < sessions.REFERENCE_AT:
+            return b"".join([self.head, *parts])
+        return sessions.Pieces([bytes(self.head), *parts])
 
 
 def run_of(chunk: bytes) -> StreamRun:
@@ -117,10 +121,15 @@ class Streams:
 
     def replay(self, member: Member) -> None:
         """The scrollback of the member's session (or of every session, for "*")."""
-        sessions = [member.session] if member.session is not None else list(self.relay.registry)
-        for s in sessions:
-            for chunk in s.scrollback.replay():
-                self.deliver(member, run_of(chunk))
+        sessions_ = [member.session] if member.session is not None else list(self.relay.registry)
+        for s in sessions_:
+            for chunk in list(s.scrollback.chunks):
+                if type(chunk) is sessions.Pieces:  # one frame in pieces
+                    if member.joined and TYPE_BIT[chunk.msg_type] & member.subscribe_mask:
+                        for part in chunk.parts:
+                            member.port.write(part)
+                else:
+                    self.deliver(member, run_of(chunk))
 
     # ---------------------------------------------------------------- cut-through
     def cut_through_start(self, sess: Session, ev: StreamStart, source: Member) -> None:
