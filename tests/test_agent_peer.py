@@ -86,7 +86,10 @@ class PeerConn:
         for frame in self.dec.feed(data):
             if frame.msg_type == MsgType.Heartbeat and frame.payload == b"" and self.auto_pong:
                 self.pings_seen.append(frame.request_id)
-                self.send(MsgType.Heartbeat, frame.request_id, b"pong")
+                try:
+                    self.send(MsgType.Heartbeat, frame.request_id, b"pong")
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the agent pinged, then closed (an Error told it to): its EOF is read next
                 continue
             if frame.msg_type in (MsgType.Stdout, MsgType.Stderr, MsgType.StreamData):
                 self.stream_frames += 1
