@@ -5,12 +5,19 @@
     VHUB_BENCH_QUICK=1 python bench/report.py   # short version: bench/out/ only, RESULTS.md untouched
     python bench/report.py --from bench/out/results.json [--results]   # re-render, no run
     python bench/report.py -k stream        # other arguments go to pytest (then RESULTS.md is not written)
+    python bench/report.py --passes 1       # the relay benchmarks once (a full run repeats them: 3 passes)
 
 The report is built only from the JSON pytest-benchmark writes: every benchmark
 stores its numbers in ``extra_info`` (a ``kind`` plus fields), and the machine
 line (CPU, cores, kernel, Python, load average at start and end) is in the
 JSON's ``vhub_machine``. Every ratio compares numbers of the same run.
 No timing assertions anywhere: the targets table says met/short, it never fails.
+
+A full run repeats the relay benchmarks (bench/test_bench_relay.py: stream, RPC,
+fan-out, each vhubd case beside its socat/tee/direct references) in ``--passes``
+passes minutes apart, and reports every number as its median over the passes:
+on a shared machine a burst of other work slows whichever case it lands on, and
+one pass's ratio can move by 0.3; the median of three passes does not follow it.
 """
 
 from __future__ import annotations
@@ -98,6 +105,9 @@ def machine_line(m: dict) -> str:
     if noisy:
         line += (" — the machine was shared and busy (other jobs running): absolute numbers are noisy; "
                  "the ratios compare cases of the same run")
+    if (m.get("passes") or 1) > 1:
+        line += (f". The relay benchmarks (stream, RPC, fan-out: {m.get('merged', '?')} cases) ran in "
+                 f"{m['passes']} passes, one after the other; each of their numbers is the median over the passes")
     return line
 
 
@@ -416,6 +426,49 @@ def markdown_document(data: dict, title: str = "vhubd benchmark results") -> str
     return "\n".join(head) + render(rows_from_json(data), machine) + "\n"
 
 
+RELAY_SUITE = os.path.join(HERE, "test_bench_relay.py")
+
+
+def _median(xs: list) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def _median_fields(infos: list[dict]) -> dict:
+    """One row from the same row of several passes: numbers as their median."""
+    out = dict(infos[0])
+    for k, v in infos[0].items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            vals = [i[k] for i in infos if isinstance(i.get(k), (int, float))]
+            out[k] = _median(vals)
+    return out
+
+
+def merge_passes(data: dict, passes: list[dict]) -> dict:
+    """``data`` with every benchmark that the other ``passes`` ran again
+    replaced by the median of its numbers over all of them."""
+    again: dict = {}
+    for extra in passes:
+        for b in extra.get("benchmarks", []):
+            again.setdefault(b["fullname"], []).append(b.get("extra_info") or {})
+    merged = 0
+    for b in data.get("benchmarks", []):
+        more = again.get(b["fullname"])
+        if not more:
+            continue
+        infos = [b.get("extra_info") or {}, *more]
+        info = _median_fields(infos)
+        rows = [i.get("rows", []) for i in infos]
+        if rows[0] and all(len(r) == len(rows[0]) for r in rows):
+            info["rows"] = [_median_fields([r[j] for r in rows]) for j in range(len(rows[0]))]
+        b["extra_info"] = info
+        merged += 1
+    data.setdefault("vhub_machine", {})["passes"] = 1 + len(passes)
+    data["vhub_machine"]["merged"] = merged
+    return data
+
+
 def write_outputs(json_path: str, results: bool) -> str:
     with open(json_path) as f:
         data = json.load(f)
@@ -436,6 +489,8 @@ def main() -> int:
     ap.add_argument("--results", action="store_true", default=None,
                     help="also write bench/RESULTS.md (default: yes for a full run, no for a quick one)")
     ap.add_argument("--no-results", dest="results", action="store_false")
+    ap.add_argument("--passes", type=int, default=None,
+                    help="passes of the relay benchmarks, reported as medians (default: 3 for a full run, else 1)")
     args, pytest_args = ap.parse_known_args()
     if pytest_args[:1] == ["--"]:
         pytest_args = pytest_args[1:]
@@ -453,6 +508,21 @@ def main() -> int:
     if not os.path.exists(args.json):
         print("no benchmark JSON was written", file=sys.stderr)
         return rc or 1
+    passes = args.passes if args.passes is not None else (1 if quick or args.pytest_args else 3)
+    extra = []
+    for i in range(2, passes + 1):
+        path = os.path.join(OUT, f"relay-pass{i}.json")
+        cmd = [sys.executable, "-m", "pytest", RELAY_SUITE, f"--benchmark-json={path}",
+               "--benchmark-columns=median,ops,rounds", "-q"]
+        print(f"==> pass {i} of {passes}: " + " ".join(cmd), flush=True)
+        rc = subprocess.call(cmd, cwd=ROOT, env=dict(os.environ, VHUB_BENCH_NO_SUMMARY="1")) or rc
+        with open(path) as f:
+            extra.append(json.load(f))
+    if extra:
+        with open(args.json) as f:
+            data = merge_passes(json.load(f), extra)
+        with open(args.json, "w") as f:
+            json.dump(data, f, indent=1)
     results = args.results if args.results is not None else (rc == 0 and not quick and not args.pytest_args)
     doc = write_outputs(args.json, results)
     print()
