@@ -39,11 +39,11 @@ def pinned(ring: Scrollback) -> int:
 
 def is_frame_suffix(got: bytes, wire: list[bytes]) -> bool:
     """``got`` is the concatenation of the newest whole frames of ``wire``."""
-    tail, i = b"", len(wire)
-    while len(tail) < len(got) and i:
+    size, i = 0, len(wire)
+    while size < len(got) and i:
         i -= 1
-        tail = wire[i] + tail
-    return tail == got
+        size += len(wire[i])
+    return size == len(got) and b"".join(wire[i:]) == got
 
 
 # ---------------------------------------------------------------- the ring alone
@@ -73,6 +73,25 @@ def test_a_referenced_chunk_trimmed_to_a_small_tail_is_copied():
     assert is_frame_suffix(b"".join(ring.replay()), wire + more)
     assert ring.size <= ring.capacity
     assert pinned(ring) <= 2 * ring.size
+
+
+def test_a_big_ring_drops_whole_batches_and_keeps_three_quarters_or_more():
+    """Read batches of 64 B frames, each the most of its receive buffer: the
+    ring drops the oldest batches whole (no batch cut, walked or copied) and
+    keeps between 3/4 and all of its capacity."""
+    ring = Scrollback(1 * MiB)
+    rnd = random.Random(5)
+    wire: list = []
+    for _ in range(40):
+        batch = frames_of([64] * rnd.randint(2000, 2400), rnd)
+        wire += batch
+        buf = bytearray(256 * KiB)
+        data = b"".join(batch)
+        buf[:len(data)] = data
+        ring.append(memoryview(buf)[:len(data)])
+        assert 3 * MiB // 4 <= ring.size <= MiB or sum(map(len, wire)) < 3 * MiB // 4
+        assert all(type(c) is memoryview and len(c) >= 160 * KiB for c in ring.chunks)  # whole batches only
+        assert is_frame_suffix(b"".join(ring.replay()), wire)
 
 
 def test_a_frame_in_pieces_is_kept_and_dropped_whole():

@@ -133,18 +133,19 @@ class Scrollback:
         self.size += n
         if self.size <= self.capacity:
             return
-        # big rings trim to 7/8 of their capacity: one trim (part of the oldest
-        # chunk) per eighth of the ring, not one per append; small rings keep
-        # exactly as much as fits
-        low = self.capacity - (self.capacity >> 3) if self.capacity >= 65536 else self.capacity
-        while self.size > low:
+        # big rings keep between 3/4 and all of their capacity: the oldest
+        # chunks go whole while that leaves at least 3/4 (no walk through a
+        # chunk's frames, no copy of its rest), and a chunk is cut only when
+        # it is larger than that margin; small rings keep exactly as much as fits
+        low = self.capacity - (self.capacity >> 2) if self.capacity >= 65536 else self.capacity
+        while self.size > self.capacity:
             old = self.chunks[0]
-            excess = self.size - low
-            if len(old) <= excess or type(old) is Pieces:  # one frame: all or nothing
+            if self.size - len(old) >= low or type(old) is Pieces:  # a Pieces frame: all or nothing
                 self.chunks.popleft()
                 self.size -= len(old)
                 self.dropped += len(old)
             else:
+                excess = self.size - low
                 rest = keep(newest_frames(memoryview(old), len(old) - excess))
                 self.chunks[0] = rest
                 self.size -= len(old) - len(rest)
