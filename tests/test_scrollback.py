@@ -165,22 +165,66 @@ def test_what_the_ring_replays_is_what_the_guest_sent(codec_impl, seed):
 
 def test_a_buffer_change_keeps_at_most_two_free_spares():
     """Buffers the ring let go of are reused; past two, they are given back
-    at the next buffer change (and all of them when the connection idles)."""
+    at the next read."""
     rx = rxbuffer.ReceiveBuffer(4096, 256 * KiB)
     rx.target = 256 * KiB
     held = [memoryview(bytearray(256 * KiB)) for _ in range(5)]  # slices a ring keeps
     rx._spare = [v.obj for v in held]
-    del held[:4]  # the ring dropped four of them: free now
-    rx.get_buffer()  # a buffer change: one free spare reused
-    rx.reserve(200 * KiB)
-    assert len(rx.buf) == 256 * KiB and len(rx._spare) == 4  # taken from the spares, not allocated
-    old = bytearray(256 * KiB)
-    rx._retire(old)  # the next buffer change
-    free = [b for b in rx._spare if b is not held[0].obj and b is not old]
-    assert held[0].obj in rx._spare and old in rx._spare and len(free) == rxbuffer.FREE_SPARES
+    free_ids = {id(v.obj) for v in held[1:]}
+    del held[1:]  # the ring dropped four of them: free now
+    rx.get_buffer()  # a buffer change: a free spare reused, not a fresh one
+    assert len(rx.buf) == 256 * KiB and id(rx.buf) in free_ids
+    free = [b for b in rx._spare if b is not held[0].obj]
+    assert held[0].obj in rx._spare and len(free) <= rxbuffer.FREE_SPARES
+
+
+def test_free_buffers_go_back_while_small_output_follows():
+    """The ring lets go of the slices it kept; the guest goes on with small
+    output (copied, no buffer change): the next reads give the free buffers
+    back, all but two."""
+    rnd = random.Random(9)
+    ring = Scrollback(8 * MiB)
+    c = serve(None)
+
+    def read(data: bytes) -> None:  # whole reads, as a fast guest fills them
+        mv = memoryview(data)
+        while mv:
+            dst = c.get_buffer()
+            n = min(len(dst), len(mv))
+            dst[:n] = mv[:n]
+            del dst
+            mv = mv[n:]
+            for ev in c.buffer_updated(n):
+                if type(ev) is StreamRun:
+                    ring.append(ev.data)
+
+    for _ in range(40):  # ~1 MiB of 16 KiB frames a time: read batches kept by reference
+        read(b"".join(frames_of([16 * KiB] * 64, rnd)))
+    assert any(type(ch) is memoryview for ch in ring.chunks)
+    assert len(c.rx._spare) > rxbuffer.FREE_SPARES
+    ring.chunks.clear()  # trimmed away (the session's other guests went on, or it was removed)
+    for _ in range(3):
+        read(frame(T.STDOUT, 1, b"tick\n"))
+    free = [b for b in c.rx._spare if b is not c.rx.buf]
+    assert len(free) <= rxbuffer.FREE_SPARES
 
 
 # ---------------------------------------------------------------- through the relay
+
+def test_a_frame_read_a_few_bytes_at_a_time_is_kept_as_few_objects():
+    """A guest drips a cut-through frame 64 bytes a read: the ring keeps it as a
+    couple of objects (not one per read) and pins no more than twice its size."""
+    w = World(scrollback=1 * MiB)
+    a = w.guest(b"")
+    handshake_answer(a)
+    big = frame(T.STDOUT, 1, random.Random(8).randbytes(300 * KiB))
+    for i in range(0, len(big), 64):
+        a.feed(big[i:i + 64])
+    ring = w.registry.get("default").scrollback
+    (kept,) = ring.chunks
+    assert type(kept) is Pieces and len(kept.parts) <= 3
+    assert b"".join(ring.replay()) == big and pinned(ring) <= 2 * ring.size
+
 
 def test_a_late_replay_gets_cut_through_frames_from_their_pieces():
     """In-process relay: frames larger than the cut-through size are kept as
@@ -203,6 +247,39 @@ def test_a_late_replay_gets_cut_through_frames_from_their_pieces():
     err = w.client("default", subscribe=["stderr"], replay=True)
     handshake_answer(err)
     assert [f.msg_type for f in err.frames()] == ([T.STDERR] if wire[1] in got else [])
+
+
+def test_a_replay_past_a_lossy_limit_ends_with_an_error_after_whole_frames(make_daemon):
+    """A lossy client whose replay (frames kept in pieces) passes its limit:
+    it gets whole frames, then slow_consumer as a frame of its own, never
+    inside a payload."""
+    d = make_daemon("--heartbeat", "0", "--scrollback", "4m", "--lossy-limit", "1m")
+    rnd = random.Random(1)
+    wire = [frame(T.STDOUT, i, rnd.randbytes(900 * KiB)) for i in range(4)]
+
+    async def body():
+        live = await RawClient.open(d.control, session="default", subscribe=["stdout"])
+        g = await AsyncPeer.guest(d.socket)
+
+        async def send():
+            for f in wire:
+                g.send_raw(f)
+                await g.drain()
+
+        await asyncio.gather(send(), live.read_exactly(sum(map(len, wire))))
+        r = await RawClient.open(d.control, session="default", subscribe=["stdout"], replay=True, flow="lossy")
+        kinds = []
+        while True:
+            head = await r.read_exactly(20)
+            body_ = await r.read_exactly(int.from_bytes(head[8:12], "little"))
+            if head[5] == T.ERROR:
+                assert b"slow_consumer" in body_
+                break
+            assert head + body_ in wire  # whole, and one the guest sent
+            kinds.append(head[5])
+        assert await r.reader.read() == b""  # then the close
+
+    run(body())
 
 
 @pytest.mark.parametrize("codec", ["c", "python"])

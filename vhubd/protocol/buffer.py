@@ -10,7 +10,7 @@ _probe = [bytearray(1)]
 _SPARE_FREE = _getrefcount(_probe[0])  # refcount of a list-held bytearray with no live slices
 del _probe
 SPARES = 16  # retired buffers kept for reuse (most still pinned: a scrollback keeps bulk output by reference)
-FREE_SPARES = 2  # of those, unpinned ones kept (the memory an idle-but-busy connection holds on to)
+FREE_SPARES = 2  # of those, unpinned ones kept at each read (given back: the ring let go of them)
 
 
 class ReceiveBuffer:
@@ -66,11 +66,17 @@ class ReceiveBuffer:
     def _retire(self, old: bytearray) -> None:
         spare = self._spare
         spare.append(old)
-        free = [i for i in range(len(spare)) if _getrefcount(spare[i]) == _SPARE_FREE]
-        for i in reversed(free[FREE_SPARES:]):
-            del spare[i]  # memory back: more unpinned spares than a busy stream needs
+        del old
+        self._prune()
         if len(spare) > SPARES:
             del spare[0]  # the oldest (pinned: its slices keep it alive, not this list)
+
+    def _prune(self) -> None:
+        """Memory back: no more unpinned spares than a busy stream needs."""
+        spare = self._spare
+        free = [i for i in range(len(spare)) if _getrefcount(spare[i]) == _SPARE_FREE]
+        for i in reversed(free[FREE_SPARES:]):
+            del spare[i]
 
     def _rebase(self) -> None:
         # refcount of self.buf when nothing but this object holds it
@@ -92,6 +98,8 @@ class ReceiveBuffer:
         self.end = live
 
     def get_buffer(self, min_free: int = 1024) -> memoryview:
+        if len(self._spare) > FREE_SPARES:  # the ring may have let go of some since the last read
+            self._prune()
         live = self.end - self.start
         size = len(self.buf)
         if self.pinned():

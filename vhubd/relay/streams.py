@@ -75,7 +75,25 @@ class CutThrough:
         self.head[8:12] = size.to_bytes(4, "little")
         if size < sessions.REFERENCE_AT:
             return b"".join([self.head, *parts])
-        return sessions.Pieces([bytes(self.head), *parts])
+        return sessions.Pieces(coalesced([bytes(self.head), *parts]))
+
+
+def coalesced(parts: list) -> list:
+    """Copied parts (small reads) joined between the referenced ones: a frame
+    that arrived a few bytes a read is kept as few objects, not one per read."""
+    out: list = []
+    small: list = []
+    for p in parts:
+        if type(p) is memoryview:
+            if small:
+                out.append(b"".join(small))
+                small = []
+            out.append(p)
+        else:
+            small.append(p)
+    if small:
+        out.append(b"".join(small))
+    return out
 
 
 def run_of(chunk: bytes) -> StreamRun:
@@ -124,10 +142,10 @@ class Streams:
         sessions_ = [member.session] if member.session is not None else list(self.relay.registry)
         for s in sessions_:
             for chunk in list(s.scrollback.chunks):
-                if type(chunk) is sessions.Pieces:  # one frame in pieces
+                if type(chunk) is sessions.Pieces:  # one frame in pieces: written as one (a queue
+                    # limit reached between two parts would put its Error inside the payload)
                     if member.joined and TYPE_BIT[chunk.msg_type] & member.subscribe_mask:
-                        for part in chunk.parts:
-                            member.port.write(part)
+                        member.port.write(b"".join(chunk.parts))
                 else:
                     self.deliver(member, run_of(chunk))
 
