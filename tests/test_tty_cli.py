@@ -225,6 +225,23 @@ def test_full_screen_programs_start_resize_and_quit(daemon, terminals):
     assert t.settings() == t.before
 
 
+def test_what_is_typed_right_after_a_resize_sees_the_new_size(daemon, terminals):
+    """The window changes and the user types at once: blink finds the SIGWINCH
+    and the typed bytes pending together (stopped meanwhile, as a loaded
+    machine does to it), and asyncio runs a signal's handler a turn of the
+    loop after the input it races. The program reads the new size, every time."""
+    t = shell(terminals, daemon, "tty-race")
+    for i, (rows, cols) in enumerate([(30, 100), (41, 121), (25, 81)]):
+        t.proc.send_signal(signal.SIGSTOP)
+        t.resize(rows, cols)
+        t.type(b"stty size\r")
+        t.proc.send_signal(signal.SIGCONT)
+        got = t.read_until(PROMPT, 20)
+        assert f"{rows} {cols}".encode() in got, (i, got)
+    t.type(b"exit\r")
+    assert t.wait() == 0
+
+
 @pytest.mark.skipif(not os.path.exists("/usr/bin/vi"), reason="no vi on this host")
 def test_vi_starts_and_quits(daemon, terminals):
     t = shell(terminals, daemon, "tty-vi")

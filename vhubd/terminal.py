@@ -140,6 +140,8 @@ async def relay_terminal(client: Client, term: Terminal, session: str, escape: i
             if not outcome.done():
                 outcome.set_result((kind, value))
 
+        sent_size: list = [None]  # the window size last queued
+
         def on_stdin() -> None:
             nonlocal reading
             try:
@@ -148,6 +150,10 @@ async def relay_terminal(client: Client, term: Terminal, session: str, escape: i
                 return
             except OSError:
                 data = b""
+            if data and window_size(fd_out, fd_in) != sent_size[0]:
+                # resized, and the SIGWINCH handler has not run yet (asyncio runs it on the
+                # next turn of the loop): the new size goes before what was typed after it
+                on_winch()
             if not data:  # stdin closed: stop reading, the program runs on
                 loop.remove_reader(fd_in)
                 reading = False
@@ -163,7 +169,8 @@ async def relay_terminal(client: Client, term: Terminal, session: str, escape: i
             inputs.put_nowait(data)
 
         def on_winch() -> None:
-            inputs.put_nowait(window_size(fd_out, fd_in))
+            sent_size[0] = window_size(fd_out, fd_in)
+            inputs.put_nowait(sent_size[0])
 
         def on_cont() -> None:  # stopped and continued: a shell may have reset the terminal
             if raw is not None and raw.saved is not None:
