@@ -52,11 +52,6 @@ def test_fan_out_identical_bytes_to_20_subscribers(make_daemon):
         lib_lossy = await client(d, session="default", subscribe=["stdout", "stderr"], flow="lossy")
         g = await AsyncPeer.guest(d.socket)
 
-        async def send():
-            for i in range(0, len(frames), 16):
-                g.send_raw(b"".join(frames[i:i + 16]))
-                await g.drain()
-
         async def collect(c, n):
             items = []
             while len(items) < n:
@@ -67,7 +62,7 @@ def test_fan_out_identical_bytes_to_20_subscribers(make_daemon):
 
         wants = [wire] * 16 + [stdout_only]
         results = await asyncio.gather(
-            send(), *(r.sha_of(len(w)) for r, w in zip(raws, wants, strict=True)),
+            g.send_frames(frames, 16), *(r.sha_of(len(w)) for r, w in zip(raws, wants, strict=True)),
             collect(lib, len(frames)), collect(lib_err, len(stderr_payloads)), collect(lib_lossy, len(frames)))
         shas = results[1:1 + len(raws)]
         assert shas == [sha(w) for w in wants]
@@ -193,12 +188,7 @@ def test_lossy_slow_consumer_dropped_others_unaffected(make_daemon):
             g = await AsyncPeer.guest(d.socket)
             rss_before = d.rss_kib()
 
-            async def send():
-                for i in range(0, len(frames), 32):
-                    g.send_raw(b"".join(frames[i:i + 32]))
-                    await g.drain()
-
-            sender = asyncio.ensure_future(send())
+            sender = asyncio.ensure_future(g.send_frames(frames, 32))
             await wait_until(_stats(d, "slow_consumers"), 30, interval=0.05, what="slow consumer dropped")
             raw = await asyncio.to_thread(_read_to_eof, slow)
             assert error_of(raw)[0] == "slow_consumer"
@@ -319,12 +309,7 @@ def test_lossy_consumer_dropped_mid_large_frame_gets_no_foreign_bytes(make_daemo
             fast = await RawClient.open(d.control, session="default", subscribe=["stdout"])
             g = await AsyncPeer.guest(d.socket)
 
-            async def send():
-                for f in frames:
-                    g.send_raw(f)
-                    await g.drain()
-
-            sender = asyncio.ensure_future(send())
+            sender = asyncio.ensure_future(g.send_frames(frames))
             await wait_until(_stats(d, "slow_consumers"), 30, interval=0.05, what="slow consumer dropped")
             raw = await asyncio.to_thread(_read_to_eof, slow)
             assert await fast.sha_of(len(wire), 60) == sha(wire)

@@ -187,16 +187,9 @@ def test_free_buffers_go_back_while_small_output_follows():
     c = serve(None)
 
     def read(data: bytes) -> None:  # whole reads, as a fast guest fills them
-        mv = memoryview(data)
-        while mv:
-            dst = c.get_buffer()
-            n = min(len(dst), len(mv))
-            dst[:n] = mv[:n]
-            del dst
-            mv = mv[n:]
-            for ev in c.buffer_updated(n):
-                if type(ev) is StreamRun:
-                    ring.append(ev.data)
+        for ev in c.receive_data(data):
+            if type(ev) is StreamRun:
+                ring.append(ev.data)
 
     for _ in range(40):  # ~1 MiB of 16 KiB frames a time: read batches kept by reference
         read(b"".join(frames_of([16 * KiB] * 64, rnd)))
@@ -261,12 +254,7 @@ def test_a_replay_past_a_lossy_limit_ends_with_an_error_after_whole_frames(make_
         live = await RawClient.open(d.control, session="default", subscribe=["stdout"])
         g = await AsyncPeer.guest(d.socket)
 
-        async def send():
-            for f in wire:
-                g.send_raw(f)
-                await g.drain()
-
-        await asyncio.gather(send(), live.read_exactly(sum(map(len, wire))))
+        await asyncio.gather(g.send_frames(wire), live.read_exactly(sum(map(len, wire))))
         r = await RawClient.open(d.control, session="default", subscribe=["stdout"], replay=True, flow="lossy")
         kinds = []
         while True:
@@ -301,12 +289,7 @@ def test_replay_through_a_daemon_is_the_newest_output_exactly(make_daemon, codec
     async def body():
         live = await RawClient.open(d.control, session="default", subscribe=["stdout", "stderr"])
         g = await AsyncPeer.guest(d.socket)
-        async def send():
-            for i in range(0, len(wire), 4):
-                g.send_raw(b"".join(wire[i:i + 4]))
-                await g.drain()
-
-        _, seen = await asyncio.gather(send(), live.read_exactly(len(everything)))  # lossless: it paces the guest
+        _, seen = await asyncio.gather(g.send_frames(wire, 4), live.read_exactly(len(everything)))  # lossless: it paces the guest
         assert seen == everything
         r = await RawClient.open(d.control, session="default", subscribe=["stdout", "stderr"], replay=True)
         end = frame(T.STDOUT, 99, b"end of the test")

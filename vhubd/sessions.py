@@ -90,12 +90,11 @@ class Pieces:
     """One whole frame kept as the pieces it arrived in (a cut-through frame's
     header and slices of the guest's receive buffers): never joined."""
 
-    __slots__ = ("parts", "size", "msg_type")
+    __slots__ = ("parts", "size")
 
     def __init__(self, parts: list):
         self.parts = parts
         self.size = sum(map(len, parts))
-        self.msg_type = parts[0][5]
 
     def __len__(self) -> int:
         return self.size
@@ -152,14 +151,10 @@ class Scrollback:
                 self.dropped += len(old) - len(rest)
 
     def replay(self) -> list:
-        """The ring's bytes as a list of buffers (a ``Pieces`` frame as its pieces)."""
-        out: list = []
-        for c in self.chunks:
-            if type(c) is Pieces:
-                out.extend(c.parts)
-            else:
-                out.append(c)
-        return out
+        """The ring's chunks, each whole frames in one buffer (a ``Pieces`` frame
+        joined: a replay writes each frame at once, so that a queue limit
+        reached mid-replay never puts its Error inside a payload)."""
+        return [b"".join(c.parts) if type(c) is Pieces else c for c in self.chunks]
 
 
 class Session:

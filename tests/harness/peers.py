@@ -107,6 +107,13 @@ class AsyncPeer:
     async def drain(self) -> None:
         await self.writer.drain()
 
+    async def send_frames(self, frames: list[bytes], per_write: int = 1) -> None:
+        """``frames`` in writes of ``per_write`` frames, waiting for each to drain
+        (a lossless subscriber that stops reading stops this too)."""
+        for i in range(0, len(frames), per_write):
+            self.writer.write(b"".join(frames[i:i + per_write]))
+            await self.writer.drain()
+
     async def call(self, method: str, params=None, rid: int = 1, timeout: float = 10.0) -> Frame:
         """Send an RpcRequest; the RpcResponse/RpcError with our id."""
         self.send(T.RPC_REQUEST, rid, {"method": method, "params": params if params is not None else {}})

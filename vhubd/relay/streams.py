@@ -139,15 +139,10 @@ class Streams:
 
     def replay(self, member: Member) -> None:
         """The scrollback of the member's session (or of every session, for "*")."""
-        sessions_ = [member.session] if member.session is not None else list(self.relay.registry)
-        for s in sessions_:
-            for chunk in list(s.scrollback.chunks):
-                if type(chunk) is sessions.Pieces:  # one frame in pieces: written as one (a queue
-                    # limit reached between two parts would put its Error inside the payload)
-                    if member.joined and TYPE_BIT[chunk.msg_type] & member.subscribe_mask:
-                        member.port.write(b"".join(chunk.parts))
-                else:
-                    self.deliver(member, run_of(chunk))
+        followed = [member.session] if member.session is not None else list(self.relay.registry)
+        for s in followed:
+            for chunk in s.scrollback.replay():
+                self.deliver(member, run_of(chunk))
 
     # ---------------------------------------------------------------- cut-through
     def cut_through_start(self, sess: Session, ev: StreamStart, source: Member) -> None:
