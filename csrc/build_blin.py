@@ -54,6 +54,12 @@ uint32_t blin_router_outstanding(const blin_router_t *r, int32_t slot);
 size_t blin_router_count(const blin_router_t *r);
 int blin_router_earliest(const blin_router_t *r, double *at);
 int blin_route_method(const uint8_t *p, size_t n, size_t *off, size_t *len);
+
+typedef struct { int64_t fd; uint64_t want; int64_t sent; } blin_target_t;
+typedef struct { int64_t nread; uint64_t consumed; uint64_t count; uint64_t type_mask; uint64_t need; } blin_pump_t;
+int64_t blin_pump_read(int fd, uint8_t *buf, size_t start, size_t end, size_t cap, uint32_t max_payload,
+                       uint64_t fast_mask, blin_pump_t *res);
+void blin_pump_send(const uint8_t *buf, size_t len, uint64_t type_mask, blin_target_t *targets, size_t ntargets);
 """
 
 
@@ -73,8 +79,8 @@ ffi = FFI()
 ffi.cdef(CDEF)
 ffi.set_source(
     "vhubd._blin",
-    '#include "blin.h"\n#include "route.h"',
-    sources=[os.path.relpath(HERE / "blin.c"), os.path.relpath(HERE / "route.c")],
+    '#include "blin.h"\n#include "route.h"\n#include "pump.h"',
+    sources=[os.path.relpath(HERE / "blin.c"), os.path.relpath(HERE / "route.c"), os.path.relpath(HERE / "pump.c")],
     include_dirs=[os.path.relpath(HERE)],
     extra_compile_args=compile_args(),
     extra_link_args=["-fsanitize=address,undefined"] if sanitize() else [],

@@ -13,6 +13,11 @@
  * twin is compared with this codec on the corpus libFuzzer grows
  * (tests/reliability.py differential).
  *
+ * The stream pump's prefix (pump.c) is checked against the scan: the frames it
+ * forwards are exactly the scan's first frames of the types it takes, it
+ * stops where the scan says why, and a frame it reports cut is the scan's
+ * pending payload.
+ *
  * The RPC hot loop (route.c) gets every input too, as a guest's batch and as a
  * handler's: what it forwards is whole frames of the input with new ids, the
  * answers to them go back with the input's ids, its tables empty out, and
@@ -22,6 +27,7 @@
 #include <string.h>
 
 #include "blin.h"
+#include "pump.h"
 #include "route.h"
 
 #define CHECK(c) do { if (!(c)) { fprintf(stderr, "invariant failed: %s\n", #c); abort(); } } while (0)
@@ -168,6 +174,38 @@ static void route_checked(const uint8_t *data, size_t size)
     blin_router_free(r);
 }
 
+/* blin_stream_prefix over data[start:size] against blin_scan of the same bytes. */
+static void prefix_checked(const uint8_t *data, size_t start, size_t size, uint32_t max, uint64_t fast)
+{
+    static blin_header_t out[4096];
+    blin_pump_t pr;
+    blin_scan_t sc;
+    size_t i;
+
+    pr.nread = 12345;
+    blin_stream_prefix(data, start, size, max, fast, &pr);
+    CHECK(pr.nread == 12345);
+    CHECK(pr.consumed >= start && pr.consumed <= size);
+    blin_scan(data, start, size, max, out, 4096, &sc);
+    CHECK(pr.count <= sc.count || sc.count == 4096);
+    for (i = 0; i < pr.count && i < sc.count; i++)
+        CHECK(blin_type_bit((unsigned)out[i].msg_type) & fast);
+    if (pr.count < sc.count) { /* stopped at a whole frame of another type */
+        CHECK(out[pr.count].offset == pr.consumed && !(blin_type_bit((unsigned)out[pr.count].msg_type) & fast));
+        CHECK(pr.need == 0);
+    } else if (pr.count == sc.count) {
+        CHECK(pr.consumed == sc.consumed);
+        if (pr.need) {
+            CHECK(sc.pending == BLIN_PENDING_PAYLOAD && sc.status == BLIN_OK);
+            CHECK(pr.need == BLIN_HEADER_SIZE + le(data + pr.consumed + 8, 4) && pr.need > size - pr.consumed);
+            CHECK(blin_type_bit(data[pr.consumed + 5]) & fast);
+        }
+    }
+    for (i = 0; i < pr.count && i < sc.count; i++)
+        pr.type_mask &= ~blin_type_bit((unsigned)out[i].msg_type);
+    CHECK(pr.count > sc.count || pr.type_mask == 0);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     uint8_t *copy;
@@ -202,6 +240,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         CHECK(size - size / 2 < BLIN_HEADER_SIZE);
     free(copy);
     route_checked(data, size);
+    prefix_checked(data, 0, size, 16u << 20, blin_type_bit(0x30) | blin_type_bit(0x31));
+    prefix_checked(data, size / 3, size, 64, blin_type_bit(0x30));
+    prefix_checked(data, 0, size, 16u << 20, 0);
     return 0;
 }
 

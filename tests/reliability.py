@@ -121,7 +121,7 @@ def build_fuzzer(out_dir: Path) -> Path | None:
     if shutil.which("clang") is None:
         return None
     exe = Path(out_dir) / "fuzz_blin"
-    r = subprocess.run(["clang", *FUZZ_FLAGS, f"-I{CSRC}", str(CSRC / "blin.c"), str(CSRC / "route.c"), str(CSRC / "fuzz_blin.c"),
+    r = subprocess.run(["clang", *FUZZ_FLAGS, f"-I{CSRC}", str(CSRC / "blin.c"), str(CSRC / "route.c"), str(CSRC / "pump.c"), str(CSRC / "fuzz_blin.c"),
                         "-o", str(exe)], capture_output=True, text=True)
     if r.returncode != 0:
         if "fuzzer" in r.stderr and ("cannot find" in r.stderr or "unsupported" in r.stderr):

@@ -26,7 +26,7 @@ def test_codec_under_asan_ubsan(tmp_path):
     exe = tmp_path / "fuzz_blin"
     subprocess.run([cc, "-std=c99", "-g", "-O1", "-Wall", "-Wextra", "-Werror",
                     "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer",
-                    "-DBLIN_CORPUS_MAIN", f"-I{CSRC}", str(CSRC / "blin.c"), str(CSRC / "route.c"), str(CSRC / "fuzz_blin.c"),
+                    "-DBLIN_CORPUS_MAIN", f"-I{CSRC}", str(CSRC / "blin.c"), str(CSRC / "route.c"), str(CSRC / "pump.c"), str(CSRC / "fuzz_blin.c"),
                     "-o", str(exe)], check=True)
     corpus = tmp_path / "corpus"
     corpus.mkdir()

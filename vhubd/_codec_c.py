@@ -195,3 +195,38 @@ def route_method(payload) -> tuple[int, int] | None:
     if lib.blin_route_method(_from_buffer(payload), len(payload), _off, _len):
         return _off[0], _len[0]
     return None
+
+
+
+class Pump:
+    """The stream pump; see _codec_py.Pump for the contract."""
+
+    __slots__ = ("capacity", "_targets", "_res")
+
+    def __init__(self, capacity: int = 64):
+        if capacity < 1:
+            raise ValueError("capacity must be >= 1")
+        self.capacity = capacity
+        self._targets = ffi.new("blin_target_t[]", capacity)
+        self._res = ffi.new("blin_pump_t *")
+
+    def read(self, fd: int, buf, start: int, end: int, max_payload: int,
+             fast_mask: int) -> tuple[int, int, int, int, int]:
+        n = len(buf)
+        if not 0 <= start <= end <= n:
+            raise ValueError("bad start/end for buffer")
+        res = self._res
+        lib.blin_pump_read(fd, _writable(buf), start, end, n, max_payload, fast_mask, res)
+        return res.nread, res.consumed, res.count, res.type_mask, res.need
+
+    def send(self, data, type_mask: int, fds: list[int], wants: list[int]) -> list[int]:
+        n = len(fds)
+        if len(wants) != n or n > self.capacity:
+            raise ValueError("targets: as many wants as fds, at most capacity")
+        targets = self._targets
+        for i in range(n):
+            t = targets[i]
+            t.fd = fds[i]
+            t.want = wants[i]
+        lib.blin_pump_send(_from_buffer(data), len(data), type_mask, targets, n)
+        return [targets[i].sent for i in range(n)]

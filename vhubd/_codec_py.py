@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno as _errno
+import os as _os
+
 from ._route_py import Router, route_method  # noqa: F401  (the RPC hot loop's twin)
 from .errors import error_for_status
 from .frames import (
@@ -171,3 +174,71 @@ def rewrite_request_id(buf, offset: int, new_id: int) -> int:
     old = _u64.unpack_from(buf, offset + 12)[0]
     _u64.pack_into(buf, offset + 12, new_id)
     return old
+
+
+
+class Pump:
+    """The stream pump (csrc/pump.h). ``read`` reads once from a guest's
+    socket into ``buf[end:]`` and returns (nread, consumed, count, type_mask,
+    need): nread as the syscall (-errno on error), then the prefix of whole
+    frames from ``start`` whose types are all in ``fast_mask`` (it ends at
+    ``consumed``), and ``need``, the size of a frame of those types that
+    follows it incomplete (0: anything else follows). ``send`` offers such a
+    prefix to each target socket without blocking and returns what each took
+    (-1: not offered, its ``want`` lacks a type of the prefix)."""
+
+    __slots__ = ("capacity",)
+
+    def __init__(self, capacity: int = 64):
+        if capacity < 1:
+            raise ValueError("capacity must be >= 1")
+        self.capacity = capacity
+
+    def read(self, fd: int, buf, start: int, end: int, max_payload: int,
+             fast_mask: int) -> tuple[int, int, int, int, int]:
+        if not 0 <= start <= end <= len(buf):
+            raise ValueError("bad start/end for buffer")
+        while True:
+            try:
+                nread = _os.readv(fd, [memoryview(buf)[end:]])
+                break
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                return -(exc.errno or _errno.EIO), start, 0, 0, 0
+        if nread == 0:
+            return 0, start, 0, 0, 0
+        end += nread
+        pos, count, mask, need = start, 0, 0, 0
+        while end - pos >= HEADER_SIZE:
+            if check_header(buf, pos, HEADER_SIZE, max_payload) != OK:
+                break
+            bit = TYPE_BIT[buf[pos + 5]]
+            length = int.from_bytes(buf[pos + 8:pos + 12], "little")
+            if not bit & fast_mask:
+                break
+            if end - pos - HEADER_SIZE < length:
+                need = HEADER_SIZE + length
+                break
+            mask |= bit
+            count += 1
+            pos += HEADER_SIZE + length
+        return nread, pos, count, mask, need
+
+    def send(self, data, type_mask: int, fds: list[int], wants: list[int]) -> list[int]:
+        if len(fds) != len(wants) or len(fds) > self.capacity:
+            raise ValueError("targets: as many wants as fds, at most capacity")
+        sent = [-1] * len(fds)
+        for i, target in enumerate(fds):
+            if type_mask & ~wants[i]:
+                continue
+            while True:
+                try:
+                    sent[i] = _os.write(target, data)  # SIGPIPE is ignored in Python: EPIPE is an OSError
+                    break
+                except InterruptedError:
+                    continue
+                except OSError:
+                    sent[i] = 0
+                    break
+        return sent

@@ -40,6 +40,7 @@ rewrite_request_id = _impl.rewrite_request_id
 frame_boundary = _impl.frame_boundary
 Router = _impl.Router
 route_method = _impl.route_method
+Pump = _impl.Pump
 
 
 def backends() -> dict[str, ModuleType]:

@@ -13,14 +13,19 @@ and the relay's ``Port`` meet, and its timers, holds and bounds share that state
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import logging
+import os
 import socket
 import sys
 import time
 
+from . import codec
+from .frames import TYPE_BIT, MsgType
 from .listeners import ListenerSpec, peer_label, unlink_socket
-from .protocol import Connection, Handshake, Side, State, Violation, error_frame, heartbeat
+from .paths import env
+from .protocol import Connection, Handshake, Side, State, StreamRun, Violation, error_frame, heartbeat
 from .relay import Accept, Decision, Limits, Member, Refuse, Relay
 from .sessions import State as SessionState
 
@@ -30,6 +35,12 @@ _monotonic = time.monotonic
 # this many bytes a second, over each stall_timeout window (not only "some byte").
 MIN_FRAME_RATE = 1024
 JOIN_BELOW = 64 * 1024  # a batch's writes to one peer up to this size are joined into one buffer
+# what the stream pump forwards itself: guest output (a channel's StreamData goes point to point)
+PUMP_TYPES = TYPE_BIT[MsgType.STDOUT] | TYPE_BIT[MsgType.STDERR]
+PUMP_AT = 32 * 1024  # a guest's read this large (bulk output) hands it to the pump ...
+PUMP_SMALL = 4096  # ... and this many reads in a row smaller than this (RPCs, a prompt) hand it back
+PUMP_IDLE_READS = 64
+_AGAIN = (-errno.EAGAIN, -errno.EWOULDBLOCK, -errno.EINTR)
 
 
 
@@ -100,11 +111,17 @@ class Peer(asyncio.BufferedProtocol):
         self.awaiting_boot = False
         self.frame_mark: tuple[float, int, int] | None = None  # (since, bytes, frames) while mid-frame
         self.abort_timer: asyncio.TimerHandle | None = None  # after close(): abort if the close hangs
+        self.out_fd = -1  # its socket, for the stream pump's direct writes (direct_fd)
+        self.pump_fd = -1  # an admitted guest read by the stream pump: our dup of its socket
+        self.pump_small = 0  # small reads in a row through the pump
 
     # -- asyncio callbacks (never raise) --
     def connection_made(self, transport) -> None:
         self.transport = transport
         self.label = peer_label(transport, self.spec.name)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.type == socket.SOCK_STREAM:  # not a VM device's own transport
+            self.out_fd = sock.fileno()
         transport.set_write_buffer_limits(high=self.limits.high_water)
         self.hub.peers.add(self)
         counts = self.hub.role_counts
@@ -150,6 +167,8 @@ class Peer(asyncio.BufferedProtocol):
                 self.flush()
             if self.conn.state is State.CLOSED and not self.closed:
                 self.close()
+            elif nbytes >= PUMP_AT and self.pump_fd < 0 and self.handshaken and self.spec.role == "guest":
+                self._start_pump()  # bulk output: the pump reads it from now on
         except Exception:
             log.exception("internal error handling peer=%s", self.label)
             self.conn.fail("internal_error", "the daemon hit an internal error on this connection")
@@ -223,6 +242,7 @@ class Peer(asyncio.BufferedProtocol):
         return False
 
     def connection_lost(self, exc) -> None:
+        self._stop_pump(resume=False)
         if self.abort_timer is not None:  # gone already: the timer would keep this peer alive for nothing
             self.abort_timer.cancel()
             self.abort_timer = None
@@ -357,6 +377,7 @@ class Peer(asyncio.BufferedProtocol):
             transport.write(error_frame(code, message))
         self.closed = True
         self.conn.close()  # what it sends from now on is dropped
+        self._stop_pump(resume=not self.read_paused)  # the transport reads (and drops) what comes
         if transport.can_write_eof():
             transport.write_eof()  # after what is buffered
             self.pause_reasons.clear()
@@ -376,18 +397,118 @@ class Peer(asyncio.BufferedProtocol):
         if not self.read_paused and self.transport is not None and not self.closed:
             self.read_paused = True
             self.frame_mark = None  # a paused peer's slowness is ours
-            self.transport.pause_reading()
+            if self.pump_fd >= 0:
+                self.hub.loop.remove_reader(self.pump_fd)
+            else:
+                self.transport.pause_reading()
 
     def resume_reading(self, reason: str = "backpressure") -> None:
         self.pause_reasons.discard(reason)
         if self.read_paused and not self.pause_reasons and self.transport is not None and not self.closed:
             self.read_paused = False
             self.last_rx = _monotonic()  # the time spent paused does not count as idle
-            self.transport.resume_reading()
+            if self.pump_fd >= 0:
+                self.hub.loop.add_reader(self.pump_fd, self._pumped)
+            else:
+                self.transport.resume_reading()
 
     def buffered(self) -> int:
         return ((self.transport.get_write_buffer_size() if self.transport is not None else 0) + self.held_bytes
                 + self.pending_bytes)
+
+    def direct_fd(self) -> int:
+        t = self.transport
+        if (self.out_fd < 0 or t is None or self.closed or self.held is not None or self.pending
+                or t.get_write_buffer_size() or t.is_closing()):
+            return -1
+        return self.out_fd
+
+    # -- the stream pump (admitted guests) --
+    def _start_pump(self) -> None:
+        """A guest sending bulk output is read by the codec's pump from now
+        on: one call reads, another writes the plain stream frames a read
+        completes straight to the subscribers' sockets; the rest of each read
+        goes through the Connection and the relay as before. It reads through
+        a dup of the socket, so that the transport (paused for reading) keeps
+        writing to it. Back to the transport after PUMP_IDLE_READS small reads."""
+        self.pump_small = 0
+        t = self.transport
+        if self.hub.pump is None or self.out_fd < 0 or t is None or self.closed or self.pump_fd >= 0:
+            return
+        try:
+            fd = os.dup(self.out_fd)
+        except OSError:
+            return
+        self.pump_fd = fd
+        if self.read_paused:
+            return  # the transport is paused already; resume_reading() adds the reader
+        t.pause_reading()
+        self.hub.loop.add_reader(fd, self._pumped)
+
+    def _stop_pump(self, resume: bool) -> None:
+        """Back to the transport's reads (it meets EOF and errors itself)."""
+        fd, self.pump_fd = self.pump_fd, -1
+        if fd < 0:
+            return
+        self.hub.loop.remove_reader(fd)
+        os.close(fd)
+        if resume and not self.read_paused and self.transport is not None:
+            self.transport.resume_reading()
+
+    def _pumped(self) -> None:
+        """The guest's socket is readable: one pump call, then what it did not
+        forward goes to the Connection and the relay, in order."""
+        if self.pump_fd < 0 or self.closed:
+            return
+        hub = self.hub
+        pump = hub.pump
+        assert pump is not None  # only started with one
+        outer = not hub.batching
+        hub.batching = True
+        try:
+            conn = self.conn
+            rx = conn.rx
+            rx.make_room()
+            member = self.member
+            sess = member.session  # type: ignore[union-attr]
+            fast = PUMP_TYPES if conn.pumpable and sess is not None and sess.cut_through is None else 0
+            start = rx.start
+            nread, consumed, count, mask, need = pump.read(self.pump_fd, rx.buf, start, rx.end, conn.max_payload,
+                                                           fast)
+            if nread <= 0:
+                if nread not in _AGAIN:
+                    self._stop_pump(resume=True)  # EOF or an error: the transport meets it itself
+                return
+            self.last_rx = _monotonic()
+            if nread < PUMP_SMALL:
+                self.pump_small += 1
+                if self.pump_small >= PUMP_IDLE_READS:
+                    self._stop_pump(resume=True)  # no bulk any more: the transport's reads cost less
+            else:
+                self.pump_small = 0
+            if count:
+                run = StreamRun(memoryview(rx.buf)[start:consumed], count, mask)
+                events = conn.pumped(nread, consumed, count, need)
+                self.relay.streams.pumped(member, sess, run, pump)  # type: ignore[arg-type]
+                del run
+            else:
+                events = conn.pumped(nread, consumed, 0, 0)
+            self._count_frames()
+            if events:
+                self.on_events(member, events)  # type: ignore[arg-type]
+            if conn._out:
+                self.flush()
+            if conn.state is State.CLOSED and not self.closed:
+                self.close()
+        except Exception:
+            log.exception("internal error handling peer=%s", self.label)
+            self.conn.fail("internal_error", "the daemon hit an internal error on this connection")
+            self.flush()
+            self.close()
+        finally:
+            if outer:
+                hub.batching = False
+                hub.write_pending()
 
     def _put(self, data) -> None:
         """Write ``data`` now, or, while a read batch is handled, at its end
@@ -519,6 +640,8 @@ class Server:
         self.role_counts = {"guest": 0, "client": 0}  # connections by role: separate limits
         self.batching = False  # a read batch is being handled: writes wait for its end
         self.dirty: list[Peer] = []  # peers with writes waiting for the batch's end
+        # reads admitted guests (Peer._pumped); BLINK_PUMP=0: through their transports, as before it
+        self.pump = codec.Pump() if env("BLINK_PUMP", "1").strip() != "0" else None
         self.listeners: list[ListenerSpec] = []
         self._tick_handle: asyncio.TimerHandle | None = None
 

@@ -107,6 +107,9 @@ class FakePort:
     def pause_reading(self, reason: str = "backpressure") -> None:
         self.reasons.add(reason)
 
+    def direct_fd(self) -> int:
+        return -1  # no socket: the pump never writes past it
+
     def resume_reading(self, reason: str = "backpressure") -> None:
         self.reasons.discard(reason)
 

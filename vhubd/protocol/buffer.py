@@ -98,6 +98,12 @@ class ReceiveBuffer:
         self.end = live
 
     def get_buffer(self, min_free: int = 1024) -> memoryview:
+        self.make_room(min_free)
+        return memoryview(self.buf)[self.end:]
+
+    def make_room(self, min_free: int = 1024) -> None:
+        """At least ``min_free`` bytes free past ``end`` (and the target size),
+        for a read into ``buf[end:]``."""
         if len(self._spare) > FREE_SPARES:  # the ring may have let go of some since the last read
             self._prune()
         live = self.end - self.start
@@ -114,9 +120,7 @@ class ReceiveBuffer:
                 self._compact()
             else:
                 self._replace(max(self.target, live + min_free))
-        view = memoryview(self.buf)[self.end:]
-        self._offered = len(view)
-        return view
+        self._offered = len(self.buf) - self.end
 
     def note_read(self, n: int) -> None:
         """A read that filled all the offered space hints at a fast sender."""

@@ -197,11 +197,43 @@ class Connection:
         (deliver them before the next call: a fast lane must not overtake them)."""
         return self._received(n, lane=True)
 
+    @property
+    def pumpable(self) -> bool:
+        """Whether the next bytes start a frame of an open connection: only
+        then may the I/O layer's pump forward stream frames ahead of it."""
+        return self.state is State.OPEN and not self._remaining and not self._held
+
+    def pumped(self, n: int, consumed: int, count: int, need: int = 0) -> list:
+        """``n`` bytes arrived in the buffer ``get_buffer`` gave, read by the
+        I/O layer's pump, which already forwarded ``count`` whole stream
+        frames from ``rx.start`` up to ``consumed`` (none unless
+        ``pumpable``), and found after them the start of a stream frame of
+        ``need`` bytes (0: anything else); the events of the rest, as
+        ``buffer_updated``."""
+        rx = self.rx
+        rx.note_read(n)
+        rx.end += n
+        self.bytes_received += n
+        if count:
+            if not self.pumpable or not rx.start < consumed <= rx.end:
+                raise errors.InvalidState("stream frames pumped past what the connection may skip")
+            rx.start = consumed
+            self.frames_received += count
+        if need and rx.end - rx.start < need <= self.cut_through and self.pumpable:
+            # the header was checked: only room for the rest of the frame to make (as _scan would)
+            rx.reserve(min(need, max(2 * (rx.end - rx.start), RESERVE_AHEAD)))
+            return []
+        return self._process(True)
+
     def _received(self, n: int, lane: bool) -> list:
         rx = self.rx
         rx.note_read(n)
         rx.end += n
         self.bytes_received += n
+        return self._process(lane)
+
+    def _process(self, lane: bool) -> list:
+        rx = self.rx
         if self.state is State.CLOSED:
             rx.start = rx.end
             return []

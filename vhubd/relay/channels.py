@@ -130,6 +130,9 @@ class _Answers:
     def buffered(self) -> int:
         return 0
 
+    def direct_fd(self) -> int:
+        return -1
+
     def close(self, code: str | None = None, message: str = "") -> None: ...
     def complete(self, decision: Any) -> None: ...
 

@@ -62,6 +62,11 @@ class Port(Protocol):
     def buffered(self) -> int:
         """Bytes queued toward the peer and not yet taken by the kernel."""
 
+    def direct_fd(self) -> int:
+        """The socket that the stream pump may write whole frames to right
+        now, past this port (nothing is queued for it anywhere, so they come
+        in order), or -1."""
+
     def close(self, code: str | None = None, message: str = "") -> None:
         """Close; with ``code``, an ``Error`` frame goes first (never inside a
         cut-through frame's payload)."""

@@ -17,6 +17,7 @@ taken, so an agent keeps the rest across a daemon restart.
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 from .. import codec, frames, sessions
@@ -136,6 +137,45 @@ class Streams:
             for f in run.frames():
                 if TYPE_BIT[f.msg_type] & want:
                     write(f.data)
+
+    # ---------------------------------------------------------------- the stream pump
+    def pumped(self, member: Member, sess: Session, run: StreamRun, pump: Any) -> None:
+        """A batch of guest output the I/O layer's pump read: its ``send``
+        writes it straight to every subscriber that nothing is queued for
+        (``Port.direct_fd``: it comes in order), the rest of it (their socket
+        was full) and the whole batch to everyone else go as in ``fan_out``."""
+        data = run.data
+        size = len(data)
+        self.counters["stream_bytes"] += size
+        self.counters["stream_frames"] += run.count
+        self.counters["stream_pumped"] += size
+        sess.scrollback.append(data)
+        direct: list = []
+        fds: list = []
+        wants: list = []
+        deliver = self.deliver
+        capacity = pump.capacity
+        for group in (sess.clients, self.relay.star_clients):
+            for c in group:
+                if not c.subscribe_mask or not c.joined:
+                    continue
+                fd = c.port.direct_fd() if len(fds) < capacity else -1
+                if fd < 0:
+                    deliver(c, run)
+                else:
+                    direct.append(c)
+                    fds.append(fd)
+                    wants.append(c.subscribe_mask)
+        if direct:
+            for c, took in zip(direct, pump.send(data, run.type_mask, fds, wants), strict=True):
+                if took < 0:
+                    deliver(c, run)
+                elif took < size:
+                    c.port.write(data[took:])
+        sess.last_activity = time.monotonic()
+        member.stream_frames += run.count
+        if member.ack and member.stream_frames != member.acked and not member.ack_pending:
+            self.schedule_ack(member)
 
     def replay(self, member: Member) -> None:
         """The scrollback of the member's session (or of every session, for "*")."""
