@@ -26,6 +26,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import zlib
 
@@ -89,15 +90,17 @@ class Socat:
     def __init__(self, listen: str, target: str, buf: int | None):
         if shutil.which("socat") is None:
             raise RuntimeError("socat is not installed (apt-get install -y socat)")
-        for p in (listen,):
-            try:
-                os.unlink(p)
-            except FileNotFoundError:
-                pass
-        self.listen = listen
         args = ["socat"] + (["-b", str(buf)] if buf else []) + [f"UNIX-LISTEN:{listen}", f"UNIX-CONNECT:{target}"]
+        self._start(args, listen)
+
+    def _start(self, args: list[str], listen: str) -> None:
+        try:
+            os.unlink(listen)
+        except FileNotFoundError:
+            pass
+        self.listen = listen
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        wait_for(lambda: os.path.exists(listen) or self.proc.poll() is not None, 10, what="socat listening")
+        wait_for(lambda: os.path.exists(listen) or self.proc.poll() is not None, 10, what=f"{args[0]} listening")
 
     @property
     def pid(self) -> int:
@@ -115,6 +118,30 @@ class Socat:
             os.unlink(self.listen)
         except FileNotFoundError:
             pass
+
+
+_floor: dict = {}
+
+
+def floor_binary() -> str:
+    """bench/floor_relay.c, compiled once per process (``cc -O2``)."""
+    if "path" not in _floor:
+        cc = shutil.which("cc") or shutil.which("gcc")
+        if cc is None:
+            raise RuntimeError("no C compiler (apt-get install -y gcc) for bench/floor_relay.c")
+        out = os.path.join(tempfile.mkdtemp(prefix="vhub-floor"), "floor_relay")
+        subprocess.run([cc, "-O2", "-o", out, os.path.join(HERE, "floor_relay.c")], check=True)
+        _floor["path"] = out
+    return _floor["path"]
+
+
+class FloorRelay(Socat):
+    """bench/floor_relay.c between ``listen`` and ``target``, one connection:
+    the least a BLIN stream relay in C does per read (every header parsed,
+    whole frames written, each batch copied into a 1 MiB scrollback ring)."""
+
+    def __init__(self, listen: str, target: str):  # not super().__init__: that starts socat
+        self._start([floor_binary(), listen, target], listen)
 
 
 # --- BLIN bits for the benchmark process --------------------------------------------

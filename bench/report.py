@@ -35,8 +35,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 OUT = os.path.join(HERE, "out")
 
-STREAM_TRANSPORTS = ["vhubd", "vhubd-pycodec", "direct", "socat-b262144", "socat-plain"]
-STREAM_REFS = ["direct", "socat-b262144", "socat-plain", "vhubd-pycodec"]
+STREAM_TRANSPORTS = ["vhubd", "vhubd-pycodec", "direct", "socat-b262144", "socat-plain", "c-floor"]
+STREAM_REFS = ["direct", "socat-b262144", "socat-plain", "vhubd-pycodec", "c-floor"]
 RPC_TRANSPORTS = ["vhubd", "vhubd+client-lib", "direct", "socat-b262144", "socat-plain"]
 RPC_REFS = ["direct", "socat-b262144", "socat-plain"]
 
@@ -169,20 +169,21 @@ def find(rows, **kw):
     return None
 
 
+def gb_cpu(row):
+    """A stream row's relay CPU seconds per GB of payload (None: not measured)."""
+    return row and row.get("relay_cpu") is not None and row["relay_cpu"] / 100 / (row["mbps"] / 1000) or None
+
+
 def targets(by: dict) -> list[dict]:
     """Each target of issue 15 (and the earlier ones still held) with its measured value (None: not measured)."""
     out = []
     stream = by.get("stream", [])
-
-    def s_per_gb(row):  # the relay's CPU seconds per GB of payload
-        return row and row.get("relay_cpu") is not None and row["relay_cpu"] / 100 / (row["mbps"] / 1000) or None
-
     for p in (64, 1024, 65536, 1 << 20):
         v, r = find(stream, payload=p, transport="vhubd"), find(stream, payload=p, transport="socat-b262144")
         out.append({"target": f"stream {size_name(p)}: MB/s ≥ 1.0× socat -b 262144", "need": 1.0, "op": ">=",
                     "value": ratio(v and v["mbps"], r and r["mbps"])})
         out.append({"target": f"stream {size_name(p)}: daemon CPU s/GB ≤ socat's (ratio ≤ 1.0)", "need": 1.0,
-                    "op": "<=", "value": ratio(s_per_gb(v), s_per_gb(r))})
+                    "op": "<=", "value": ratio(gb_cpu(v), gb_cpu(r))})
     v, r = find(stream, payload=1 << 20, transport="vhubd"), find(stream, payload=65536, transport="vhubd")
     out.append({"target": "stream: no cliff, 1 MiB frames ≥ 0.9× the MB/s of 64 KiB", "need": 0.9, "op": ">=",
                 "value": ratio(v and v["mbps"], r and r["mbps"])})
@@ -280,8 +281,18 @@ def render(rows: list[dict], machine: dict | None = None) -> str:
                 rows_.append([size_name(p)] + [rx(ratio(v["mbps"], (find(stream, payload=p, transport=ref)
                                                                    or {}).get("mbps")))
                                                for ref in STREAM_REFS])
-        L += table(["payload", "vs direct", "vs socat -b 262144", "vs plain socat", "vs vhubd pure-Python codec"],
-                   rows_)
+        L += table(["payload", "vs direct", "vs socat -b 262144", "vs plain socat", "vs vhubd pure-Python codec",
+                    "vs the C floor"], rows_)
+        rows_ = []
+        for p in sorted({r["payload"] for r in stream}):
+            f, s = find(stream, payload=p, transport="c-floor"), find(stream, payload=p, transport="socat-b262144")
+            if f and s:
+                rows_.append([size_name(p), rx(ratio(f["mbps"], s["mbps"])), rx(ratio(gb_cpu(f), gb_cpu(s)))])
+        if rows_:
+            L += ["", "The C floor (bench/floor_relay.c: parses every header, forwards whole frames, copies each "
+                  "batch into a 1 MiB scrollback ring; no daemon around it) against `socat -b 262144`: what a "
+                  "data plane in C would reach:", ""]
+            L += table(["payload", "MB/s ÷ socat's", "CPU s/GB ÷ socat's"], rows_)
         L.append("")
 
     fan = by.get("fanout", [])

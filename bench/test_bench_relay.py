@@ -4,8 +4,10 @@ in the same run:
 - stream: a guest process sends Stdout frames (64 B .. 1 MiB payloads) as fast
   as it can; one subscriber on the control socket receives them. Transports:
   vhubd (C codec), vhubd with BLINK_CODEC=python, a direct Unix socket pair,
-  ``socat -b 262144`` and plain ``socat`` as blind relays. Every byte is
-  counted and checksummed at the sink.
+  ``socat -b 262144`` and plain ``socat`` as blind relays, and the C floor
+  (bench/floor_relay.c: a BLIN relay in C with a scrollback ring, what a C
+  data plane would come down to). Every byte is counted and checksummed at
+  the sink.
 - rpc: a guest sends RpcRequest ``bench.echo`` to a host handler that answers
   at once; concurrency 1, 16 and 64; p50/p99 latency and RPS. Transports:
   vhubd (raw handler), vhubd with the ``vhubd.client`` library as the
@@ -31,6 +33,7 @@ from _harness import (
     QUICK,
     Daemon,
     FanoutReceiver,
+    FloorRelay,
     Socat,
     StreamReceiver,
     Worker,
@@ -49,7 +52,7 @@ STREAM_SIZES = {
     1 << 20: 32 if QUICK else 256,  # 32 / 256 MiB
 }
 STREAM_ROUNDS = 2 if QUICK else 5
-STREAM_TRANSPORTS = ["vhubd", "vhubd-pycodec", "direct", "socat-b262144", "socat-plain"]
+STREAM_TRANSPORTS = ["vhubd", "vhubd-pycodec", "direct", "socat-b262144", "socat-plain", "c-floor"]
 
 RPC_N = {1: 2_000 if QUICK else 10_000, 16: 10_000 if QUICK else 100_000, 64: 10_000 if QUICK else 100_000}
 RPC_ROUNDS = 1 if QUICK else 3
@@ -225,8 +228,9 @@ def test_stream(benchmark, record, bench_dir, request, sender, built, payload, t
         else:
             target = sink_path
             relay_pid = None
-            if transport in SOCAT_BUF:
-                live["socat"] = Socat(relay_path, sink_path, SOCAT_BUF[transport])
+            if transport in SOCAT_BUF or transport == "c-floor":
+                live["socat"] = (FloorRelay(relay_path, sink_path) if transport == "c-floor"
+                                 else Socat(relay_path, sink_path, SOCAT_BUF[transport]))
                 relay_pid = live["socat"].pid
                 target = relay_path
             _guest_connect(sender, target, False)

@@ -641,7 +641,7 @@ class Server:
         self.batching = False  # a read batch is being handled: writes wait for its end
         self.dirty: list[Peer] = []  # peers with writes waiting for the batch's end
         # reads admitted guests (Peer._pumped); BLINK_PUMP=0: through their transports, as before it
-        self.pump = codec.Pump() if env("BLINK_PUMP", "1").strip() != "0" else None
+        self.pump = codec.Pump() if env("BLINK_PUMP", "1").strip() not in ("0", "no", "off") else None
         self.listeners: list[ListenerSpec] = []
         self._tick_handle: asyncio.TimerHandle | None = None
 
