@@ -211,10 +211,10 @@ class Pump:
         end += nread
         pos, count, mask, need = start, 0, 0, 0
         while end - pos >= HEADER_SIZE:
-            if check_header(buf, pos, HEADER_SIZE, max_payload) != OK:
-                break
-            bit = TYPE_BIT[buf[pos + 5]]
-            length = int.from_bytes(buf[pos + 8:pos + 12], "little")
+            magic, version, mtype, _, length, _ = _unpack_from(buf, pos)
+            if magic != MAGIC or version != VERSION or mtype not in KNOWN_TYPES or length > max_payload:
+                break  # the checks of check_header, in its order: left to the Connection
+            bit = TYPE_BIT[mtype]
             if not bit & fast_mask:
                 break
             if end - pos - HEADER_SIZE < length:
