@@ -14,7 +14,7 @@ import socket
 import struct
 
 import pytest
-from harness import AsyncPeer, RawClient, T, client, run
+from harness import AsyncPeer, RawClient, T, client, header, run
 from harness import frame as wire_frame
 
 from vhubd import codec, frames
@@ -374,3 +374,79 @@ def test_bad_bytes_and_a_cut_frame_after_bulk_output(make_daemon, codec_name):
         assert await sub.sha_of(len(whole)) == _sha(whole)
 
     run(body(), 90)
+
+
+@pytest.mark.parametrize("pump", ["1", "0"])
+@pytest.mark.parametrize("codec_name", ["c", "python"])
+def test_output_before_a_call_reaches_a_subscribed_handler_first(make_daemon, codec_name, pump):
+    """A client that serves x.* and follows stdout; the guest, pumped after
+    bulk output, writes [Stdout][RpcRequest x.go] in one write, five times:
+    the client gets the Stdout frame before the request each time (the RPC
+    fast lane does not run behind pumped frames: review of the pump)."""
+    d = _daemon(make_daemon, codec_name, pump)
+
+    async def body():
+        c = await RawClient.open(d.control, session="default", subscribe=["stdout"], serve=["x.*"])
+        g = await AsyncPeer.guest(d.socket)
+        bulk = wire_frame(T.STDOUT, 1, b"b" * 60000)
+        g.send_raw(bulk)
+        await g.drain()
+        assert await c.read_exactly(len(bulk)) == bulk
+        order = []
+        for i in range(5):
+            out = wire_frame(T.STDOUT, 1, b"before the call %d" % i)
+            g.send_raw(out + wire_frame(T.RPC_REQUEST, 100 + i, {"method": "x.go", "params": {}}))
+            await g.drain()
+            for _ in range(2):
+                head = await c.read_exactly(20)
+                await c.read_exactly(int.from_bytes(head[8:12], "little"))
+                order.append(head[5])
+        assert order == [T.STDOUT, T.RPC_REQUEST] * 5, order
+        if pump == "1":  # the bulk frame made the pump read this guest: the small ones went through it
+            assert (await _counters(await client(d)))["stream_pumped"] > 0
+
+    run(body(), 60)
+
+
+@pytest.mark.parametrize("pump", ["1", "0"])
+def test_a_guest_closed_in_the_middle_of_a_batch_stalls_nobody(make_daemon, pump):
+    """One read: [RpcRequest vhub.ping][Stdout][Heartbeat][a channel's StreamData
+    header larger than cut-through]. The relay closes the guest in the middle of
+    the batch (frame_too_large) and the batch then has a pong for it: written to
+    a closed transport it raised, and the subscriber's share of the batch was
+    never written, nor anything after it (review of the pump; older than it)."""
+    d = make_daemon("--heartbeat", "0", env={"BLINK_PUMP": pump})
+
+    async def guest():
+        for _ in range(200):  # the previous guest may still be leaving the session
+            g = await AsyncPeer.open(d.socket)
+            res = await g.handshake()
+            if res[0] == "ok":
+                return g
+            await g.close()
+            await asyncio.sleep(0.02)
+        raise AssertionError(res)
+
+    async def body():
+        sub = await RawClient.open(d.control, session="default", subscribe=["stdout"])
+        g = await guest()
+        bulk = wire_frame(T.STDOUT, 1, b"x" * 60000)
+        g.send_raw(bulk)  # with the pump: it reads this guest from now on
+        await g.drain()
+        assert await sub.read_exactly(len(bulk)) == bulk
+        one = wire_frame(T.STDOUT, 1, b"one")
+        g.send_raw(wire_frame(T.RPC_REQUEST, 7, {"method": "vhub.ping", "params": {}}) + one
+                   + wire_frame(T.HEARTBEAT, 5) + header(T.STREAM_DATA, 300_000, frames.CHANNEL_BASE + 1)
+                   + b"y" * 100)
+        await g.drain()
+        assert await sub.read_exactly(len(one), 10) == one
+        ev = await g.next_frame(10, lambda f: False)
+        assert getattr(ev, "code", None) == "frame_too_large", ev
+        await g.close()
+        g2 = await guest()
+        two = wire_frame(T.STDOUT, 1, b"two")
+        g2.send_raw(two)
+        await g2.drain()
+        assert await sub.read_exactly(len(two), 10) == two
+
+    run(body(), 60)

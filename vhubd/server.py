@@ -353,7 +353,7 @@ class Peer(asyncio.BufferedProtocol):
         """What the Connection queued (pongs, handshake answers, Error frames):
         answers to the peer, bounded as ``send``."""
         out = self.conn.data_to_send()
-        if out and self.transport is not None:
+        if out and self.transport is not None and not self.closed:
             if self.held is not None and not self.closed:
                 for d in out:
                     self._hold(d)
@@ -528,8 +528,8 @@ class Peer(asyncio.BufferedProtocol):
             self.pending = []
             self.pending_bytes = 0
             transport = self.transport
-            if transport is None or transport.is_closing():
-                return  # gone: what was queued for it goes nowhere
+            if transport is None or self.closed or transport.is_closing():
+                return  # closed (half-closed after its Error) or gone: what was queued for it goes nowhere
             if len(out) == 1:
                 transport.write(out[0])
             elif size <= JOIN_BELOW:  # small frames (RPCs): one copy beats a writev of many pieces
@@ -692,7 +692,12 @@ class Server:
         while self.dirty:
             dirty, self.dirty = self.dirty, []
             for p in dirty:
-                p.write_pending()
+                try:
+                    p.write_pending()
+                except Exception:  # one peer's failure must not leave the others' bytes unwritten
+                    log.exception("internal error writing to peer=%s", p.label)
+                    p.pending, p.pending_bytes = [], 0
+                    p.close("internal_error", "the daemon hit an internal error on this connection")
 
     async def connect_in_process(self) -> socket.socket:
         """A control connection from inside the daemon: one end of a socketpair is

@@ -223,7 +223,9 @@ class Connection:
             # the header was checked: only room for the rest of the frame to make (as _scan would)
             rx.reserve(min(need, max(2 * (rx.end - rx.start), RESERVE_AHEAD)))
             return []
-        return self._process(True)
+        # no fast lane behind pumped frames: the caller forwards them after these events are
+        # made, and a lane routes its calls at once (ahead of the output sent before them)
+        return self._process(not count)
 
     def _received(self, n: int, lane: bool) -> list:
         rx = self.rx
