@@ -450,3 +450,66 @@ def test_a_guest_closed_in_the_middle_of_a_batch_stalls_nobody(make_daemon, pump
         assert await sub.read_exactly(len(two), 10) == two
 
     run(body(), 60)
+
+
+def _numbered(tag: bytes, seed: int, n: int) -> list[bytes]:
+    """``n`` Stdout/Stderr frames tagged and numbered in their payload, mostly
+    small, some above the cut-through size (256 KiB)."""
+    rnd = random.Random(seed)
+    out = []
+    for i in range(n):
+        size = rnd.choice([10, 3000, 70000]) if rnd.random() < 0.85 else rnd.choice([300_000, 600_000])
+        payload = struct.pack("<4sI", tag, i) + bytes([i & 255]) * size
+        out.append(wire_frame(T.STDERR if rnd.random() < 0.3 else T.STDOUT, 1, payload))
+    return out
+
+
+async def _check_numbered(reader, expect: dict, label: str) -> None:
+    """Whole frames, each intact, each tag's numbers in order and complete."""
+    last = {tag: -1 for tag in expect}
+    while any(last[tag] < n - 1 for tag, n in expect.items()):
+        head = await asyncio.wait_for(reader.readexactly(20), 60)
+        assert head[:4] == b"NILB", (label, "not a header", head)
+        n = int.from_bytes(head[8:12], "little")
+        payload = await asyncio.wait_for(reader.readexactly(n), 60)
+        tag, seq = struct.unpack_from("<4sI", payload)
+        assert payload[8:] == bytes([seq & 255]) * (n - 8), (label, "foreign bytes inside a frame", tag, seq)
+        assert seq == last[tag] + 1, (label, "out of order or missing", tag, last[tag], seq)
+        last[tag] = seq
+
+
+@pytest.mark.parametrize("pump", ["1", "0"])
+def test_two_sessions_cut_through_frames_to_a_star_subscriber(make_daemon, pump):
+    """Two sessions' guests send output with frames above the cut-through size
+    at the same time; a "*" subscriber gets every frame whole, each session's
+    in order: a frame of one session waits while another session's is in
+    flight to a subscriber they share (its bytes went inside the other
+    frame's payload before: review of the pump, older than it). The
+    sessions' own subscribers get theirs too."""
+    d = make_daemon("--heartbeat", "0", env={"BLINK_PUMP": pump})
+    n = 80
+    fa, fb = _numbered(b"AAAA", 1, n), _numbered(b"BBBB", 2, n)
+
+    async def body():
+        admin = await client(d)
+        token = (await admin.register("s2"))["token"]
+        star = await RawClient.open(d.control, session="*", subscribe=["stdout", "stderr"])
+        own_a = await RawClient.open(d.control, session="default", subscribe=["stdout", "stderr"])
+        own_b = await RawClient.open(d.control, session="s2", subscribe=["stdout", "stderr"])
+        ga = await AsyncPeer.guest(d.socket)
+        gb = await AsyncPeer.guest(d.socket, payload={"session": "s2", "token": token})
+
+        async def send(g, frames_, seed):
+            rnd = random.Random(seed)
+            i = 0
+            while i < len(frames_):
+                k = rnd.randint(1, 6)
+                await g.send_frames([b"".join(frames_[i:i + k])])
+                i += k
+
+        await asyncio.gather(send(ga, fa, 3), send(gb, fb, 4),
+                             _check_numbered(star.reader, {b"AAAA": n, b"BBBB": n}, "star"),
+                             _check_numbered(own_a.reader, {b"AAAA": n}, "session a"),
+                             _check_numbered(own_b.reader, {b"BBBB": n}, "session b"))
+
+    run(body(), 120)

@@ -180,6 +180,10 @@ class Relay:
                     member.port.close("frame_too_large", f"a channel's StreamData frame carries at most "
                                                          f"{self.config.max_channel_frame} bytes (max_frame)")
                     return
+                busy = streams.busy_with(sess, ev)
+                if busy is not None:  # a "*" subscriber is in the middle of another session's frame
+                    streams.hold_behind(busy, member, events[i:])
+                    return
                 streams.cut_through_start(sess, ev, member)
                 member.stream_frames += 1
             elif t is StreamChunk:

@@ -18,7 +18,7 @@ class Member:
     __slots__ = ("port", "role", "session", "subscribe_mask", "events", "serve_exact", "serve_prefix", "lossy",
                  "inflight", "next_id", "sessions_blocked", "all_sessions", "ack", "acked", "stream_frames",
                  "ack_pending", "joined", "attached", "replay", "request_id", "boot_params", "outstanding",
-                 "blocked_writers", "replay_pending", "slot")
+                 "blocked_writers", "replay_pending", "slot", "frame_in", "held_by")
 
     def __init__(self, port: Port, role: str):
         self.port = port
@@ -47,6 +47,8 @@ class Member:
         self.blocked_writers: set[Member] = set()  # members paused because they wrote to this full one
         self.replay_pending = False  # asked for replay while a cut-through frame was in flight
         self.slot = -1  # its slot in the RPC hot loop (relay.rpc), once it has one
+        self.frame_in: Any = None  # a subscriber: the cut-through frame (streams.CutThrough) being written to it
+        self.held_by: Any = None  # a guest: the cut-through frame its events wait behind
 
     @property
     def label(self) -> str:

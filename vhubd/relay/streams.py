@@ -185,10 +185,22 @@ class Streams:
                 self.deliver(member, run_of(chunk))
 
     # ---------------------------------------------------------------- cut-through
+    def busy_with(self, sess: Session, ev: StreamStart) -> CutThrough | None:
+        """Another session's cut-through frame in flight to a subscriber this
+        frame would go to (a "*" client): this one must wait for its end."""
+        bit = TYPE_BIT[ev.msg_type]
+        for c in self.relay.star_clients:
+            ct = c.frame_in
+            if ct is not None and c.subscribe_mask & bit and c.joined and not c.port.closed:
+                return ct
+        return None
+
     def cut_through_start(self, sess: Session, ev: StreamStart, source: Member) -> None:
         bit = TYPE_BIT[ev.msg_type]
         targets = [c for c in self.subscribers(sess) if c.subscribe_mask & bit and c.joined]
         ct = sess.cut_through = CutThrough(targets, ev, sess.scrollback.capacity - HEADER_SIZE, source)
+        for c in targets:
+            c.frame_in = ct
         self.counters["stream_bytes"] += len(ev.data)
         self.counters["stream_frames"] += 1
         for c in targets:
@@ -210,14 +222,19 @@ class Streams:
             self._end_cut_through(sess)
 
     def hold_behind(self, ct: CutThrough, member: Member, events: list) -> None:
-        """Another guest's events arrived mid cut-through frame: they wait (and it does)."""
+        """Another guest's events arrived mid cut-through frame (of its session,
+        or of another one to a subscriber they share): they wait (and it does)."""
         ct.waiting.append((member, events))
+        member.held_by = ct
         member.port.pause_reading("cut_through")
 
     def _end_cut_through(self, sess: Session) -> None:
         """The frame in flight is over: everyone joins again, and what other
         guests sent meanwhile goes out now, in order."""
         ct, sess.cut_through = sess.cut_through, None
+        for c in ct.targets:
+            if c.frame_in is ct:
+                c.frame_in = None
         for c in (*sess.clients, *self.relay.star_clients):
             if not c.joined:
                 c.joined = True
@@ -226,10 +243,9 @@ class Streams:
                     self.replay(c)
         waiting, ct.waiting = ct.waiting, []
         for member, events in waiting:  # a guest that left meanwhile still had these frames accepted
+            member.held_by = None
             self.relay.guest_events(member, events)  # may start the next cut-through frame, or wait again
-            now = sess.cut_through
-            held = now is not None and any(m is member for m, _ in now.waiting)
-            if not held:
+            if member.held_by is None:
                 member.port.resume_reading("cut_through")
 
     def cut_through_lost(self, sess: Session, member: Member) -> None:
