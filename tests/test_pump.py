@@ -283,10 +283,11 @@ def test_bulk_output_with_calls_between_reaches_every_subscriber_whole(make_daem
         assert (a, b, c) == (_sha(wire), _sha(stdout_only), _sha(wire))
         counters = await _counters(admin)
         assert counters["stream_bytes"] == len(wire) and counters["stream_frames"] == len(frames_)
-        if pump == "1":
+        if pump == "1":  # most of it read by the pump, and written straight to the subscribers' sockets
             assert counters["stream_pumped"] > len(wire) // 2, counters
+            assert counters["stream_direct"] > len(wire), counters
         else:
-            assert counters["stream_pumped"] == 0, counters
+            assert counters["stream_pumped"] == counters["stream_direct"] == 0, counters
 
     run(body(), 120)
 
@@ -294,7 +295,9 @@ def test_bulk_output_with_calls_between_reaches_every_subscriber_whole(make_daem
 def test_a_guest_goes_back_to_the_usual_path_after_small_reads(make_daemon):
     """Bulk output hands a guest to the pump; PUMP_IDLE_READS small reads in a
     row (calls, one at a time) hand it back: small output after that is not
-    pumped (and arrives); bulk output again is."""
+    pumped (and arrives); bulk output again is; and 2 s of silence hand it
+    back too (its dup of the socket is closed: the daemon's open files go back
+    to what they were)."""
     from vhubd.server import PUMP_IDLE_READS
 
     d = make_daemon("--heartbeat", "0")
@@ -319,9 +322,18 @@ def test_a_guest_goes_back_to_the_usual_path_after_small_reads(make_daemon):
         after = await _counters(admin)
         assert after["stream_pumped"] == before["stream_pumped"], (before, after)
         assert after["stream_bytes"] - before["stream_bytes"] == len(b"".join(small))
+        fds = len(os.listdir(f"/proc/{d.pid}/fd"))
         await g.send_frames(bulk, 12)
         assert await sub.sha_of(len(b"".join(bulk))) == _sha(b"".join(bulk))
-        assert (await _counters(admin))["stream_pumped"] > after["stream_pumped"]
+        again = await _counters(admin)
+        assert again["stream_pumped"] > after["stream_pumped"]
+        assert len(os.listdir(f"/proc/{d.pid}/fd")) == fds + 1  # the pump's dup of the guest's socket
+        await asyncio.sleep(3.5)  # idle past 2 s, seen by the once-a-second tick
+        assert len(os.listdir(f"/proc/{d.pid}/fd")) == fds
+        g.send_raw(small[0])
+        assert (await g.call("vhub.ping", rid=900)).msg_type == T.RPC_RESPONSE
+        assert await sub.read_exactly(len(small[0])) == small[0]
+        assert (await _counters(admin))["stream_pumped"] == again["stream_pumped"]
 
     run(body(), 60)
 

@@ -16,7 +16,7 @@ from harness import ROOT, AsyncPeer, T, client, run, wait_until
 from vhubd.protocol import RemoteErrorEvent
 
 COUNTERS = {"guests_accepted", "clients_accepted", "refused", "violations", "frames_in", "stream_frames",
-            "stream_bytes", "stream_pumped", "rpc_forwarded", "rpc_timeouts", "slow_consumers", "tty_input_dropped",
+            "stream_bytes", "stream_pumped", "stream_direct", "rpc_forwarded", "rpc_timeouts", "slow_consumers", "tty_input_dropped",
             "too_many_requests"}
 # channels (exposed ports, copies): they count in test_relay_channels.py and test_expose.py
 CHANNEL_COUNTERS = {"channels_opened", "channels_refused", "channels_reset", "channel_frames_dropped",

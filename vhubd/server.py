@@ -114,6 +114,7 @@ class Peer(asyncio.BufferedProtocol):
         self.out_fd = -1  # its socket, for the stream pump's direct writes (direct_fd)
         self.pump_fd = -1  # an admitted guest read by the stream pump: our dup of its socket
         self.pump_small = 0  # small reads in a row through the pump
+        self.pump_error: str | None = None  # what the pump's read met (the transport then sees EOF)
 
     # -- asyncio callbacks (never raise) --
     def connection_made(self, transport) -> None:
@@ -255,7 +256,8 @@ class Peer(asyncio.BufferedProtocol):
             self.hub.role_counts[self.spec.role] -= 1
         if self.member is not None:
             try:
-                self.relay.lost(self.member, "connection closed" if exc is None else str(exc))
+                reason = str(exc) if exc is not None else self.pump_error or "connection closed"
+                self.relay.lost(self.member, reason)
             except Exception:
                 log.exception("internal error while dropping peer=%s", self.label)
         self.transport = None
@@ -477,6 +479,8 @@ class Peer(asyncio.BufferedProtocol):
                                                            fast)
             if nread <= 0:
                 if nread not in _AGAIN:
+                    if nread < 0:  # consumed by our read: the transport will only see EOF
+                        self.pump_error = os.strerror(-nread)
                     self._stop_pump(resume=True)  # EOF or an error: the transport meets it itself
                 return
             self.last_rx = _monotonic()
@@ -598,6 +602,8 @@ class Peer(asyncio.BufferedProtocol):
                 self.write(heartbeat(self.ping_id))
         if idle > 2.0 and not self.conn.mid_frame:
             self.conn.rx.shrink()
+            if self.pump_fd >= 0:
+                self._stop_pump(resume=True)  # quiet: its dup and reader go (back at the next bulk read)
 
     def _dripping(self, now: float, window: float) -> bool:
         """Close a peer that keeps one frame open by dripping bytes (slowloris):

@@ -117,7 +117,7 @@ class Relay:
         self.started = time.time()
         self.counters: dict[str, int] = {
             "guests_accepted": 0, "clients_accepted": 0, "refused": 0, "violations": 0,
-            "frames_in": 0, "stream_frames": 0, "stream_bytes": 0, "stream_pumped": 0, "rpc_forwarded": 0,
+            "frames_in": 0, "stream_frames": 0, "stream_bytes": 0, "stream_pumped": 0, "stream_direct": 0, "rpc_forwarded": 0,
             "rpc_timeouts": 0, "slow_consumers": 0, "tty_input_dropped": 0, "too_many_requests": 0,
         }
         self.refusals: collections.Counter[str] = collections.Counter()  # refused handshakes by code

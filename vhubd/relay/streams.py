@@ -167,11 +167,15 @@ class Streams:
                     fds.append(fd)
                     wants.append(c.subscribe_mask)
         if direct:
+            written = 0
             for c, took in zip(direct, pump.send(data, run.type_mask, fds, wants), strict=True):
                 if took < 0:
                     deliver(c, run)
-                elif took < size:
+                    continue
+                written += took
+                if took < size:
                     c.port.write(data[took:])
+            self.counters["stream_direct"] += written
         sess.last_activity = time.monotonic()
         member.stream_frames += run.count
         if member.ack and member.stream_frames != member.acked and not member.ack_pending:
