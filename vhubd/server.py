@@ -157,28 +157,36 @@ class Peer(asyncio.BufferedProtocol):
         hub.batching = True
         try:
             self.last_rx = _monotonic()
-            events = self.conn.buffer_updated(nbytes)
-            self._count_frames()
-            if events:
-                if self.handshaken:
-                    self.on_events(self.member, events)  # type: ignore[arg-type]
-                else:
-                    self._before_handshake(events)
-            if self.conn._out:
-                self.flush()
-            if self.conn.state is State.CLOSED and not self.closed:
-                self.close()
-            elif nbytes >= PUMP_AT and self.pump_fd < 0 and self.handshaken and self.spec.role == "guest":
+            self._handle(self.conn.buffer_updated(nbytes))
+            if nbytes >= PUMP_AT and not self.closed and self.pump_fd < 0 and self.handshaken \
+                    and self.spec.role == "guest":
                 self._start_pump()  # bulk output: the pump reads it from now on
         except Exception:
-            log.exception("internal error handling peer=%s", self.label)
-            self.conn.fail("internal_error", "the daemon hit an internal error on this connection")
-            self.flush()
-            self.close()
+            self._internal_error()
         finally:
             if outer:
                 hub.batching = False
                 hub.write_pending()
+
+    def _handle(self, events: list) -> None:
+        """A read's events to the relay, then the Connection's answers; a
+        Connection that closed closes the peer."""
+        self._count_frames()
+        if events:
+            if self.handshaken:
+                self.on_events(self.member, events)  # type: ignore[arg-type]
+            else:
+                self._before_handshake(events)
+        if self.conn._out:
+            self.flush()
+        if self.conn.state is State.CLOSED and not self.closed:
+            self.close()
+
+    def _internal_error(self) -> None:
+        log.exception("internal error handling peer=%s", self.label)
+        self.conn.fail("internal_error", "the daemon hit an internal error on this connection")
+        self.flush()
+        self.close()
 
     def _before_handshake(self, events: list) -> None:
         for ev in events:
@@ -490,25 +498,14 @@ class Peer(asyncio.BufferedProtocol):
                     self._stop_pump(resume=True)  # no bulk any more: the transport's reads cost less
             else:
                 self.pump_small = 0
-            if count:
-                run = StreamRun(memoryview(rx.buf)[start:consumed], count, mask)
-                events = conn.pumped(nread, consumed, count, need)
+            run = StreamRun(memoryview(rx.buf)[start:consumed], count, mask) if count else None
+            events = conn.pumped(nread, consumed, count, need)  # the rest's events: delivered after the run
+            if run is not None:
                 self.relay.streams.pumped(member, sess, run, pump)  # type: ignore[arg-type]
                 del run
-            else:
-                events = conn.pumped(nread, consumed, 0, 0)
-            self._count_frames()
-            if events:
-                self.on_events(member, events)  # type: ignore[arg-type]
-            if conn._out:
-                self.flush()
-            if conn.state is State.CLOSED and not self.closed:
-                self.close()
+            self._handle(events)
         except Exception:
-            log.exception("internal error handling peer=%s", self.label)
-            self.conn.fail("internal_error", "the daemon hit an internal error on this connection")
-            self.flush()
-            self.close()
+            self._internal_error()
         finally:
             if outer:
                 hub.batching = False

@@ -113,10 +113,14 @@ class Streams:
     def subscribers(self, sess: Session) -> list[Member]:
         return [c for c in (*sess.clients, *self.relay.star_clients) if c.subscribe_mask]
 
-    def fan_out(self, sess: Session, run: StreamRun) -> None:
+    def _kept(self, sess: Session, run: StreamRun) -> None:
+        """A batch of ``sess``'s output counted and into its scrollback."""
         self.counters["stream_bytes"] += len(run.data)
         self.counters["stream_frames"] += run.count
         sess.scrollback.append(run.data)
+
+    def fan_out(self, sess: Session, run: StreamRun) -> None:
+        self._kept(sess, run)
         deliver = self.deliver
         for c in sess.clients:
             deliver(c, run)
@@ -146,10 +150,8 @@ class Streams:
         was full) and the whole batch to everyone else go as in ``fan_out``."""
         data = run.data
         size = len(data)
-        self.counters["stream_bytes"] += size
-        self.counters["stream_frames"] += run.count
+        self._kept(sess, run)
         self.counters["stream_pumped"] += size
-        sess.scrollback.append(data)
         direct: list = []
         fds: list = []
         wants: list = []
