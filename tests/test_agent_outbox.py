@@ -200,7 +200,10 @@ def test_output_seqs_number_each_execution_across_connections():
         ob.push(OUT, 7, data)
     ob.push(OUT, 0, b"agent")  # the agent itself: not an execution, not counted
     first = ob.take()
-    assert all(f.msg_type != MsgType.RpcRequest for f in first)  # nothing sent before: nothing to say
+    assert [f.msg_type for f in first[1:]] == [OUT] * 4
+    # every connection starts with it: nothing of execution 7 is behind; the outbox's frame 1 comes next
+    assert json.loads(first[0].payload) == {"event": "output_seqs", "executions": {"7": 0}, "outbox": ob.token,
+                                            "next": 1}
     assert ob.ack(2) == (2, True)  # a1, a2 acknowledged; a3 and the agent's frame not
     ob.push(ERR, 9, b"b1")
     ob.connection_lost()
@@ -211,5 +214,29 @@ def test_output_seqs_number_each_execution_across_connections():
     assert again[0].msg_type == MsgType.RpcRequest and again[0].request_id == 0
     body = json.loads(again[0].payload)
     # execution 7: a1, a2 are behind (acked), a3 comes next as seq 3; execution 9: b1 is seq 1
-    assert body == {"event": "output_seqs", "executions": {"7": 2, "9": 0}}
+    # the outbox's frames: a1 a2 a3 agent b1 a4 are 1..6; a3 (3) is the next one written
+    assert body == {"event": "output_seqs", "executions": {"7": 2, "9": 0}, "outbox": ob.token, "next": 3}
     assert [(f.request_id, f.payload) for f in again[1:]] == [(7, b"a3"), (0, b"agent"), (9, b"b1"), (7, b"a4")]
+
+
+def test_output_seqs_names_the_outbox_and_the_frame_that_comes_next():
+    """Each outbox has its own name; ``next`` is the outbox's number of the
+    first frame written on the connection, past frames dropped while away."""
+    ob, other = Outbox(10), Outbox(10)
+    assert ob.token != other.token and len(ob.token) == 16
+    ob.connection_made()
+    ob.set_ack_mode(True)
+    for data in (b"11111", b"22222"):
+        ob.push(OUT, 3, data)
+    assert json.loads(ob.take()[0].payload)["next"] == 1
+    ob.ack(1)
+    ob.connection_lost()
+    for data in (b"33333", b"44444", b"55555"):  # over the limit while away: 2 and 3 are dropped
+        ob.push(OUT, 3, data)
+    ob.connection_made()
+    ob.set_ack_mode(True)
+    again = ob.take()
+    body = json.loads(again[0].payload)
+    assert body["outbox"] == ob.token and body["next"] == 4, body
+    assert json.loads(again[1].payload)["event"] == "output_dropped"
+    assert [f.payload for f in again[2:]] == [b"44444", b"55555"]

@@ -185,6 +185,9 @@ class Session:
         self.channels: set = set()  # relay.channels.Channel: its agent's open channels
         self.exposed: dict = {}  # guest port -> relay.exposures.Exposure
         self.route_id = 0  # its number in the relay's RPC hot loop (relay.rpc), once it has one
+        # an agent's outbox name -> its last frame taken on a connection now gone (relay.streams.seqs):
+        # what it sends again is dropped; cleared at each boot (a restored VM's agent rewinds)
+        self.outboxes: dict[str, int] = {}
 
     def check_token(self, token: object) -> bool:
         if self.token is None:

@@ -16,17 +16,23 @@ standing in their place. The newest frame is always kept, even alone over the li
 
 Output seq numbers: the outbox counts the frames it was given per execution
 (request_id), so the n-th frame of execution X is its seq n, whichever
-connection carries it. The first transmission of each connection starts with the
-notification ``{"event":"output_seqs","executions":{"X": N}}``: the next frame of X
-on this connection is X's seq N+1 (sent when some N is not 0: after a reconnection). A daemon (its HTTP API's attach buffers) numbers
-frames with it, so the seqs a client saw before a daemon restart stay valid after
-it: resent frames it already had are recognised, dropped ones show as a gap.
+connection carries it; and it numbers every frame it was given (1, 2, ...). The
+first transmission of each connection starts with the notification
+``{"event":"output_seqs","executions":{"X": N},"outbox":ID,"next":S}``: the next
+frame of X on this connection is X's seq N+1, and the next frame of all is the
+outbox's frame S (``ID``: random, one per outbox, so per agent process). A daemon
+(its HTTP API's attach buffers) numbers frames with the first, so the seqs a
+client saw before a daemon restart stay valid after it: resent frames it already
+had are recognised, dropped ones show as a gap. With the second, a daemon that
+saw this outbox's frames up to S+k on a connection that dropped before their
+ack arrived drops the k+1 it gets again.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import secrets
 from collections import deque
 from typing import NamedTuple
 
@@ -72,10 +78,14 @@ def dropped_marker(nbytes: int) -> OutFrame:
     return OutFrame(MsgType.RpcRequest, 0, body.encode())
 
 
-def seqs_marker(bases: dict[int, int]) -> OutFrame:
-    """The notification that numbers what follows: execution id -> frames before it."""
-    body = json.dumps({"event": "output_seqs", "executions": {str(k): v for k, v in bases.items()}},
-                      separators=(",", ":"))
+def seqs_marker(bases: dict[int, int], outbox: str = "", following: int = 0) -> OutFrame:
+    """The notification that numbers what follows: execution id -> frames before
+    it, and (``outbox``, ``following``) the outbox's number of the next frame."""
+    doc: dict = {"event": "output_seqs", "executions": {str(k): v for k, v in bases.items()}}
+    if outbox:
+        doc["outbox"] = outbox
+        doc["next"] = following
+    body = json.dumps(doc, separators=(",", ":"))
     return OutFrame(MsgType.RpcRequest, 0, body.encode())
 
 
@@ -113,6 +123,8 @@ class Outbox:
         # Frames pushed per execution (request_id != 0): their output seq numbers.
         self.frame_counts: dict[int, int] = {}
         self._seqs_due = False
+        #: This outbox's name in ``output_seqs`` (its frame numbers are its own).
+        self.token = secrets.token_hex(8)
 
     # -- introspection ------------------------------------------------------------
 
@@ -198,7 +210,7 @@ class Outbox:
         self._acked = 0
         self._sent = 0
         self._evicted_unacked.clear()
-        self._seqs_due = bool(self.frame_counts)
+        self._seqs_due = True
 
     def set_ack_mode(self, enabled: bool) -> None:
         """Record whether the daemon acks on this connection (``vhub.hello`` seen).
@@ -239,9 +251,8 @@ class Outbox:
             return out
         if self._seqs_due:
             self._seqs_due = False
-            bases = self._seq_bases()
-            if any(bases.values()):  # else every frame is still to come: nothing to say
-                out.append(seqs_marker(bases))
+            following = self._entries[0].seq if self._entries else self._next_seq
+            out.append(seqs_marker(self._seq_bases(), self.token, following))
         if self.pending_dropped_bytes:
             out.append(dropped_marker(self.pending_dropped_bytes))
             self.pending_dropped_bytes = 0

@@ -117,7 +117,8 @@ class Relay:
         self.started = time.time()
         self.counters: dict[str, int] = {
             "guests_accepted": 0, "clients_accepted": 0, "refused": 0, "violations": 0,
-            "frames_in": 0, "stream_frames": 0, "stream_bytes": 0, "stream_pumped": 0, "stream_direct": 0, "rpc_forwarded": 0,
+            "frames_in": 0, "stream_frames": 0, "stream_bytes": 0, "stream_pumped": 0, "stream_direct": 0, "stream_resent_dropped": 0,
+            "rpc_forwarded": 0,
             "rpc_timeouts": 0, "slow_consumers": 0, "tty_input_dropped": 0, "too_many_requests": 0,
         }
         self.refusals: collections.Counter[str] = collections.Counter()  # refused handshakes by code
@@ -160,6 +161,10 @@ class Relay:
                 return
             t = type(ev)
             if t is StreamRun:
+                if member.skip:
+                    ev = streams.skip_resent(member, ev)
+                    if ev is None:
+                        continue
                 if ev.type_mask & SD_BIT:  # channel frames go point to point, and are not acked
                     member.stream_frames += self.channels.guest_run(member, sess, ev)
                 else:
@@ -180,6 +185,10 @@ class Relay:
                     member.port.close("frame_too_large", f"a channel's StreamData frame carries at most "
                                                          f"{self.config.max_channel_frame} bytes (max_frame)")
                     return
+                if member.skip:  # taken before the agent's last connection dropped
+                    streams.skip_frame(member)
+                    member.dropping = ev.remaining > 0
+                    continue
                 busy = streams.busy_with(sess, ev)
                 if busy is not None:  # a "*" subscriber is in the middle of another session's frame
                     streams.hold_behind(busy, member, events[i:])
@@ -187,6 +196,9 @@ class Relay:
                 streams.cut_through_start(sess, ev, member)
                 member.stream_frames += 1
             elif t is StreamChunk:
+                if member.dropping:
+                    member.dropping = ev.remaining > 0
+                    continue
                 streams.cut_through_chunk(sess, ev)
             elif t is Violation:
                 self.counters["violations"] += 1
@@ -241,6 +253,7 @@ class Relay:
         if sess is None:
             return
         sess.guests.discard(member)
+        self.streams.outbox_gone(member, sess)
         if sess.cut_through is not None and sess.cut_through.source is member:
             self.streams.cut_through_lost(sess, member)
         if sess.agent is member:

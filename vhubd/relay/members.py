@@ -18,7 +18,8 @@ class Member:
     __slots__ = ("port", "role", "session", "subscribe_mask", "events", "serve_exact", "serve_prefix", "lossy",
                  "inflight", "next_id", "sessions_blocked", "all_sessions", "ack", "acked", "stream_frames",
                  "ack_pending", "joined", "attached", "replay", "request_id", "boot_params", "outstanding",
-                 "blocked_writers", "replay_pending", "slot", "frame_in", "held_by")
+                 "blocked_writers", "replay_pending", "slot", "frame_in", "held_by", "outbox", "seq_base",
+                 "skip", "dropping")
 
     def __init__(self, port: Port, role: str):
         self.port = port
@@ -49,6 +50,13 @@ class Member:
         self.slot = -1  # its slot in the RPC hot loop (relay.rpc), once it has one
         self.frame_in: Any = None  # a subscriber: the cut-through frame (streams.CutThrough) being written to it
         self.held_by: Any = None  # a guest: the cut-through frame its events wait behind
+        # a guest whose agent said where its outbox stands (output_seqs): its name, the
+        # outbox's number of this connection's first stream frame, and how many frames
+        # still to come were taken before (resent: dropped; ``dropping`` one cut through)
+        self.outbox = ""
+        self.seq_base = 0
+        self.skip = 0
+        self.dropping = False
 
     @property
     def label(self) -> str:

@@ -148,7 +148,9 @@ class Rpc:
             if rid:
                 port.send(rpc_result(rid, {"pong": True, "session": sess.name, "time": time.time()}))
             return
-        if method == "execution_result" and "method" not in req:
+        if method == "output_seqs" and "method" not in req:
+            relay.streams.seqs(member, sess, req)  # and published below, for the HTTP API's attach
+        elif method == "execution_result" and "method" not in req:
             sess.last_result = req
             if type(req.get("execution_id")) is int:
                 relay.terminals.ended(sess, req["execution_id"])
