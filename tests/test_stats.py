@@ -16,7 +16,8 @@ from harness import ROOT, AsyncPeer, T, client, run, wait_until
 from vhubd.protocol import RemoteErrorEvent
 
 COUNTERS = {"guests_accepted", "clients_accepted", "refused", "violations", "frames_in", "stream_frames",
-            "stream_bytes", "stream_pumped", "stream_direct", "rpc_forwarded", "rpc_timeouts", "slow_consumers", "tty_input_dropped",
+            "stream_bytes", "stream_pumped", "stream_direct", "stream_resent_dropped",
+            "rpc_forwarded", "rpc_timeouts", "slow_consumers", "tty_input_dropped",
             "too_many_requests"}
 # channels (exposed ports, copies): they count in test_relay_channels.py and test_expose.py
 CHANNEL_COUNTERS = {"channels_opened", "channels_refused", "channels_reset", "channel_frames_dropped",
@@ -51,11 +52,12 @@ def test_every_counter_counts(make_daemon):
         assert (await bad.handshake({"session": "s", "token": "wrong"}))[:2] == ("error", "bad_token")
         await moved(refused=1)
 
+        guest.send(T.RPC_REQUEST, 0, json.dumps({"event": "output_seqs", "outbox": "st", "next": 1}).encode())
         for _ in range(3):  # stream frames: 3 frames of 10 bytes, 30 bytes on the wire each
             guest.send(T.STDOUT, 1, b"0123456789")
         await guest.drain()
         sub = await client(d, session="s", subscribe=["stdout"])  # after them: no replay asked
-        await moved(stream_frames=3, stream_bytes=90, frames_in=3, clients_accepted=1)
+        await moved(stream_frames=3, stream_bytes=90, frames_in=4, clients_accepted=1)
 
         # a client's call forwarded to the agent, answered
         call = asyncio.ensure_future(admin.call("agent.x", {}, session="s", timeout=10))
@@ -121,6 +123,20 @@ def test_every_counter_counts(make_daemon):
             ev = await guest.next_event()
         assert ev is not None and ev.code == "bad_magic"
         await wait_until(lambda: _counter(admin, "violations", last), 10, what="the violation counted")
+
+        # the agent again, after its link dropped: the last of its 67 frames resent, dropped; then a new one
+        await wait_until(lambda: _agent_gone(admin, "s"), 10, what="the agent gone")
+        last = (await admin.stats())["counters"]
+        again = await AsyncPeer.guest(d.socket, {"session": "s", "token": tok})
+        again.send(T.RPC_REQUEST, 0, json.dumps({"event": "output_seqs", "outbox": "st", "next": 67}).encode())
+        again.send(T.STDOUT, 2, b"resent")
+        again.send(T.STDOUT, 2, b"0123456789")
+        await again.drain()
+        await wait_until(lambda: _counter(admin, "stream_frames", last), 10, what="the new frame taken")
+        now = (await admin.stats())["counters"]
+        delta = {k: now[k] - last[k] for k in ("guests_accepted", "stream_resent_dropped", "stream_frames",
+                                               "stream_bytes")}
+        assert delta == {"guests_accepted": 1, "stream_resent_dropped": 1, "stream_frames": 1, "stream_bytes": 30}
         del sub, bad
 
     run(body(), timeout=90)
@@ -130,6 +146,10 @@ def test_every_counter_counts(make_daemon):
     shown = dict(line.split(": ", 1) for line in r.stdout.splitlines())
     for name in COUNTERS:
         assert int(shown[f"counters.{name}"]) > 0, name  # every one moved, and the table shows it
+
+
+async def _agent_gone(admin, name: str) -> bool:
+    return [s["state"] for s in await admin.sessions() if s["name"] == name] == ["agent_lost"]
 
 
 async def _counter(admin, name: str, since: dict | None = None) -> bool:
