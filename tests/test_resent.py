@@ -8,6 +8,7 @@ relay's rules on hostile or odd notifications in process."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 
@@ -17,6 +18,8 @@ from harness import frame as wire_frame
 from harness.inproc import World, frame, handshake_answer
 
 from vhubd import codec, frames
+
+BIG = b"B" * (300 * 1024)  # goes cut through (> 256 KiB)
 
 
 def seqs(outbox, following, executions=None) -> bytes:
@@ -75,19 +78,27 @@ def test_frames_taken_before_a_link_dropped_are_not_delivered_twice(make_daemon,
     def span(a, b):
         return b"".join(out[n] for n in range(a, b + 1))
 
+    sub = None
+
+    async def through(g, numbers, per_write, expect):
+        """Frames ``numbers`` sent while the subscriber reads (it is lossless: it
+        would stop the guest otherwise): it gets ``expect``."""
+        got, _ = await asyncio.gather(sub.read_exactly(len(expect)), g.send_frames([out[n] for n in numbers],
+                                                                                    per_write))
+        assert got == expect
+
     async def body():
+        nonlocal sub
         admin = await client(d)
         sub = await RawClient.open(d.control, session="default", subscribe=["stdout", "stderr"], lossy=False)
         g = await guest_when_free(d, {"ack": True})
         g.send_raw(seqs("o1", 1))
-        await g.send_frames([out[n] for n in range(1, 61)], 4)
-        assert await sub.read_exactly(len(span(1, 60))) == span(1, 60)
+        await through(g, range(1, 61), 4, span(1, 60))
         await g.close()  # before any ack was read: the agent holds 1..60 still
 
         g = await guest_when_free(d, {"ack": True})
         g.send_raw(seqs("o1", 25, {"4": 24}))
-        await g.send_frames([out[n] for n in range(25, 91)], 6)
-        assert await sub.read_exactly(len(span(61, 90))) == span(61, 90)
+        await through(g, range(25, 91), 6, span(61, 90))
         await acked(g, 66)  # 36 resent, 30 new: all acknowledged
         counters = (await admin.stats())["counters"]
         assert counters["stream_resent_dropped"] == 36, counters
@@ -95,14 +106,12 @@ def test_frames_taken_before_a_link_dropped_are_not_delivered_twice(make_daemon,
 
         g = await guest_when_free(d, {"ack": True})  # another agent process: its own numbers
         g.send_raw(seqs("o2", 1))
-        await g.send_frames([out[1], out[2]])
-        assert await sub.read_exactly(len(span(1, 2))) == span(1, 2)
+        await through(g, range(1, 3), 1, span(1, 2))
         await g.close()
 
         g = await guest_when_free(d, {"ack": True})  # o1 again, past what was taken: nothing dropped
         g.send_raw(seqs("o1", 91))
-        await g.send_frames([out[n] for n in range(91, 121)], 3)
-        assert await sub.read_exactly(len(span(91, 120))) == span(91, 120)
+        await through(g, range(91, 121), 3, span(91, 120))
         await acked(g, 30)
         assert (await admin.stats())["counters"]["stream_resent_dropped"] == 36
         # and nothing else reached the subscriber
@@ -136,14 +145,14 @@ def test_what_is_dropped_and_what_is_not():
     a = agent(w, "x")
     a.feed(b"".join(out(n) for n in range(1, 6)))
     w.lose(a, "reset")
-    assert w.registry.get("default").outboxes == {"x": 5}
+    assert w.registry.get("default").outboxes == {"a:x": (1, 5)}
     # the resend mixes the outbox's frames with a channel's (never the outbox's, never dropped)
     b = agent(w, "x", 3)
     b.feed(out(3) + frame(T.STREAM_DATA, frames.CHANNEL_BASE + 1, b"c") + out(4) + out(5) + out(6))
     assert outputs(sub) == [out(n) for n in range(1, 7)]
     assert w.relay.counters["stream_resent_dropped"] == 3
     w.lose(b, "reset")
-    assert w.registry.get("default").outboxes == {"x": 6}
+    assert w.registry.get("default").outboxes == {"a:x": (3, 6)}
 
 
 def test_a_hostile_or_late_seqs_notification_changes_nothing():
@@ -182,3 +191,193 @@ def test_a_hostile_or_late_seqs_notification_changes_nothing():
     handshake_answer(other)
     other.feed(seqs("o19", 1) + out(1))
     assert w.relay.counters["stream_resent_dropped"] == 0
+
+
+def agent_and_token(w: World):
+    a = w.guest({"ack": True})
+    handshake_answer(a)
+    hello = [j for (_, _, j) in a.json_frames(T.RPC_REQUEST) if j.get("method") == "vhub.hello"]
+    return a, hello[0]["params"]["attach_token"]
+
+
+def program(w: World, token: str, outbox: str, following: int = 1):
+    p = w.guest({"ack": True, "attach": True, "session": "default", "token": token})
+    handshake_answer(p)
+    p.feed(seqs(outbox, following))
+    return p
+
+
+def payloads(sub, rid: int | None = None) -> list[bytes]:
+    return [bytes(f.payload) for f in sub.frames()
+            if f.msg_type == T.STDOUT and (rid is None or f.request_id == rid)]
+
+
+def acks(port) -> list[int]:
+    return [j["params"]["frames"] for (_, _, j) in port.json_frames(T.RPC_REQUEST) if j.get("method") == "vhub.ack"]
+
+
+def test_a_frame_cut_through_when_the_link_dropped_is_delivered_when_sent_again():
+    """Not taken whole (the subscribers were closed in its middle, the
+    scrollback kept nothing), not acknowledged: its resend is delivered."""
+    w = World()
+    a = agent(w, "x")
+    a.json_frames()
+    big = frame(T.STDOUT, 1, BIG)
+    a.feed(frame(T.STDOUT, 1, b"one") + big[:100 * 1024])
+    w.clock.advance(0.1)
+    assert acks(a) == [1]  # "one" only: not the frame in its middle
+    w.lose(a, "reset")
+    assert w.registry.get("default").outboxes == {"a:x": (1, 1)}
+    sub = w.client("default", subscribe=["stdout"])
+    b = agent(w, "x", 2)
+    b.json_frames()
+    b.feed(big + frame(T.STDOUT, 1, b"three"))
+    assert payloads(sub) == [BIG, b"three"]
+    w.clock.advance(0.1)
+    assert acks(b) == [2]
+    assert w.relay.counters["stream_resent_dropped"] == 0
+
+
+def test_a_resent_frame_cut_through_is_dropped_whole():
+    w = World()
+    sub = w.client("default", subscribe=["stdout"])
+    a = agent(w, "x")
+    big = frame(T.STDOUT, 1, BIG)
+    a.feed(frame(T.STDOUT, 1, b"one") + big + frame(T.STDOUT, 1, b"three"))
+    w.lose(a, "reset")
+    b = agent(w, "x", 2)
+    b.json_frames()
+    b.feed(big[:5000])
+    b.feed(big[5000:] + frame(T.STDOUT, 1, b"three") + frame(T.STDOUT, 1, b"four"))
+    assert payloads(sub) == [b"one", BIG, b"three", b"four"]
+    assert w.relay.counters["stream_resent_dropped"] == 2
+    w.clock.advance(0.1)
+    assert acks(b)[-1] == 3
+
+
+def test_frames_held_behind_another_guests_frame_count_when_they_go_out():
+    """A program's frames wait behind the agent's cut-through frame and its
+    link drops meanwhile: they are taken when they go out, and count."""
+    w = World()
+    sub = w.client("default", subscribe=["stdout"])
+    a, tok = agent_and_token(w)
+    big = frame(T.STDOUT, 1, BIG)
+    a.feed(big[:1000])
+    p = program(w, tok, "p")
+    p.feed(frame(T.STDOUT, 9, b"p1") + frame(T.STDOUT, 9, b"p2"))  # held behind it
+    w.lose(p, "reset")
+    a.feed(big[1000:])
+    assert w.registry.get("default").outboxes == {"p:p": (1, 2)}
+    p2 = program(w, tok, "p")
+    p2.feed(frame(T.STDOUT, 9, b"p1") + frame(T.STDOUT, 9, b"p2") + frame(T.STDOUT, 9, b"p3"))
+    assert payloads(sub, 9) == [b"p1", b"p2", b"p3"]
+
+
+def test_a_program_cannot_speak_for_the_agent_nor_push_its_memory_out():
+    w = World()
+    sub = w.client("default", subscribe=["stdout"])
+    a, tok = agent_and_token(w)
+    a.feed(seqs("A", 1) + frame(T.STDOUT, 1, b"a1"))
+    p = program(w, tok, "A", (1 << 62) - 1)  # the agent's name, a number far ahead
+    p.feed(frame(T.STDOUT, 9, b"p"))
+    w.lose(p, "closed")
+    w.lose(a, "reset")
+    for i in range(12):  # more programs than a session remembers, ending after the agent's link dropped
+        q = program(w, tok, f"q{i}")
+        q.feed(frame(T.STDOUT, 9, b"q"))
+        w.lose(q, "reset")
+    assert len(w.registry.get("default").outboxes) == 8 and "a:A" in w.registry.get("default").outboxes
+    a2 = agent(w, "A", 1)
+    a2.feed(frame(T.STDOUT, 1, b"a1") + frame(T.STDOUT, 1, b"a2") + frame(T.STDOUT, 1, b"a3"))
+    assert [x for x in payloads(sub, 1)] == [b"a1", b"a2", b"a3"]
+
+
+def test_numbers_from_before_the_last_connection_began_are_new_output():
+    """An agent whose numbers went back past the start of its last connection
+    was restored from an older state (by someone else than this daemon): what
+    it sends is new, delivered; and from there on it is followed anew."""
+    w = World()
+    sub = w.client("default", subscribe=["stdout"])
+    a = agent(w, "A")
+    a.feed(b"".join(out(n) for n in range(1, 6)))
+    w.lose(a, "reset")
+    b = agent(w, "A", 4)  # 4 and 5 again
+    b.feed(b"".join(out(n) for n in range(4, 9)))
+    w.lose(b, "reset")
+    assert w.registry.get("default").outboxes == {"a:A": (4, 8)}
+    c = agent(w, "A", 2)  # back before 4: another timeline
+    c.feed(frame(T.STDOUT, 1, b"other 2") + frame(T.STDOUT, 1, b"other 3"))
+    w.lose(c, "reset")
+    d = agent(w, "A", 3)  # its link dropped after "other 2" was acknowledged
+    d.feed(frame(T.STDOUT, 1, b"other 3") + frame(T.STDOUT, 1, b"other 4"))
+    got = outputs(sub)
+    assert got == [out(n) for n in range(1, 9)] + [frame(T.STDOUT, 1, b"other 2"), frame(T.STDOUT, 1, b"other 3"),
+                                                    frame(T.STDOUT, 1, b"other 4")], got
+
+
+def test_connections_from_before_a_boot_do_not_count():
+    """A boot (or a restore) starts a new generation: a connection of the old
+    VM that ends after it, or is still there, says nothing about the new one's
+    frames (its agent's numbers start over, or go back to the snapshot's)."""
+    w = World()
+    sub = w.client("default", subscribe=["stdout"])
+    a, tok = agent_and_token(w)
+    p = program(w, tok, "P")
+    p.feed(b"".join(frame(T.STDOUT, 9, b"old%d" % n) for n in range(1, 6)))
+    sess = w.registry.get("default")
+    sess.outboxes.clear()  # what BootManager.boot does, before the old VM's connections are gone
+    sess.generation += 1
+    p2 = program(w, tok, "P", 3)  # the restored program: back at the snapshot, new output
+    w.lose(p, "the vsock device is gone")
+    p2.feed(b"".join(frame(T.STDOUT, 9, b"new%d" % n) for n in range(3, 8)))
+    assert [x for x in payloads(sub, 9) if x.startswith(b"new")] == [b"new%d" % n for n in range(3, 8)]
+    assert sess.outboxes == {}
+    w.lose(p2, "reset")
+    assert sess.outboxes == {"p:P": (3, 7)}
+
+
+def test_the_http_api_numbers_what_follows_a_resend_right(make_daemon):
+    """The HTTP API numbers an execution's frames from ``output_seqs``: after
+    frames sent again were dropped, what it is told counts them in, and the
+    attach stream has every line once, numbered 1..5."""
+    pytest.importorskip("aiohttp", reason="the HTTP API needs the http extra (aiohttp)")
+    from harness.http import HttpApi, read_attach
+
+    d = make_daemon("--backend", "external", "--http", "127.0.0.1:0", "--heartbeat", "0")
+    token = d.call("vhub.register", {"session": "h"})["token"]
+
+    async def body():
+        g = await AsyncPeer.guest(d.socket, {"session": "h", "token": token, "ack": True})
+        g.send_raw(seqs("o", 1))
+        async with HttpApi(d) as api:
+            spawn = asyncio.ensure_future(api.ok("POST", "/api/sessions/h/spawn", {"command": "x"}))
+            req = await g.next_frame(10, lambda f: f.msg_type == T.RPC_REQUEST
+                                     and json.loads(bytes(f.payload)).get("method") == "agent.run")
+            g.send(T.RPC_RESPONSE, req.request_id, {"execution_id": 5, "pid": 1})
+            r = await spawn
+            for i in (1, 2, 3):
+                g.send(T.STDOUT, 5, b"line%d\n" % i)
+            await g.drain()
+
+            async def head(n):
+                return (await api.ok("GET", "/api/sessions/h/executions"))["executions"][0]["head_seq"] == n
+
+            await wait_until(lambda: head(3), 20, what="3 frames")
+            await g.close()  # the link drops before the agent read an ack: it holds line1..3
+            await wait_until(lambda: _state(api, "h", "agent_lost"), 10, what="the agent gone")
+            g = await AsyncPeer.guest(d.socket, {"session": "h", "token": token, "ack": True})
+            g.send_raw(seqs("o", 1, {"5": 0}))
+            for i in (1, 2, 3, 4, 5):  # 1..3 again, then new ones
+                g.send(T.STDOUT, 5, b"line%d\n" % i)
+            await g.drain()
+            await wait_until(lambda: head(5), 20, what="5 frames")
+            async with api.ws(r["attach_url"] + "?seq=1") as ws:
+                chunks, _ = await read_attach(ws, until=b"line5\n")
+            assert [c[2] for c in chunks] == [b"line%d\n" % i for i in range(1, 6)], chunks
+            assert [c[1] for c in chunks] == [1, 2, 3, 4, 5], chunks
+
+    run(body(), 60)
+
+
+async def _state(api, name: str, state: str) -> bool:
+    return [s["state"] for s in (await api.ok("GET", "/api/sessions"))["sessions"] if s["name"] == name] == [state]

@@ -100,6 +100,7 @@ class BootManager:
         if restore is None and not any((params or {}).get(k) for k in ("image", "cpus", "memory_mib", "env")):
             restore = self.snapshots.resume_point(name)  # the policy stopped it after a snapshot
         sess.outboxes.clear()  # the VM's agent starts over, or from a snapshot: its frames are new again
+        sess.generation += 1  # and what its old connections took, reported later, does not count
         fut = asyncio.ensure_future(self._boot(sess, dict(params or {}), restore))
         self.boots[name] = fut
         fut.add_done_callback(lambda f: self.boots.pop(name, None))

@@ -185,9 +185,11 @@ class Session:
         self.channels: set = set()  # relay.channels.Channel: its agent's open channels
         self.exposed: dict = {}  # guest port -> relay.exposures.Exposure
         self.route_id = 0  # its number in the relay's RPC hot loop (relay.rpc), once it has one
-        # an agent's outbox name -> its last frame taken on a connection now gone (relay.streams.seqs):
-        # what it sends again is dropped; cleared at each boot (a restored VM's agent rewinds)
-        self.outboxes: dict[str, int] = {}
+        # an agent's outbox -> (first frame of its last connection, last frame taken) once a
+        # connection ended (relay.streams.seqs): what it sends again is dropped. Each boot
+        # starts a new generation and forgets them (a restored VM's agent went back in time)
+        self.outboxes: dict[str, tuple[int, int]] = {}
+        self.generation = 0
 
     def check_token(self, token: object) -> bool:
         if self.token is None:

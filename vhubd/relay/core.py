@@ -44,6 +44,7 @@ from .channels import Channels
 from .exposures import Exposures
 from .members import Member
 from .port import Decision, Listener, Port
+from .resent import Resends
 from .rpc import Rpc
 from .streams import Streams
 from .terminals import Terminals
@@ -126,6 +127,7 @@ class Relay:
         self.violation_log = RateLimitedLog(log, "protocol violations", call_later=call_later, clock=clock)
         self.admission = Admission(self)
         self.streams = Streams(self)
+        self.resends = Resends(self)
         self.rpc = Rpc(self)
         self.terminals = Terminals(self)
         self.channels = Channels(self)
@@ -162,7 +164,7 @@ class Relay:
             t = type(ev)
             if t is StreamRun:
                 if member.skip:
-                    ev = streams.skip_resent(member, ev)
+                    ev = self.resends.skip_resent(member, ev)
                     if ev is None:
                         continue
                 if ev.type_mask & SD_BIT:  # channel frames go point to point, and are not acked
@@ -186,7 +188,7 @@ class Relay:
                                                          f"{self.config.max_channel_frame} bytes (max_frame)")
                     return
                 if member.skip:  # taken before the agent's last connection dropped
-                    streams.skip_frame(member)
+                    self.resends.skip_frame(member, ev.request_id)
                     member.dropping = ev.remaining > 0
                     continue
                 busy = streams.busy_with(sess, ev)
@@ -253,7 +255,7 @@ class Relay:
         if sess is None:
             return
         sess.guests.discard(member)
-        self.streams.outbox_gone(member, sess)
+        self.resends.outbox_gone(member, sess)
         if sess.cut_through is not None and sess.cut_through.source is member:
             self.streams.cut_through_lost(sess, member)
         if sess.agent is member:

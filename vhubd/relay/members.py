@@ -19,7 +19,7 @@ class Member:
                  "inflight", "next_id", "sessions_blocked", "all_sessions", "ack", "acked", "stream_frames",
                  "ack_pending", "joined", "attached", "replay", "request_id", "boot_params", "outstanding",
                  "blocked_writers", "replay_pending", "slot", "frame_in", "held_by", "outbox", "seq_base",
-                 "skip", "dropping")
+                 "skip", "dropping", "generation", "seqs_held")
 
     def __init__(self, port: Port, role: str):
         self.port = port
@@ -57,6 +57,8 @@ class Member:
         self.seq_base = 0
         self.skip = 0
         self.dropping = False
+        self.generation = 0  # the session's boot it said so in (sessions.Session.generation)
+        self.seqs_held: Any = None  # (its output_seqs params, frames dropped per execution) until published
 
     @property
     def label(self) -> str:

@@ -149,7 +149,8 @@ class Rpc:
                 port.send(rpc_result(rid, {"pong": True, "session": sess.name, "time": time.time()}))
             return
         if method == "output_seqs" and "method" not in req:
-            relay.streams.seqs(member, sess, req)  # and published below, for the HTTP API's attach
+            if relay.resends.seqs(member, sess, req):
+                return  # published once what it sends again is dropped (counted in)
         elif method == "execution_result" and "method" not in req:
             sess.last_result = req
             if type(req.get("execution_id")) is int:

@@ -25,14 +25,13 @@ from ..frames import HEADER_SIZE
 from ..protocol import StreamChunk, StreamRun, StreamStart, notification
 from ..sessions import Session
 from .members import Member
+from .resent import settled
 
 if TYPE_CHECKING:
     from .core import Relay
 
 log = logging.getLogger("vhubd")
 TYPE_BIT = frames.TYPE_BIT
-SD = int(frames.MsgType.STREAM_DATA)
-MAX_OUTBOXES = 8  # outboxes a session remembers (its agent, programs attached beside it)
 ACK_RETRY = 0.01  # seconds between checks while a lossless subscriber still holds unsent bytes
 
 
@@ -151,10 +150,11 @@ class Streams:
         (``Port.direct_fd``: it comes in order), the rest of it (their socket
         was full) and the whole batch to everyone else go as in ``fan_out``."""
         if member.skip:  # frames taken before come first: the usual way, without them
-            kept = self.skip_resent(member, run)
+            kept = self.relay.resends.skip_resent(member, run)
             if kept is not None:
                 self.fan_out(sess, kept)
                 member.stream_frames += kept.count
+            sess.last_activity = time.monotonic()
             self._owed(member)
             return
         data = run.data
@@ -194,77 +194,6 @@ class Streams:
     def _owed(self, member: Member) -> None:
         if member.ack and member.stream_frames != member.acked and not member.ack_pending:
             self.schedule_ack(member)
-
-    # ---------------------------------------------------------------- resent output
-    def seqs(self, member: Member, sess: Session, req: dict) -> None:
-        """An agent's ``output_seqs`` names its outbox and numbers the frame
-        that comes next. The link of an earlier connection may have dropped
-        after this daemon took frames and before their ack reached the agent
-        (a snapshot unplugs the vsock device; a reset): it sends them again,
-        and they are dropped here, counted and acknowledged, not delivered twice.
-        Said once, before the connection's first stream frame."""
-        name, following = req.get("outbox"), req.get("next")
-        if (member.outbox or member.stream_frames or type(name) is not str or not 0 < len(name) <= 64
-                or type(following) is not int or not 0 < following < 1 << 62):
-            return
-        member.outbox = name
-        member.seq_base = following
-        member.skip = max(0, self._taken(sess, name) + 1 - following)
-        if member.skip:
-            log.info("guest resends session=%s peer=%s: %d frames taken before are dropped", sess.name,
-                     member.label, member.skip)
-
-    def _taken(self, sess: Session, name: str) -> int:
-        """The last frame of outbox ``name`` this daemon took (0: none)."""
-        last = sess.outboxes.get(name, 0)
-        for g in sess.guests:
-            if g.outbox == name and g.stream_frames:
-                last = max(last, g.seq_base + g.stream_frames - 1)
-        return last
-
-    def outbox_gone(self, member: Member, sess: Session) -> None:
-        """A guest's connection ended: remember how far its outbox got."""
-        if not member.outbox or not member.stream_frames:
-            return
-        outboxes = sess.outboxes
-        last = max(outboxes.pop(member.outbox, 0), member.seq_base + member.stream_frames - 1)
-        outboxes[member.outbox] = last
-        while len(outboxes) > MAX_OUTBOXES:
-            del outboxes[next(iter(outboxes))]
-
-    def skip_frame(self, member: Member) -> None:
-        member.skip -= 1
-        member.stream_frames += 1  # acknowledged like any other: the agent may forget it
-        self.counters["stream_resent_dropped"] += 1
-
-    def skip_resent(self, member: Member, run: StreamRun) -> StreamRun | None:
-        """``run`` without the frames taken before (the first ``member.skip``
-        of the outbox's; a channel's frames are not the outbox's): what is
-        left of it, or None."""
-        if run.count <= member.skip and not run.type_mask & TYPE_BIT[SD]:
-            for _ in range(run.count):
-                self.skip_frame(member)
-            return None
-        data = run.data
-        kept: list[list[int]] = []
-        pos = count = mask = 0
-        for f in run.frames():
-            n = len(f.data)
-            if member.skip and not (f.msg_type == SD and f.request_id >= frames.CHANNEL_BASE):
-                self.skip_frame(member)
-            else:
-                if kept and kept[-1][1] == pos:
-                    kept[-1][1] = pos + n
-                else:
-                    kept.append([pos, pos + n])
-                count += 1
-                mask |= TYPE_BIT[f.msg_type]
-            pos += n
-        if not count:
-            return None
-        if len(kept) == 1:
-            return StreamRun(data[kept[0][0]:kept[0][1]], count, mask)
-        return StreamRun(memoryview(b"".join(data[a:b] for a, b in kept)), count, mask)
 
     def replay(self, member: Member) -> None:
         """The scrollback of the member's session (or of every session, for "*")."""
@@ -334,6 +263,8 @@ class Streams:
         for member, events in waiting:  # a guest that left meanwhile still had these frames accepted
             member.held_by = None
             self.relay.guest_events(member, events)  # may start the next cut-through frame, or wait again
+            if member.port.closed and member.session is not None:
+                self.relay.resends.outbox_gone(member, member.session)  # what it sent last is taken now
             if member.held_by is None:
                 member.port.resume_reading("cut_through")
 
@@ -367,10 +298,16 @@ class Streams:
         sess = member.session
         if sess is None or any(not c.lossy and c.port.buffered() for c in self.subscribers(sess)):
             return False
-        if member.stream_frames != member.acked:
-            member.acked = member.stream_frames
-            member.port.send(notification("vhub.ack", {"frames": member.acked}))
+        self._ack(member)
         return True
+
+    def _ack(self, member: Member) -> None:
+        """``vhub.ack`` for the frames taken whole (not one still cut through:
+        if the link drops in its middle, the agent must send it again)."""
+        taken = settled(member)
+        if taken != member.acked:
+            member.acked = taken
+            member.port.send(notification("vhub.ack", {"frames": taken}))
 
     def _send_ack(self, member: Member) -> None:
         """Ack stream frames once every lossless destination has taken them
@@ -384,9 +321,7 @@ class Streams:
                 member.ack_pending = True
                 self.relay.call_later(ACK_RETRY, lambda: self._send_ack(member))
                 return
-        if member.stream_frames != member.acked:
-            member.acked = member.stream_frames
-            member.port.send(notification("vhub.ack", {"frames": member.acked}))
+        self._ack(member)
 
     # ---------------------------------------------------------------- backpressure
     def session_blocked(self, sess: Session) -> bool:
