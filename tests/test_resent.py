@@ -381,3 +381,105 @@ def test_the_http_api_numbers_what_follows_a_resend_right(make_daemon):
 
 async def _state(api, name: str, state: str) -> bool:
     return [s["state"] for s in (await api.ok("GET", "/api/sessions"))["sessions"] if s["name"] == name] == [state]
+
+
+def test_a_gone_guests_frame_cut_by_its_leaving_is_not_started_for_it():
+    """A program's read held behind the agent's cut-through frame ends with the
+    start of its own large frame, and its link drops: when the agent's frame
+    ends, its whole frames go out, not the start of one whose rest will never
+    come (the session would wait for it for good); the agent goes on."""
+    w = World()
+    sub = w.client("default", subscribe=["stdout"])
+    a, tok = agent_and_token(w)
+    big = frame(T.STDOUT, 1, BIG)
+    a.feed(big[:1000])
+    p = program(w, tok, "p")
+    p.feed(frame(T.STDOUT, 9, b"p1") + frame(T.STDOUT, 9, BIG)[:2000])
+    w.lose(p, "reset")
+    a.feed(big[1000:])
+    sess = w.registry.get("default")
+    assert sess.cut_through is None and sess.outboxes == {"p:p": (1, 1)}
+    a.feed(frame(T.STDOUT, 1, b"after"))
+    assert payloads(sub) == [BIG, b"p1", b"after"] and not sub.closed
+
+
+def test_a_held_seqs_notification_is_bounded_and_only_the_first_counts():
+    """What waits to be published is bounded whatever a guest lists; after a
+    malformed one, a well-formed second one changes nothing."""
+    w = World()
+    sub = w.client("default", subscribe=["stdout"])
+    a = agent(w, "x")
+    a.feed(b"".join(out(n) for n in range(1, 4)))
+    w.lose(a, "reset")
+    b = agent(w, "x", 1)
+    b.feed(seqs("x", 1))  # a second one: nothing
+    b.feed(wire_frame(T.RPC_REQUEST, 0, json.dumps({"event": "output_seqs", "outbox": "x", "next": 1, "executions": {
+        str(i): i for i in range(100_000)}}).encode()))
+    held = w.relay.resends  # the member's notification waits for the 3 frames taken before
+    member = next(g for g in w.registry.get("default").guests)
+    assert member.skip == 3 and len(member.seqs_held[0]["executions"]) == 0
+    w.lose(b, "reset")
+    c = w.guest({"ack": True})
+    handshake_answer(c)
+    c.feed(wire_frame(T.RPC_REQUEST, 0, json.dumps({"event": "output_seqs", "outbox": "x", "next": 1, "executions": {
+        str(i): i for i in range(100_000)}}).encode()))
+    member = next(g for g in w.registry.get("default").guests)
+    assert member.skip == 3 and len(member.seqs_held[0]["executions"]) == 1024, held
+    w.lose(c, "reset")
+    d = w.guest({"ack": True})
+    handshake_answer(d)
+    d.feed(wire_frame(T.RPC_REQUEST, 0, json.dumps({"event": "output_seqs", "outbox": 5, "next": 1}).encode()))
+    d.feed(seqs("x", 1) + out(1) + out(2))  # after a malformed one: not skipped
+    assert outputs(sub) == [out(1), out(2), out(3), out(1), out(2)]
+
+
+AGENT = r"""
+import json, os, socket, struct, sys, time
+H = struct.Struct("<IBBHIQ")
+def frame(t, rid, payload):
+    return H.pack(0x424C494E, 1, t, 0, len(payload), rid) + payload
+addr = os.environ["VHUB_ADDR"]
+s = socket.socket(socket.AF_UNIX)
+s.connect(addr[len("unix:"):])
+s.sendall(frame(1, 1, json.dumps({"session": os.environ["VHUB_SESSION"], "token": os.environ["VHUB_TOKEN"],
+                                  "ack": True}).encode()))
+head = s.recv(20, socket.MSG_WAITALL)
+s.recv(H.unpack(head)[4], socket.MSG_WAITALL)
+n = open(sys.argv[1]).read().strip() if os.path.exists(sys.argv[1]) else "0"
+open(sys.argv[1], "w").write(str(int(n) + 1))
+for _ in range(1500):  # the test's subscriber is there when it says so
+    if os.path.exists(sys.argv[1] + ".go" + n):
+        break
+    time.sleep(0.02)
+# the same outbox name and numbers at every boot, as a VM restored from one snapshot
+s.sendall(frame(16, 0, json.dumps({"event": "output_seqs", "executions": {}, "outbox": "fixed", "next": 1}).encode())
+          + b"".join(frame(48, 1, b"boot %s line %d" % (n.encode(), i)) for i in range(1, 4)))
+while s.recv(65536):
+    pass
+"""
+
+
+def test_a_boot_starts_the_sessions_outboxes_over(make_daemon, tmp_path):
+    """Through the daemon's boots (local backend, an agent that says the same
+    outbox name and numbers each time, as a VM restored from one snapshot
+    would): the second boot's frames are new output, delivered."""
+    script = tmp_path / "agent.py"
+    script.write_text(AGENT)
+    import sys
+
+    d = make_daemon("--backend", "local", "--heartbeat", "0",
+                    "--agent-command", f"{sys.executable} {script} {tmp_path / 'boots'}")
+
+    async def body():
+        admin = await client(d)
+        sub = await RawClient.open(d.control, session="b", subscribe=["stdout"], boot=True)
+        for n in (0, 1):
+            if n:
+                await admin.boot("b", timeout=60)
+            got = b"".join(wire_frame(T.STDOUT, 1, b"boot %d line %d" % (n, i)) for i in range(1, 4))
+            (tmp_path / f"boots.go{n}").touch()
+            assert await sub.read_exactly(len(got)) == got
+            await admin.stop("b")
+        assert (await admin.stats())["counters"]["stream_resent_dropped"] == 0
+
+    run(body(), 120)

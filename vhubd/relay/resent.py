@@ -19,6 +19,7 @@ last one taken dropped; the HTTP API's numbering has the same limit.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import TYPE_CHECKING
 
@@ -34,6 +35,7 @@ log = logging.getLogger("vhubd")
 TYPE_BIT = frames.TYPE_BIT
 SD = int(frames.MsgType.STREAM_DATA)
 MAX_OUTBOXES = 8  # outboxes a session remembers (its agent, programs attached beside it)
+MAX_EXECUTIONS = 1024  # of a held output_seqs (the HTTP API reads no more)
 
 
 def settled(member: Member) -> int:
@@ -77,10 +79,11 @@ class Resends:
             return False
         log.info("guest resends session=%s peer=%s: %d frames taken before are dropped", sess.name,
                  member.label, member.skip)
-        params = {k: v for k, v in req.items() if k != "event"}
-        execs = params.get("executions")
-        member.seqs_held = (params, {k: 0 for k, v in execs.items() if type(v) is int} if type(execs) is dict
-                            else {})
+        # what the HTTP API reads of it (the agent lists at most 256 executions): held bounded
+        execs = req.get("executions")
+        kept = dict(itertools.islice(((k, v) for k, v in execs.items() if type(v) is int), MAX_EXECUTIONS)) \
+            if type(execs) is dict else {}
+        member.seqs_held = ({"executions": kept, "outbox": name, "next": following}, dict.fromkeys(kept, 0))
         return True
 
     def _taken(self, sess: Session, name: str) -> tuple[int, int]:
@@ -116,9 +119,7 @@ class Resends:
             if not member.skip:  # the first frame it did not have comes next: numbered from here
                 member.seqs_held = None
                 params, dropped = held
-                if dropped:
-                    params["executions"] = {k: v + dropped[k] if k in dropped else v
-                                            for k, v in params["executions"].items()}
+                params["executions"] = {k: v + dropped[k] for k, v in params["executions"].items()}
                 self.relay.publish(member.session, {"type": "notification", "method": "output_seqs",
                                                     "params": params})
 

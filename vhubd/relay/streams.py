@@ -80,6 +80,16 @@ class CutThrough:
         return sessions.Pieces(coalesced([bytes(self.head), *parts]))
 
 
+def whole(events: list) -> list:
+    """A gone guest's held events up to a cut-through frame that does not end
+    among them (it was cut by the guest's leaving: never accepted)."""
+    for i, ev in enumerate(events):
+        if type(ev) is StreamStart and ev.remaining and not any(
+                type(e) is StreamChunk and e.remaining == 0 for e in events[i + 1:]):
+            return events[:i]
+    return events
+
+
 def coalesced(parts: list) -> list:
     """Copied parts (small reads) joined between the referenced ones: a frame
     that arrived a few bytes a read is kept as few objects, not one per read."""
@@ -262,6 +272,8 @@ class Streams:
         waiting, ct.waiting = ct.waiting, []
         for member, events in waiting:  # a guest that left meanwhile still had these frames accepted
             member.held_by = None
+            if member.port.closed:
+                events = whole(events)  # not a frame whose rest will never come
             self.relay.guest_events(member, events)  # may start the next cut-through frame, or wait again
             if member.port.closed and member.session is not None:
                 self.relay.resends.outbox_gone(member, member.session)  # what it sent last is taken now
