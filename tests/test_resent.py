@@ -135,6 +135,13 @@ def out(n: int) -> bytes:
     return frame(T.STDOUT, 1, b"%d." % n)
 
 
+def took(w: World, outbox: str, n: int) -> None:
+    """A first connection of ``outbox`` whose frames 1..n were taken, then dropped."""
+    a = agent(w, outbox)
+    a.feed(b"".join(out(i) for i in range(1, n + 1)))
+    w.lose(a, "reset")
+
+
 def outputs(sub) -> list[bytes]:
     return [bytes(f.data) for f in sub.frames() if f.msg_type == T.STDOUT]
 
@@ -142,9 +149,7 @@ def outputs(sub) -> list[bytes]:
 def test_what_is_dropped_and_what_is_not():
     w = World()
     sub = w.client("default", subscribe=["stdout"])
-    a = agent(w, "x")
-    a.feed(b"".join(out(n) for n in range(1, 6)))
-    w.lose(a, "reset")
+    took(w, "x", 5)
     assert w.registry.get("default").outboxes == {"a:x": (1, 5)}
     # the resend mixes the outbox's frames with a channel's (never the outbox's, never dropped)
     b = agent(w, "x", 3)
@@ -158,9 +163,7 @@ def test_what_is_dropped_and_what_is_not():
 def test_a_hostile_or_late_seqs_notification_changes_nothing():
     w = World()
     sub = w.client("default", subscribe=["stdout"])
-    a = agent(w, "x")
-    a.feed(b"".join(out(n) for n in range(1, 4)))
-    w.lose(a, "reset")
+    took(w, "x", 3)
     for bad in ({"outbox": 7, "next": 1}, {"outbox": "x", "next": "1"}, {"outbox": "x", "next": 0},
                 {"outbox": "x" * 65, "next": 1}, {"outbox": "", "next": 1}, {"outbox": "x", "next": 1 << 70},
                 {"outbox": "x", "next": True}):
@@ -298,9 +301,7 @@ def test_numbers_from_before_the_last_connection_began_are_new_output():
     it sends is new, delivered; and from there on it is followed anew."""
     w = World()
     sub = w.client("default", subscribe=["stdout"])
-    a = agent(w, "A")
-    a.feed(b"".join(out(n) for n in range(1, 6)))
-    w.lose(a, "reset")
+    took(w, "A", 5)
     b = agent(w, "A", 4)  # 4 and 5 again
     b.feed(b"".join(out(n) for n in range(4, 9)))
     w.lose(b, "reset")
@@ -408,9 +409,7 @@ def test_a_held_seqs_notification_is_bounded_and_only_the_first_counts():
     malformed one, a well-formed second one changes nothing."""
     w = World()
     sub = w.client("default", subscribe=["stdout"])
-    a = agent(w, "x")
-    a.feed(b"".join(out(n) for n in range(1, 4)))
-    w.lose(a, "reset")
+    took(w, "x", 3)
     b = agent(w, "x", 1)
     b.feed(seqs("x", 1))  # a second one: nothing
     b.feed(wire_frame(T.RPC_REQUEST, 0, json.dumps({"event": "output_seqs", "outbox": "x", "next": 1, "executions": {

@@ -186,7 +186,7 @@ class Session:
         self.exposed: dict = {}  # guest port -> relay.exposures.Exposure
         self.route_id = 0  # its number in the relay's RPC hot loop (relay.rpc), once it has one
         # an agent's outbox -> (first frame of its last connection, last frame taken) once a
-        # connection ended (relay.streams.seqs): what it sends again is dropped. Each boot
+        # connection ended (relay.resent): what it sends again is dropped. Each boot
         # starts a new generation and forgets them (a restored VM's agent went back in time)
         self.outboxes: dict[str, tuple[int, int]] = {}
         self.generation = 0

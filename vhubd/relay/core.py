@@ -210,8 +210,7 @@ class Relay:
                 self.violation_log.warning("guest sent error session=%s peer=%s code=%s %s", sess.name,
                                            member.label, clip(ev.code, 64), clip(ev.message))
             # Ping/Pong: answered by the connection, liveness kept by the I/O layer
-        if member.ack and member.stream_frames != member.acked and not member.ack_pending:
-            streams.schedule_ack(member)
+        streams.owed(member)
 
     def client_events(self, member: Member, events: list) -> None:
         for ev in events:

@@ -91,8 +91,9 @@ class Resends:
         any, and the last frame this daemon took ((0, 0): none)."""
         first, last = sess.outboxes.get(name, (0, 0))
         for g in sess.guests:
-            if g.outbox == name and g.generation == sess.generation and settled(g):
-                first, last = max(first, g.seq_base), max(last, g.seq_base + settled(g) - 1)
+            taken = settled(g) if g.outbox == name and g.generation == sess.generation else 0
+            if taken:
+                first, last = max(first, g.seq_base), max(last, g.seq_base + taken - 1)
         return first, last
 
     def outbox_gone(self, member: Member, sess: Session) -> None:

@@ -165,7 +165,7 @@ class Streams:
                 self.fan_out(sess, kept)
                 member.stream_frames += kept.count
             sess.last_activity = time.monotonic()
-            self._owed(member)
+            self.owed(member)
             return
         data = run.data
         size = len(data)
@@ -199,9 +199,10 @@ class Streams:
             self.counters["stream_direct"] += written
         sess.last_activity = time.monotonic()
         member.stream_frames += run.count
-        self._owed(member)
+        self.owed(member)
 
-    def _owed(self, member: Member) -> None:
+    def owed(self, member: Member) -> None:
+        """A guest's frames taken since its last ack: one is on its way."""
         if member.ack and member.stream_frames != member.acked and not member.ack_pending:
             self.schedule_ack(member)
 
